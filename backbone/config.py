@@ -1,0 +1,127 @@
+"""Architecture configuration of the AdaPerceiver backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AdaPerceiverConfig:
+    """Everything that fixes the backbone's architecture and its configuration grid."""
+
+    img_size: int = 8
+    """Height and width of the (square) input image, in pixels."""
+    in_chans: int = 1
+    """Number of input channels."""
+    patch_size: int = 2
+    """Side of one square patch, in pixels; ``img_size`` must be a multiple."""
+    embed_dim: int = 64
+    """Width ``D`` of every token."""
+    num_heads: int = 4
+    """Attention heads; ``embed_dim / num_heads`` must be even (RoPE rotates pairs)."""
+    depth: int = 4
+    """Number of latent blocks ``L``; every depth ``1..L`` is an exit."""
+    ffn_ratio: float = 4.0
+    """FFN hidden size ``H`` as a multiple of ``embed_dim``."""
+    token_grans: tuple[int, ...] = (2, 4, 8, 16)
+    """Token granularities ``g1 < ... < gK``; ``gK`` is the number of latents ``N_max``."""
+    ffn_widths: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """Matryoshka FFN widths as fractions of ``H``, ascending, the last 1.0."""
+    num_classes: int = 10
+    """Number of output classes."""
+    rope_theta: float = 100.0
+    """RoPE base; latent positions only go up to ``N_max``, so a small base suffices."""
+    layerscale_init: float = 1e-1
+    """Initial LayerScale value on both branches of every block."""
+    drop_path: float = 0.0
+    """Stochastic-depth rate of the last block (linearly increasing over depth)."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.img_size <= 0 or self.patch_size <= 0 or self.img_size % self.patch_size:
+            errors.append(
+                f"img_size ({self.img_size}) must be a positive multiple of patch_size ({self.patch_size})"
+            )
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
+            errors.append(
+                f"embed_dim ({self.embed_dim}) / num_heads ({self.num_heads}) must be an even integer"
+            )
+        if self.depth < 1:
+            errors.append(f"depth must be >= 1, got {self.depth}")
+        grans = tuple(self.token_grans)
+        if not grans or any(g < 1 for g in grans) or list(grans) != sorted(set(grans)):
+            errors.append(f"token_grans must be strictly increasing positive ints, got {grans}")
+        widths = tuple(self.ffn_widths)
+        if (
+            not widths
+            or list(widths) != sorted(set(widths))
+            or not math.isclose(widths[-1], 1.0)
+            or widths[0] <= 0
+        ):
+            errors.append(f"ffn_widths must be strictly increasing fractions ending in 1.0, got {widths}")
+        if self.num_classes < 2:
+            errors.append(f"num_classes must be >= 2, got {self.num_classes}")
+        if errors:
+            raise ValueError("invalid AdaPerceiverConfig: " + "; ".join(errors))
+        object.__setattr__(self, "token_grans", tuple(int(g) for g in grans))
+        object.__setattr__(self, "ffn_widths", tuple(float(w) for w in widths))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def max_tokens(self) -> int:
+        return self.token_grans[-1]
+
+    @property
+    def ffn_hidden(self) -> int:
+        return int(round(self.embed_dim * self.ffn_ratio))
+
+    def ffn_hidden_units(self, width: float) -> int:
+        """Hidden units used by the FFN at ``width`` (a fraction listed in ``ffn_widths``)."""
+        return max(1, int(round(self.ffn_hidden * self.ffn_widths[self.width_index(width)])))
+
+    def token_index(self, tokens: int) -> int:
+        if tokens not in self.token_grans:
+            raise ValueError(f"tokens={tokens} is not a token granularity; allowed: {list(self.token_grans)}")
+        return self.token_grans.index(tokens)
+
+    def width_index(self, width: float) -> int:
+        for i, w in enumerate(self.ffn_widths):
+            if math.isclose(float(width), w, rel_tol=1e-6):
+                return i
+        raise ValueError(f"width={width} is not an FFN width; allowed: {list(self.ffn_widths)}")
+
+    def check_depth(self, depth: int) -> int:
+        if not isinstance(depth, int) or not 1 <= depth <= self.depth:
+            raise ValueError(f"depth={depth} is outside 1..{self.depth}")
+        return depth
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdaPerceiverConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown AdaPerceiverConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        for key in ("token_grans", "ffn_widths"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def preset(dataset: str, image_shape: tuple[int, int, int], num_classes: int) -> AdaPerceiverConfig:
+    """The default architecture for a dataset: the digits and Fashion-MNIST models, else one by image size."""
+    chans, size, _ = image_shape
+    if dataset == "digits":
+        return AdaPerceiverConfig(img_size=8, in_chans=1, patch_size=2, embed_dim=64, num_heads=4, depth=4,
+                                  token_grans=(2, 4, 8, 16), num_classes=num_classes)
+    patch = 4 if size % 4 == 0 else (2 if size % 2 == 0 else 1)
+    return AdaPerceiverConfig(img_size=size, in_chans=chans, patch_size=patch, embed_dim=128, num_heads=4, depth=8,
+                              token_grans=(4, 8, 16, 32), num_classes=num_classes, drop_path=0.05)

@@ -1,0 +1,82 @@
+"""Analytic FLOP model of the AdaPerceiver, and a checker built on torch's FlopCounterMode.
+
+Convention: a multiply-add is 2 FLOPs; only matrix products (patch-embed conv,
+linears, attention's QK^T and AV) are counted, attention as dense, exactly what
+``FlopCounterMode`` counts. Norms, softmax, GELU and adds are left out (< 1%).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from backbone.config import AdaPerceiverConfig
+
+
+def _attention(queries: int, keys: int, dim: int, kv_rows: int | None = None) -> int:
+    """Projections (Q, KV, out) plus QK^T and AV for one image."""
+    kv_rows = keys if kv_rows is None else kv_rows
+    projections = 2 * queries * dim * dim + 2 * kv_rows * dim * 2 * dim + 2 * queries * dim * dim
+    return projections + 2 * (2 * queries * keys * dim)
+
+
+def embed_flops(config: AdaPerceiverConfig) -> int:
+    """FLOPs of the input adapter (patch embedding) for one image; shared by every configuration."""
+    c = config
+    return 2 * c.num_patches * (c.in_chans * c.patch_size**2) * c.embed_dim
+
+
+def flops(config: AdaPerceiverConfig, tokens: int | None = None, depth: int | None = None, width: float | None = None) -> int:
+    """FLOPs of one image at ``(tokens, depth, width)``: patch embed, read, ``depth`` blocks, write, head."""
+    c = config
+    g = c.max_tokens if tokens is None else tokens
+    depth = c.depth if depth is None else depth
+    c.token_index(g)
+    c.check_depth(depth)
+    hidden = c.ffn_hidden_units(1.0 if width is None else width)
+    d = c.embed_dim
+    read = _attention(g, c.num_patches, d)
+    block = _attention(g, g, d) + 2 * (2 * g * d * hidden)
+    write = _attention(1, g, d) + 2 * d * c.num_classes
+    return embed_flops(c) + read + depth * block + write
+
+
+def flops_grid(config: AdaPerceiverConfig) -> torch.Tensor:
+    """FLOPs of every configuration, ``(K, L, M)`` int64 (tokens x depth x width)."""
+    c = config
+    return torch.tensor(
+        [[[flops(c, g, l, w) for w in c.ffn_widths] for l in range(1, c.depth + 1)] for g in c.token_grans],
+        dtype=torch.int64,
+    )
+
+
+def readout_flops(config: AdaPerceiverConfig, tokens: int | None = None) -> int:
+    """FLOPs of one extra write + head over ``tokens`` latents (what early exit pays per block it passes)."""
+    c = config
+    g = c.max_tokens if tokens is None else tokens
+    return _attention(1, g, c.embed_dim) + 2 * c.embed_dim * c.num_classes
+
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _register_cpu_sdpa_formula() -> None:
+    # FlopCounterMode has no formula for the CPU flash kernel and would count its attention as 0.
+    if _CPU_SDPA in flop_counter.flop_registry or _CPU_SDPA.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def measure_flops(fn: Callable[[], object]) -> int:
+    """Total FLOPs torch's ``FlopCounterMode`` counts while calling ``fn`` (CPU attention included)."""
+    _register_cpu_sdpa_formula()
+    # FlopCounterMode's module tracker needs autograd on, even for an inference pass.
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())

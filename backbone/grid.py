@@ -1,0 +1,37 @@
+"""Logits and accuracy of every configuration of the grid, batched over a dataset."""
+
+from __future__ import annotations
+
+import torch
+
+from backbone.model import AdaPerceiver
+
+
+@torch.inference_mode()
+def grid_logits(model: AdaPerceiver, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits ``(n, K, L, M, C)`` of every (tokens, depth, width), one grid pass per width."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        input_tokens = model.embed(images[start : start + batch_size].to(device))
+        per_width = [model.run_grid(input_tokens, w).float().cpu() for w in model.config.ffn_widths]
+        out.append(torch.stack(per_width, dim=3))
+    return torch.cat(out)
+
+
+def grid_accuracy(model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Top-1 accuracy ``(K, L, M)`` of every configuration."""
+    logits = grid_logits(model, images, batch_size)
+    return (logits.argmax(-1) == labels[:, None, None, None]).float().mean(0)
+
+
+def format_grid(model_config, accuracy: torch.Tensor) -> str:
+    """A text table per width: rows = token granularity, columns = exit depth, entries in %."""
+    c = model_config
+    lines = []
+    for m, w in enumerate(c.ffn_widths):
+        lines.append(f"width {w:g}  (rows: tokens, columns: depth 1..{c.depth}, accuracy %)")
+        for k, g in enumerate(c.token_grans):
+            lines.append(f"  {g:>4} | " + " ".join(f"{100 * a:6.2f}" for a in accuracy[k, :, m].tolist()))
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Building blocks of the AdaPerceiver: rotary encoding, attention, Matryoshka FFN, block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, trunc_normal_
+from torch import nn
+
+
+def rope_tables(num_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of 1-D rotary encoding, each ``(num_positions, head_dim)``."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, heads, N, head_dim)`` by positions ``0..N-1`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention from ``queries`` to ``context``, with optional RoPE on either side."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """queries ``(B, Nq, D)``, context ``(B, Nk, D)``, boolean mask ``(Nq, Nk)`` (True = attend)."""
+        b, nq, d = queries.shape
+        nk = context.shape[1]
+        h = self.num_heads
+        q = self.q(queries).view(b, nq, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, nk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        if rope_q is not None:
+            q = apply_rope(q, *rope_q)
+        if rope_k is not None:
+            k = apply_rope(k, *rope_k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, nq, d))
+
+
+class MatryoshkaFFN(nn.Module):
+    """Two-layer GELU FFN whose width ``w`` uses only the first ``h_w`` hidden units.
+
+    At inference the weights are sliced (real savings); in training a per-sample
+    width is applied by a hidden-unit mask, which gives the same numbers.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(
+        self, x: torch.Tensor, hidden_units: int | None = None, hidden_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x ``(B, N, D)``; ``hidden_units`` slices, ``hidden_mask`` ``(B, H)`` masks per sample."""
+        if hidden_mask is not None:
+            hidden = self.act(self.fc1(x)) * hidden_mask[:, None, :].to(x.dtype)
+            return self.fc2(hidden)
+        n = self.fc1.out_features if hidden_units is None else hidden_units
+        hidden = self.act(F.linear(x, self.fc1.weight[:n], self.fc1.bias[:n]))
+        return F.linear(hidden, self.fc2.weight[:, :n], self.fc2.bias)
+
+
+class LatentBlock(nn.Module):
+    """Pre-norm block over the latents: block-masked RoPE self-attention, then a Matryoshka FFN."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, layerscale_init: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values=layerscale_init)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = MatryoshkaFFN(dim, hidden)
+        self.ls2 = LayerScale(dim, init_values=layerscale_init)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        hidden_units: int | None = None,
+        hidden_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.drop_path(self.ls1(self.attn(y, y, rope_q=rope, rope_k=rope, mask=mask)))
+        y = self.ffn(self.norm2(x), hidden_units=hidden_units, hidden_mask=hidden_mask)
+        return x + self.drop_path(self.ls2(y))
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT-style init: truncated-normal linears, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,179 @@
+"""The AdaPerceiver classifier: read -> latent blocks -> write, at any (tokens, depth, width)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from torch import nn
+
+from backbone.config import AdaPerceiverConfig
+from backbone.layers import Attention, LatentBlock, init_weights, rope_tables
+
+Width = float | Sequence[float] | torch.Tensor
+
+
+class AdaPerceiver(nn.Module):
+    """Perceiver-style classifier that runs at any configuration of its grid without retraining.
+
+    A configuration is ``(tokens, depth, width)``: ``tokens`` one of ``token_grans``,
+    ``depth`` in ``1..L``, ``width`` one of ``ffn_widths``. It is always an argument,
+    never state. Any of them left as ``None`` means the largest.
+    """
+
+    def __init__(self, config: AdaPerceiverConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d = c.embed_dim
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, d))
+        self.latent = nn.Parameter(torch.zeros(1, 1, d))
+        self.read_norm_q = nn.LayerNorm(d)
+        self.read_norm_kv = nn.LayerNorm(d)
+        self.read = Attention(d, c.num_heads)
+        rates = [c.drop_path * i / max(1, c.depth - 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList(
+            LatentBlock(d, c.num_heads, c.ffn_hidden, c.layerscale_init, rate) for rate in rates
+        )
+        self.write_query = nn.Parameter(torch.zeros(1, 1, d))
+        self.write_norm_kv = nn.LayerNorm(d)
+        self.write = Attention(d, c.num_heads)
+        self.head_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, c.num_classes)
+
+        cos, sin = rope_tables(c.max_tokens, d // c.num_heads, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # block(i) = index of the first granularity above latent i; query i sees key j iff block(j) <= block(i)
+        block_of = torch.bucketize(torch.arange(c.max_tokens), torch.tensor(c.token_grans), right=True)
+        self.register_buffer("block_mask", block_of[None, :] <= block_of[:, None], persistent=False)
+
+        self.apply(init_weights)
+        for p in (self.pos_embed, self.latent, self.write_query):
+            trunc_normal_(p, std=0.02)
+
+    # ---- validation -------------------------------------------------------------------
+    def resolve(self, tokens: int | None, depth: int | None, width: float | None) -> tuple[int, int, float]:
+        """Fill ``None`` with the largest value and check each against the grid (``ValueError``)."""
+        c = self.config
+        tokens = c.max_tokens if tokens is None else int(tokens)
+        depth = c.depth if depth is None else depth
+        width = 1.0 if width is None else float(width)
+        c.token_index(tokens)
+        c.check_depth(int(depth) if isinstance(depth, int) else depth)
+        c.width_index(width)
+        return tokens, int(depth), c.ffn_widths[c.width_index(width)]
+
+    def check_images(self, x: torch.Tensor) -> None:
+        c = self.config
+        expected = (c.in_chans, c.img_size, c.img_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+    # ---- the three stages ---------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Input tokens ``(B, P, D)`` of images ``(B, C, H, W)``; independent of the configuration."""
+        self.check_images(x)
+        return self.patch_embed(x) + self.pos_embed
+
+    def _rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[:n], self.rope_sin[:n]
+
+    def _read(self, input_tokens: torch.Tensor, tokens: int) -> torch.Tensor:
+        latents = self.latent.expand(input_tokens.shape[0], tokens, -1)
+        return latents + self.read(
+            self.read_norm_q(latents), self.read_norm_kv(input_tokens), rope_q=self._rope(tokens)
+        )
+
+    def _write(self, latents: torch.Tensor, grans: Sequence[int]) -> torch.Tensor:
+        """Logits ``(B, len(grans), C)``, the write over the first ``g`` latents for each ``g``."""
+        n = max(grans)
+        latents = latents[:, :n]
+        queries = self.write_query.expand(latents.shape[0], len(grans), -1)
+        mask = None
+        if any(g != n for g in grans):
+            mask = torch.arange(n, device=latents.device)[None, :] < torch.tensor(grans, device=latents.device)[:, None]
+        out = queries + self.write(queries, self.write_norm_kv(latents), rope_k=self._rope(n), mask=mask)
+        return self.head(self.head_norm(out))
+
+    def _hidden_mask(self, width: Width, batch: int, device: torch.device) -> torch.Tensor | None:
+        """``None`` for one shared width, else a ``(B, H)`` mask for per-sample widths."""
+        if isinstance(width, (int, float)):
+            return None
+        widths = torch.as_tensor(width, dtype=torch.float32, device=device).reshape(-1)
+        if widths.numel() != batch:
+            raise ValueError(f"per-sample width needs {batch} values, got {widths.numel()}")
+        for w in widths.unique().tolist():
+            self.config.width_index(w)
+        units = torch.round(widths * self.config.ffn_hidden).clamp(min=1)
+        return torch.arange(self.config.ffn_hidden, device=device)[None, :] < units[:, None]
+
+    # ---- public API -------------------------------------------------------------------
+    def run(
+        self, input_tokens: torch.Tensor, tokens: int | None = None, depth: int | None = None, width: float | None = None
+    ) -> torch.Tensor:
+        """Logits ``(B, C)`` from input tokens ``(B, P, D)`` at one configuration, sliced FFN weights."""
+        tokens, depth, width = self.resolve(tokens, depth, width)
+        hidden = self.config.ffn_hidden_units(width)
+        rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
+        latents = self._read(input_tokens, tokens)
+        for block in self.blocks[:depth]:
+            latents = block(latents, rope, mask, hidden_units=hidden)
+        return self._write(latents, (tokens,))[:, 0]
+
+    def forward(
+        self, x: torch.Tensor, tokens: int | None = None, depth: int | None = None, width: float | None = None
+    ) -> torch.Tensor:
+        """Logits ``(B, C)`` of images ``(B, C, H, W)`` at one configuration."""
+        self.resolve(tokens, depth, width)
+        return self.run(self.embed(x), tokens, depth, width)
+
+    def forward_grid(self, x: torch.Tensor, width: Width = 1.0) -> torch.Tensor:
+        """Logits ``(B, K, L, C)`` of every (token granularity, exit depth) from one pass.
+
+        ``width`` is one FFN width, or one per sample (``(B,)``, applied by masking).
+        """
+        return self.run_grid(self.embed(x), width)
+
+    def run_grid(self, input_tokens: torch.Tensor, width: Width = 1.0) -> torch.Tensor:
+        """``forward_grid`` from input tokens ``(B, P, D)``."""
+        c = self.config
+        hidden_mask = self._hidden_mask(width, input_tokens.shape[0], input_tokens.device)
+        hidden = None if hidden_mask is not None else c.ffn_hidden_units(float(width))
+        n = c.max_tokens
+        rope, mask = self._rope(n), self.block_mask
+        latents = self._read(input_tokens, n)
+        exits = []
+        for block in self.blocks:
+            latents = block(latents, rope, mask, hidden_units=hidden, hidden_mask=hidden_mask)
+            exits.append(self._write(latents, c.token_grans))
+        return torch.stack(exits, dim=2)
+
+    @torch.no_grad()
+    def forward_early_exit(
+        self, x: torch.Tensor, tau: float, tokens: int | None = None, width: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run until the max softmax probability reaches ``tau``; only unfinished inputs go on.
+
+        Returns logits ``(B, C)`` and the exit depth of each input ``(B,)`` (1-based).
+        """
+        tokens, _, width = self.resolve(tokens, None, width)
+        hidden = self.config.ffn_hidden_units(width)
+        rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
+        latents = self._read(self.embed(x), tokens)
+        logits = torch.zeros(x.shape[0], self.config.num_classes, device=x.device)
+        exit_depth = torch.full((x.shape[0],), self.config.depth, dtype=torch.long, device=x.device)
+        active = torch.arange(x.shape[0], device=x.device)
+        for depth, block in enumerate(self.blocks, start=1):
+            latents = block(latents, rope, mask, hidden_units=hidden)
+            step_logits = self._write(latents, (tokens,))[:, 0]
+            done = step_logits.softmax(-1).amax(-1) >= tau
+            if depth == self.config.depth:
+                done = torch.ones_like(done)
+            logits[active[done]] = step_logits[done].float()
+            exit_depth[active[done]] = depth
+            active, latents = active[~done], latents[~done]
+            if active.numel() == 0:
+                break
+        return logits, exit_depth

@@ -1,0 +1,244 @@
+"""Joint ("once-for-all") training of the AdaPerceiver over its whole configuration grid."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from backbone.checkpoint import atomic_write, save_checkpoint, write_json
+from backbone.config import AdaPerceiverConfig
+from backbone.data import Dataset
+from backbone.grid import format_grid, grid_accuracy
+from backbone.model import AdaPerceiver
+
+STATE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Recipe of one backbone training run; defaults train the digits model in a few minutes."""
+
+    epochs: int = 60
+    """Passes over the backbone-train split."""
+    batch_size: int = 128
+    """Images per optimizer step."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (after warm-up)."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (timm leaves norms and biases undecayed)."""
+    warmup_epochs: float = 3.0
+    """Linear warm-up length, in epochs."""
+    objective: str = "grid"
+    """'grid': cross-entropy over every (tokens, depth) at a per-sample width; 'full': full configuration only."""
+    depth_weight_power: float = 1.0
+    """Grid loss weight of exit depth ``l`` is ``(l / L) ** power`` (favours deeper exits)."""
+    token_weight_power: float = 0.5
+    """Grid loss weight of granularity ``g`` is ``(g / N_max) ** power`` (favours more tokens)."""
+    full_width_share: float = 0.5
+    """Share of each batch trained at full width; the rest draws a width uniformly."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+    augment_shift: int = 1
+    """Random translation by up to this many whole pixels (0 turns it off)."""
+    augment_flip: bool = False
+    """Random horizontal flips (right for clothes, wrong for digits)."""
+    ema_decay: float = 0.0
+    """Decay of an EMA of the weights, saved instead of the raw weights when > 0."""
+    seed: int = 0
+    """Seed of initialisation, batch order, widths and augmentation."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast)."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    eval_batch_size: int = 512
+    """Batch size of evaluation passes."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("grid", "full"):
+            raise ValueError(f"objective must be 'grid' or 'full', got {self.objective!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def grid_loss_weights(model_config: AdaPerceiverConfig, train: TrainConfig) -> torch.Tensor:
+    """Weights ``(K, L)`` of the grid loss, summing to 1."""
+    c = model_config
+    tokens = (torch.tensor(c.token_grans, dtype=torch.float32) / c.max_tokens) ** train.token_weight_power
+    depths = (torch.arange(1, c.depth + 1, dtype=torch.float32) / c.depth) ** train.depth_weight_power
+    weights = tokens[:, None] * depths[None, :]
+    return weights / weights.sum()
+
+
+def augment(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``shift`` whole pixels (zero fill) and optional horizontal flip."""
+    b, _, h, w = x.shape
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    if flip:
+        theta[:, 0, 0] = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    if shift > 0:
+        # whole-pixel offsets with nearest sampling: a clean shift, no blur of tiny images
+        offsets = torch.randint(-shift, shift + 1, (b, 2), generator=generator).float()
+        theta[:, 0, 2] = offsets[:, 0] * 2 / w
+        theta[:, 1, 2] = offsets[:, 1] * 2 / h
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def sample_widths(model_config: AdaPerceiverConfig, batch: int, full_share: float, generator: torch.Generator) -> torch.Tensor:
+    """One FFN width per sample ``(B,)``: full width with probability ``full_share``, else uniform."""
+    widths = torch.tensor(model_config.ffn_widths)
+    choice = torch.randint(len(widths), (batch,), generator=generator)
+    full = torch.rand(batch, generator=generator) < full_share
+    choice[full] = len(widths) - 1
+    return widths[choice]
+
+
+def training_loss(
+    model: AdaPerceiver, x: torch.Tensor, y: torch.Tensor, widths: torch.Tensor, weights: torch.Tensor, train: TrainConfig
+) -> torch.Tensor:
+    """The objective of ``train.objective`` on one batch."""
+    if train.objective == "full":
+        return F.cross_entropy(model(x).float(), y, label_smoothing=train.label_smoothing)
+    logits = model.forward_grid(x, widths.to(x.device)).float()  # (B, K, L, C)
+    b, k, l, c = logits.shape
+    per_exit = F.cross_entropy(
+        logits.reshape(-1, c), y.repeat_interleave(k * l), label_smoothing=train.label_smoothing, reduction="none"
+    ).view(b, k, l)
+    return (per_exit.mean(0) * weights.to(per_exit.device)).sum()
+
+
+def train_backbone(
+    model_config: AdaPerceiverConfig,
+    train: TrainConfig,
+    data: Dataset,
+    out_dir: str | Path,
+    metadata: dict | None = None,
+    resume: bool = True,
+) -> dict:
+    """Train, checkpoint every epoch (resumable), then save the model and its calibration grid.
+
+    Writes ``model.safetensors``, ``config.json``, ``grid_accuracy.json`` and TensorBoard
+    logs under ``out_dir/tb``. Returns the summary written to ``grid_accuracy.json``.
+    """
+    out_dir = Path(out_dir)
+    device = resolve_device(train.device)
+    torch.manual_seed(train.seed)
+    model = AdaPerceiver(model_config).to(device)
+    ema = ModelEmaV3(model, decay=train.ema_decay) if train.ema_decay > 0 else None
+    x_train, y_train = data.splits["backbone_train"].x, data.splits["backbone_train"].y
+    x_val, y_val = data.splits["calibration"].x, data.splits["calibration"].y
+    steps_per_epoch = math.ceil(len(y_train) / train.batch_size)
+    total_steps = train.epochs * steps_per_epoch
+    optimizer = create_optimizer_v2(model, "adamw", lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total_steps,
+        lr_min=train.min_lr,
+        warmup_t=int(train.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=train.lr * 0.01,
+        t_in_epochs=False,
+    )
+    weights = grid_loss_weights(model_config, train)
+    generator = torch.Generator().manual_seed(train.seed)
+    start_epoch, elapsed = 0, 0.0
+
+    state_path = out_dir / STATE
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        start_epoch, elapsed = int(state["epoch"]), float(state["elapsed_s"])
+        print(f"resuming from {state_path} at epoch {start_epoch}")
+
+    writer = SummaryWriter(str(out_dir / "tb"))
+    if start_epoch == 0:
+        writer.add_text("config", f"```\n{asdict(train)}\n{model_config.to_dict()}\n```")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
+    eval_model = ema.module if ema is not None else model
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, train.epochs):
+        t0 = time.time()
+        model.train()
+        order = torch.randperm(len(y_train), generator=generator)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{train.epochs}", leave=False)
+        for i in bar:
+            index = order[i * train.batch_size : (i + 1) * train.batch_size]
+            x = augment(x_train[index], train.augment_shift, train.augment_flip, generator).to(device)
+            y = y_train[index].to(device)
+            widths = sample_widths(model_config, len(index), train.full_width_share, generator)
+            with autocast:
+                loss = training_loss(model, x, y, widths, weights, train)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step=step)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        elapsed += time.time() - t0
+        accuracy = grid_accuracy(eval_model, x_val, y_val, train.eval_batch_size)
+        full, smallest = accuracy[-1, -1, -1].item(), accuracy[0, 0, 0].item()
+        writer.add_scalar("val/acc_full", full, step)
+        writer.add_scalar("val/acc_smallest", smallest, step)
+        writer.add_scalar("val/acc_half_depth_full_tokens", accuracy[-1, model_config.depth // 2 - 1, -1].item(), step)
+        writer.add_scalar("val/acc_grid_mean", accuracy.mean().item(), step)
+        tqdm.write(f"epoch {epoch + 1}: loss {loss.item():.4f}  val full {100 * full:.2f}%  smallest {100 * smallest:.2f}%")
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "epoch": epoch + 1,
+            "elapsed_s": elapsed,
+        }
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+    writer.close()
+
+    accuracy = grid_accuracy(eval_model, x_val, y_val, train.eval_batch_size)
+    print(format_grid(model_config, accuracy))
+    summary = {
+        "split": "calibration",
+        "n": len(y_val),
+        "token_grans": list(model_config.token_grans),
+        "depths": list(range(1, model_config.depth + 1)),
+        "ffn_widths": list(model_config.ffn_widths),
+        "accuracy": accuracy.tolist(),
+        "accuracy_layout": "[tokens][depth][width]",
+        "full_accuracy": accuracy[-1, -1, -1].item(),
+        "train_wall_s": round(elapsed, 1),
+    }
+    meta = {**(metadata or {}), "train": asdict(train), "train_wall_s": round(elapsed, 1)}
+    save_checkpoint(eval_model, out_dir, meta)
+    write_json(out_dir / "grid_accuracy.json", summary)
+    return summary

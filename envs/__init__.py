@@ -1,0 +1,27 @@
+"""Gymnasium env over a frozen AdaPerceiver: outcome tables, the one-step env, a batched VecEnv."""
+
+import gymnasium
+
+from envs.adaptive_env import AdaptiveComputeEnv, LiveBackend
+from envs.features import FeatureSpec, compute_features, feature_flops
+from envs.outcome_table import OutcomeTable, build_outcome_table, cached_outcome_table, load_table, save_table
+from envs.vec_env import TableVecEnv
+
+ENV_ID = "AdaptiveCompute-v0"
+if ENV_ID not in gymnasium.registry:
+    gymnasium.register(id=ENV_ID, entry_point="envs.adaptive_env:AdaptiveComputeEnv")
+
+__all__ = [
+    "ENV_ID",
+    "AdaptiveComputeEnv",
+    "FeatureSpec",
+    "LiveBackend",
+    "OutcomeTable",
+    "TableVecEnv",
+    "build_outcome_table",
+    "cached_outcome_table",
+    "compute_features",
+    "feature_flops",
+    "load_table",
+    "save_table",
+]

@@ -1,0 +1,173 @@
+"""Outcome tables: what every configuration of the frozen backbone does on every input of a split.
+
+Because the backbone is frozen, an env step is an array look-up. A table is cached
+on disk under a key made of the backbone's content hash, the split's name and
+contents, and the feature spec, so a stale table is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backbone import AdaPerceiver, flops_grid
+from backbone.checkpoint import atomic_write
+from envs.features import FeatureSpec, compute_features, feature_flops
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class OutcomeTable:
+    """Outcomes of every configuration ``(K, L, M)`` = (tokens, depth, width) on ``n`` inputs."""
+
+    features: np.ndarray
+    """Policy features ``(n, F)`` float32."""
+    correct: np.ndarray
+    """Top-1 correctness ``(n, K, L, M)`` bool."""
+    true_logprob: np.ndarray
+    """Log-probability of the true class ``(n, K, L, M)`` float32."""
+    confidence: np.ndarray
+    """Max softmax probability ``(n, K, L, M)`` float32 (for confidence early exit)."""
+    labels: np.ndarray
+    """True classes ``(n,)`` int64."""
+    flops: np.ndarray
+    """Backbone FLOPs per image of every configuration ``(K, L, M)`` int64."""
+    feature_flops: int
+    """FLOPs per image of the policy features beyond the shared input adapter."""
+    token_grans: tuple[int, ...]
+    ffn_widths: tuple[float, ...]
+    meta: dict
+    """Cache key parts: backbone hash, split, feature spec."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        return tuple(self.correct.shape[1:])
+
+    @property
+    def full_flops(self) -> int:
+        return int(self.flops[-1, -1, -1])
+
+    def configuration(self, action) -> tuple[int, int, float]:
+        """``(tokens, depth, width)`` of an action ``(k, l, m)`` (depth is 1-based)."""
+        k, l, m = (int(a) for a in action)
+        return self.token_grans[k], l + 1, self.ffn_widths[m]
+
+
+def _split_key(images: torch.Tensor, labels: torch.Tensor) -> str:
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_outcome_table(
+    model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, spec: FeatureSpec, batch_size: int = 512, meta: dict | None = None
+) -> OutcomeTable:
+    """Run the backbone once per width (a grid pass) over ``images`` ``(n, C, H, W)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    parts: dict[str, list] = {"features": [], "correct": [], "true_logprob": [], "confidence": []}
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            y = labels[start : start + batch_size].to(device)
+            input_tokens = model.embed(x)
+            logits = torch.stack([model.run_grid(input_tokens, w) for w in model.config.ffn_widths], dim=3).float()
+            logprobs = logits.log_softmax(-1)  # (B, K, L, M, C)
+            parts["features"].append(compute_features(model, input_tokens, spec).cpu())
+            parts["correct"].append((logits.argmax(-1) == y[:, None, None, None]).cpu())
+            parts["true_logprob"].append(logprobs.gather(-1, y[:, None, None, None, None].expand(*logprobs.shape[:-1], 1))[..., 0].cpu())
+            parts["confidence"].append(logprobs.amax(-1).exp().cpu())
+    arrays = {key: torch.cat(value).numpy() for key, value in parts.items()}
+    c = model.config
+    return OutcomeTable(
+        features=arrays["features"].astype(np.float32),
+        correct=arrays["correct"].astype(bool),
+        true_logprob=arrays["true_logprob"].astype(np.float32),
+        confidence=arrays["confidence"].astype(np.float32),
+        labels=labels.numpy().astype(np.int64),
+        flops=flops_grid(c).numpy(),
+        feature_flops=feature_flops(spec, c),
+        token_grans=c.token_grans,
+        ffn_widths=c.ffn_widths,
+        meta=meta or {},
+    )
+
+
+def save_table(table: OutcomeTable, path: str | Path) -> None:
+    """Write ``table`` to an ``.npz`` (plain arrays, metadata as JSON text), atomically."""
+    arrays = {
+        "features": table.features,
+        "correct": table.correct,
+        "true_logprob": table.true_logprob,
+        "confidence": table.confidence,
+        "labels": table.labels,
+        "flops": table.flops,
+        "header": np.array(json.dumps({
+            "format": FORMAT_VERSION,
+            "feature_flops": table.feature_flops,
+            "token_grans": list(table.token_grans),
+            "ffn_widths": list(table.ffn_widths),
+            "meta": table.meta,
+        })),
+    }
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(Path(path), write)
+
+
+def load_table(path: str | Path) -> OutcomeTable:
+    """Read a table written by ``save_table`` (no pickle)."""
+    with np.load(path, allow_pickle=False) as f:
+        header = json.loads(str(f["header"]))
+        if header.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: outcome table format {header.get('format')}, expected {FORMAT_VERSION}")
+        return OutcomeTable(
+            features=f["features"],
+            correct=f["correct"],
+            true_logprob=f["true_logprob"],
+            confidence=f["confidence"],
+            labels=f["labels"],
+            flops=f["flops"],
+            feature_flops=int(header["feature_flops"]),
+            token_grans=tuple(header["token_grans"]),
+            ffn_widths=tuple(header["ffn_widths"]),
+            meta=header["meta"],
+        )
+
+
+def cached_outcome_table(
+    model: AdaPerceiver,
+    backbone_hash: str,
+    split: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: FeatureSpec,
+    cache_dir: str | Path = ".cache/outcome_tables",
+    batch_size: int = 512,
+) -> OutcomeTable:
+    """The table of ``split``, from the cache when its key matches, else built and cached."""
+    meta = {"backbone_hash": backbone_hash, "split": split, "split_key": _split_key(images, labels), "features": spec.to_dict()}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{split}-{backbone_hash[:12]}-{key}.npz"
+    if path.is_file():
+        try:
+            table = load_table(path)
+            if table.meta == meta:
+                return table
+        except (ValueError, OSError, KeyError):
+            pass  # unreadable or stale: rebuild below and overwrite
+    table = build_outcome_table(model, images, labels, spec, batch_size, meta)
+    save_table(table, path)
+    return table

@@ -1,0 +1,81 @@
+"""A batched stable-baselines3 ``VecEnv`` that steps many inputs at once from an outcome table."""
+
+from __future__ import annotations
+
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv
+
+from envs.outcome_table import OutcomeTable
+
+
+class TableVecEnv(VecEnv):
+    """``num_envs`` copies of ``AdaptiveComputeEnv`` over one table, stepped with numpy indexing.
+
+    Same spaces, reward and info keys as ``AdaptiveComputeEnv``; every step ends every
+    episode, so the returned observation is the next input's and the finished one is
+    in ``info["terminal_observation"]``. Running sums of reward, correctness and FLOPs
+    are kept in ``stats`` for logging (``pop_stats`` reads and clears them).
+    """
+
+    def __init__(self, table: OutcomeTable, num_envs: int = 256, lam: float = 0.1, seed: int = 0) -> None:
+        observation_space = spaces.Box(-np.inf, np.inf, shape=(table.features.shape[1],), dtype=np.float32)
+        action_space = spaces.MultiDiscrete(list(table.flops.shape))
+        self.render_mode = None
+        super().__init__(num_envs, observation_space, action_space)
+        self.table, self.lam = table, float(lam)
+        self.cost = (table.flops / table.flops[-1, -1, -1]).astype(np.float64)
+        self.rng = np.random.default_rng(seed)
+        self.index = np.zeros(num_envs, dtype=np.int64)
+        self.actions: np.ndarray | None = None
+        self.stats = {"episodes": 0, "reward": 0.0, "correct": 0, "flops": 0.0}
+
+    def _draw(self) -> np.ndarray:
+        self.index = self.rng.integers(len(self.table), size=self.num_envs)
+        return self.table.features[self.index]
+
+    def reset(self) -> np.ndarray:
+        return self._draw()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs, 3)
+
+    def step_wait(self):
+        k, l, m = self.actions.T
+        correct = self.table.correct[self.index, k, l, m]
+        rewards = (correct - self.lam * self.cost[k, l, m]).astype(np.float32)
+        flops = self.table.flops[k, l, m]
+        terminal = self.table.features[self.index]
+        infos = [
+            {"terminal_observation": terminal[i], "correct": bool(correct[i]), "flops": float(flops[i])}
+            for i in range(self.num_envs)
+        ]
+        self.stats["episodes"] += self.num_envs
+        self.stats["reward"] += float(rewards.sum())
+        self.stats["correct"] += int(correct.sum())
+        self.stats["flops"] += float(flops.sum())
+        return self._draw(), rewards, np.ones(self.num_envs, dtype=bool), infos
+
+    def pop_stats(self) -> dict:
+        """Mean reward, accuracy and FLOPs since the last call (``{}`` if no episode ended)."""
+        n = self.stats["episodes"]
+        out = {} if n == 0 else {
+            "reward": self.stats["reward"] / n, "accuracy": self.stats["correct"] / n, "flops": self.stats["flops"] / n
+        }
+        self.stats = {"episodes": 0, "reward": 0.0, "correct": 0, "flops": 0.0}
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def get_attr(self, attr_name, indices=None):
+        return [getattr(self, attr_name) for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name, value, indices=None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name, *method_args, indices=None, **method_kwargs):
+        return [getattr(self, method_name)(*method_args, **method_kwargs) for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False for _ in self._get_indices(indices)]

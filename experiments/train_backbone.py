@@ -1,0 +1,61 @@
+"""Train the AdaPerceiver backbone jointly over its configuration grid.
+
+    python experiments/train_backbone.py                                  # digits -> checkpoints/digits
+    python experiments/train_backbone.py --dataset fashion-mnist --epochs 30 --out checkpoints/fashion-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+
+import torch
+
+from backbone.config import AdaPerceiverConfig, preset
+from backbone.data import SplitConfig, load_dataset
+from backbone.train import TrainConfig, train_backbone
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
+    parser.add_argument("--out", default=None, help="checkpoint directory (default checkpoints/<dataset>)")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--fresh", action="store_true", help="ignore a train_state.pt left by an earlier run")
+    for field in ("embed_dim", "depth", "patch_size", "num_heads"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help="override the preset")
+    parser.add_argument("--token-grans", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, field.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[field.type]
+            parser.add_argument(flag, type=kind, default=getattr(defaults, field.name))
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
+    arch = preset(data.name, data.image_shape, data.num_classes).to_dict()
+    for key in ("embed_dim", "depth", "patch_size", "num_heads", "token_grans"):
+        if getattr(args, key) is not None:
+            arch[key] = getattr(args, key)
+    model_config = AdaPerceiverConfig.from_dict(arch)
+    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    metadata = {
+        "dataset": args.dataset,
+        "split_seed": args.split_seed,
+        "command": shlex.join(["python", "experiments/train_backbone.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    out = args.out or f"checkpoints/{data.name}"
+    return train_backbone(model_config, train, data, out, metadata, resume=not args.fresh)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from backbone.data import load_dataset
+from envs import ENV_ID, AdaptiveComputeEnv, FeatureSpec, LiveBackend, TableVecEnv, build_outcome_table, cached_outcome_table
+
+
+@pytest.fixture(scope="module")
+def digits_subset():
+    split = load_dataset("digits").splits["policy_train"]
+    return split.x[:48], split.y[:48]
+
+
+@pytest.fixture
+def table(tiny_model, digits_subset):
+    return build_outcome_table(tiny_model, *digits_subset, FeatureSpec())
+
+
+def test_table_shapes_and_consistency(table, tiny_model, digits_subset):
+    x, y = digits_subset
+    assert table.features.shape == (48, tiny_model.config.embed_dim + 11)
+    assert table.correct.shape == table.true_logprob.shape == table.confidence.shape == (48, 3, 3, 3)
+    assert table.flops.shape == (3, 3, 3) and table.full_flops == table.flops.max()
+    with torch.no_grad():
+        logits = tiny_model(x[:5], tokens=4, depth=2, width=0.5)
+    assert np.array_equal(table.correct[:5, 1, 1, 1], (logits.argmax(-1) == y[:5]).numpy())
+    assert np.allclose(table.true_logprob[:5, 1, 1, 1], logits.log_softmax(-1)[torch.arange(5), y[:5]].numpy(), atol=1e-5)
+
+
+def test_env_passes_gymnasium_and_sb3_checkers(table):
+    gym_check_env(AdaptiveComputeEnv(table=table, lam=0.1), skip_render_check=True)
+    sb3_check_env(AdaptiveComputeEnv(table=table, lam=0.1))
+
+
+def test_env_is_registered(table):
+    env = gymnasium.make(ENV_ID, table=table, lam=0.2)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (table.features.shape[1],)
+    _, reward, terminated, truncated, info = env.step(np.array([2, 2, 2]))
+    assert terminated and not truncated
+    assert reward == pytest.approx(float(info["correct"]) - 0.2)
+
+
+def test_reward_is_accuracy_minus_priced_flops(table):
+    env = AdaptiveComputeEnv(table=table, lam=0.5)
+    env.reset(seed=0, options={"index": 7})
+    _, reward, _, _, info = env.step(np.array([0, 1, 2]))
+    expected = float(table.correct[7, 0, 1, 2]) - 0.5 * table.flops[0, 1, 2] / table.full_flops
+    assert reward == pytest.approx(expected)
+    assert info["config"] == (2, 2, 1.0) and info["flops"] == table.flops[0, 1, 2]
+
+
+def test_live_and_table_modes_give_identical_rewards(table, tiny_model, digits_subset):
+    table_env = AdaptiveComputeEnv(table=table, lam=0.3)
+    live_env = AdaptiveComputeEnv(live=LiveBackend(tiny_model, *digits_subset, FeatureSpec()), lam=0.3)
+    rng = np.random.default_rng(0)
+    for index in range(0, 48, 5):
+        action = rng.integers(0, 3, size=3)
+        obs_t, _ = table_env.reset(options={"index": index})
+        obs_l, _ = live_env.reset(options={"index": index})
+        assert np.allclose(obs_t, obs_l, atol=1e-5)
+        _, reward_t, *_ = table_env.step(action)
+        _, reward_l, *_ = live_env.step(action)
+        assert reward_t == pytest.approx(reward_l, abs=1e-6)
+    logprob_table = AdaptiveComputeEnv(table=table, lam=0.3, reward="logprob")
+    logprob_live = AdaptiveComputeEnv(live=LiveBackend(tiny_model, *digits_subset, FeatureSpec()), lam=0.3, reward="logprob")
+    logprob_table.reset(options={"index": 3})
+    logprob_live.reset(options={"index": 3})
+    assert logprob_table.step([1, 0, 2])[1] == pytest.approx(logprob_live.step([1, 0, 2])[1], abs=1e-4)
+
+
+def test_vec_env_matches_plain_env(table):
+    vec = TableVecEnv(table, num_envs=16, lam=0.25, seed=3)
+    vec.reset()
+    actions = np.random.default_rng(1).integers(0, 3, size=(16, 3))
+    index = vec.index.copy()
+    _, rewards, dones, infos = vec.step(actions)
+    plain = AdaptiveComputeEnv(table=table, lam=0.25)
+    for i in range(16):
+        plain.reset(options={"index": int(index[i])})
+        _, reward, *_ = plain.step(actions[i])
+        assert rewards[i] == pytest.approx(reward, abs=1e-6)
+        assert np.array_equal(infos[i]["terminal_observation"], table.features[index[i]])
+    assert dones.all()
+    stats = vec.pop_stats()
+    assert stats["reward"] == pytest.approx(rewards.mean(), abs=1e-6)
+    assert vec.pop_stats() == {}
+    # stepping the same inputs through SB3's DummyVecEnv over the plain env gives the same rewards
+    dummy = DummyVecEnv([lambda: AdaptiveComputeEnv(table=table, lam=0.25)])
+    dummy.reset()
+    dummy.envs[0].reset(options={"index": int(index[0])})
+    assert dummy.step(actions[:1])[1][0] == pytest.approx(rewards[0], abs=1e-6)
+
+
+def test_cache_reused_and_invalidated(tmp_path, tiny_model, digits_subset, monkeypatch):
+    x, y = digits_subset
+    calls = []
+    import envs.outcome_table as ot
+
+    real_build = ot.build_outcome_table
+    monkeypatch.setattr(ot, "build_outcome_table", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    spec = FeatureSpec()
+    first = cached_outcome_table(tiny_model, "hashA", "policy_train", x, y, spec, tmp_path)
+    again = cached_outcome_table(tiny_model, "hashA", "policy_train", x, y, spec, tmp_path)
+    assert len(calls) == 1 and np.array_equal(first.correct, again.correct)
+    cached_outcome_table(tiny_model, "hashB", "policy_train", x, y, spec, tmp_path)  # other backbone
+    cached_outcome_table(tiny_model, "hashA", "policy_train", x[:40], y[:40], spec, tmp_path)  # other split contents
+    cached_outcome_table(tiny_model, "hashA", "calibration", x, y, spec, tmp_path)  # other split name
+    cached_outcome_table(tiny_model, "hashA", "policy_train", x, y, FeatureSpec(glance=False), tmp_path)  # other features
+    assert len(calls) == 5
+    # a corrupt cache file is rebuilt, never trusted
+    for path in tmp_path.glob("*.npz"):
+        path.write_bytes(b"garbage")
+    cached_outcome_table(tiny_model, "hashA", "policy_train", x, y, spec, tmp_path)
+    assert len(calls) == 6
+
+
+def test_env_rejects_bad_arguments(table):
+    with pytest.raises(ValueError, match="exactly one"):
+        AdaptiveComputeEnv()
+    with pytest.raises(ValueError, match="lam must be"):
+        AdaptiveComputeEnv(table=table, lam=-1)

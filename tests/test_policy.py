@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backbone.checkpoint import backbone_hash, save_checkpoint
+from experiments import train_policy
+from policy.artifact import PolicyArtifactError, load_policy
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A short end-to-end run of experiments/train_policy.py on digits with a tiny backbone."""
+    from backbone import AdaPerceiver, AdaPerceiverConfig
+
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    config = AdaPerceiverConfig(img_size=8, patch_size=2, embed_dim=16, num_heads=2, depth=3, token_grans=(2, 4, 8))
+    save_checkpoint(AdaPerceiver(config), root / "backbone", {"dataset": "digits", "split_seed": 0})
+    argv = [
+        "--backbone", str(root / "backbone"), "--out", str(root / "policy"), "--json", str(root / "summary.json"),
+        "--timesteps", "2048", "--lambdas", "0.05,0.5", "--cache-dir", str(root / "cache"), "--log-dir", str(root / "tb"),
+    ]
+    summary = train_policy.main(argv)
+    return root, summary
+
+
+def test_train_policy_end_to_end(tiny_run):
+    root, summary = tiny_run
+    on_disk = json.loads((root / "summary.json").read_text())
+    for key in ("dataset", "n_test", "reference_accuracy", "policy_accuracy", "delta_pp", "reference_gflops",
+                "policy_gflops", "flop_reduction", "lambda", "calibration_delta_pp"):
+        assert key in on_disk, key
+    assert on_disk["dataset"] == "digits" and on_disk["n_test"] == 270
+    assert on_disk["delta_pp"] == pytest.approx(100 * (on_disk["policy_accuracy"] - on_disk["reference_accuracy"]))
+    assert on_disk["flop_reduction"] == pytest.approx(1 - on_disk["policy_gflops"] / on_disk["reference_gflops"])
+    assert on_disk["lambda"] in (0.05, 0.5)
+    assert (root / "policy" / "policy.safetensors").is_file() and (root / "policy" / "policy.json").is_file()
+    assert list((root / "tb").rglob("events.out.tfevents*")), "TensorBoard logs written"
+    assert len(list((root / "cache").glob("*.npz"))) == 3, "one cached table per split"
+
+
+def test_artifact_roundtrip_gives_same_actions(tiny_run):
+    root, _ = tiny_run
+    artifact = load_policy(root / "policy", backbone_hash(root / "backbone"))
+    again = load_policy(root / "policy")
+    features = np.random.default_rng(0).normal(size=(64, artifact.feature_mean.shape[0])).astype(np.float32)
+    assert np.array_equal(artifact.act(features), again.act(features))
+    meta = json.loads((root / "policy" / "policy.json").read_text())
+    for key in ("action_space", "token_grans", "depths", "ffn_widths", "features", "lam", "backbone_hash"):
+        assert key in meta
+    assert artifact.network_flops() > 0
+
+
+def test_policy_for_another_backbone_is_refused(tiny_run):
+    root, _ = tiny_run
+    with pytest.raises(PolicyArtifactError, match="trained for backbone"):
+        load_policy(root / "policy", backbone_hash="0" * 64)
+
+
+def test_corrupt_artifact_is_refused(tiny_run, tmp_path):
+    root, _ = tiny_run
+    for name in ("policy.json", "policy.safetensors"):
+        (tmp_path / name).write_bytes((root / "policy" / name).read_bytes())
+    (tmp_path / "policy.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PolicyArtifactError, match="unreadable"):
+        load_policy(tmp_path)
