@@ -78,11 +78,11 @@ class AdaPerceiverConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        return int(round(self.embed_dim * self.ffn_ratio))
+        return round(self.embed_dim * self.ffn_ratio)
 
     def ffn_hidden_units(self, width: float) -> int:
         """Hidden units used by the FFN at ``width`` (a fraction listed in ``ffn_widths``)."""
-        return max(1, int(round(self.ffn_hidden * self.ffn_widths[self.width_index(width)])))
+        return max(1, round(self.ffn_hidden * self.ffn_widths[self.width_index(width)]))
 
     def token_index(self, tokens: int) -> int:
         if tokens not in self.token_grans:
@@ -104,7 +104,7 @@ class AdaPerceiverConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AdaPerceiverConfig":
+    def from_dict(cls, data: dict) -> AdaPerceiverConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -222,7 +222,7 @@ def train_backbone(
         }
         if ema is not None:
             state["ema"] = ema.module.state_dict()
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(state_path, lambda tmp, state=state: torch.save(state, tmp))
     writer.close()
 
     accuracy = grid_accuracy(eval_model, x_val, y_val, train.eval_batch_size)

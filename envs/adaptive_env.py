@@ -51,7 +51,7 @@ class AdaptiveComputeEnv(gym.Env):
     **Version history**: v0, first version.
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium convention)
 
     def __init__(
         self, table: OutcomeTable | None = None, live: LiveBackend | None = None, lam: float = 0.1, reward: str = "correct"

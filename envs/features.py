@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from backbone import AdaPerceiver, AdaPerceiverConfig, flops, embed_flops
+from backbone import AdaPerceiver, AdaPerceiverConfig, embed_flops, flops
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which features the policy gets.
+    """Which features the policy gets (default: the glance only; pooled tokens let the policy memorise inputs).
 
     ``pooled``: the mean of the input tokens ``(D,)`` (the input adapter is paid
     by every configuration anyway). ``glance``: the softmax ``(C,)`` and max
@@ -23,7 +23,7 @@ class FeatureSpec:
     are charged to the policy).
     """
 
-    pooled: bool = True
+    pooled: bool = False
     glance: bool = True
     glance_tokens: int | None = None
     """Tokens of the glance pass (None: the smallest granularity)."""

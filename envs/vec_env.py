@@ -18,12 +18,16 @@ class TableVecEnv(VecEnv):
     are kept in ``stats`` for logging (``pop_stats`` reads and clears them).
     """
 
-    def __init__(self, table: OutcomeTable, num_envs: int = 256, lam: float = 0.1, seed: int = 0) -> None:
+    def __init__(
+        self, table: OutcomeTable, num_envs: int = 256, lam: float = 0.1, seed: int = 0, reward: str = "correct"
+    ) -> None:
+        if reward not in ("correct", "logprob"):
+            raise ValueError(f"reward must be 'correct' or 'logprob', got {reward!r}")
         observation_space = spaces.Box(-np.inf, np.inf, shape=(table.features.shape[1],), dtype=np.float32)
         action_space = spaces.MultiDiscrete(list(table.flops.shape))
         self.render_mode = None
         super().__init__(num_envs, observation_space, action_space)
-        self.table, self.lam = table, float(lam)
+        self.table, self.lam, self.reward_kind = table, float(lam), reward
         self.cost = (table.flops / table.flops[-1, -1, -1]).astype(np.float64)
         self.rng = np.random.default_rng(seed)
         self.index = np.zeros(num_envs, dtype=np.int64)
@@ -43,7 +47,8 @@ class TableVecEnv(VecEnv):
     def step_wait(self):
         k, l, m = self.actions.T
         correct = self.table.correct[self.index, k, l, m]
-        rewards = (correct - self.lam * self.cost[k, l, m]).astype(np.float32)
+        accuracy_term = correct if self.reward_kind == "correct" else self.table.true_logprob[self.index, k, l, m]
+        rewards = (accuracy_term - self.lam * self.cost[k, l, m]).astype(np.float32)
         flops = self.table.flops[k, l, m]
         terminal = self.table.features[self.index]
         infos = [

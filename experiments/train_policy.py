@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from envs import FeatureSpec
 from backbone.checkpoint import write_json
+from envs import FeatureSpec
 from policy.pipeline import PolicyJob, format_summary, run_policy_job
 from policy.train import PolicyTrainConfig
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timesteps", type=int, default=PolicyTrainConfig.total_timesteps, help="PPO steps per lambda")
     parser.add_argument("--tolerance-pp", type=float, default=PolicyTrainConfig.tolerance_pp)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-glance", action="store_true", help="features: pooled input tokens only")
+    parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
     args = parser.parse_args(argv)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         out=args.out or f"policies/{name}",
         cache_dir=args.cache_dir,
         log_dir=args.log_dir,
-        features=FeatureSpec(glance=not args.no_glance),
+        features=FeatureSpec(pooled=args.pooled),
         train=PolicyTrainConfig(lambdas=args.lambdas, total_timesteps=args.timesteps, tolerance_pp=args.tolerance_pp, seed=args.seed),
     )
     summary = run_policy_job(job)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config, write_json
-from backbone.data import SplitConfig, load_dataset
+from backbone.data import Dataset, SplitConfig, load_dataset
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
 from policy.artifact import PolicyArtifact, save_policy
 from policy.evaluation import cheapest_fixed_within, evaluate_actions, full_actions
@@ -30,17 +30,22 @@ class PolicyJob:
     train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
 
 
-def load_tables(job: PolicyJob, splits=("policy_train", "calibration", "test")) -> tuple[dict[str, OutcomeTable], str]:
-    """Outcome tables of ``splits`` for the job's backbone (cached), and the backbone's hash."""
+def job_dataset(job: PolicyJob) -> Dataset:
+    """The job's dataset, cut with the split seed its backbone was trained with."""
     _, meta = read_config(job.backbone)
     if meta.get("dataset") not in (None, job.dataset):
         raise ValueError(
             f"backbone {job.backbone} was trained on {meta['dataset']!r}, not {job.dataset!r}; "
             "pass the matching --dataset or --backbone"
         )
+    return load_dataset(job.dataset, job.data_dir, SplitConfig(seed=int(meta.get("split_seed", 0))))
+
+
+def load_tables(job: PolicyJob, splits=("policy_train", "calibration", "test")) -> tuple[dict[str, OutcomeTable], str]:
+    """Outcome tables of ``splits`` for the job's backbone (cached), and the backbone's hash."""
+    data = job_dataset(job)
     model = load_checkpoint(job.backbone)
     digest = backbone_hash(job.backbone)
-    data = load_dataset(job.dataset, job.data_dir, SplitConfig(seed=int(meta.get("split_seed", 0))))
     tables = {
         name: cached_outcome_table(model, digest, name, data.splits[name].x, data.splits[name].y, job.features, job.cache_dir)
         for name in splits
@@ -110,10 +115,10 @@ def format_summary(summary: dict) -> str:
     return "\n".join([
         f"test split of {summary['dataset']} ({summary['n_test']} inputs)",
         f"  full model accuracy      {100 * summary['reference_accuracy']:.2f}%   {summary['reference_gflops'] * 1e3:.3f} MFLOPs/image",
-        f"  policy accuracy          {100 * summary['policy_accuracy']:.2f}%   {summary['policy_gflops'] * 1e3:.3f} MFLOPs/image"
-        f" (policy cost {summary['policy_overhead_gflops'] * 1e3:.3f} included)",
+        (f"  policy accuracy          {100 * summary['policy_accuracy']:.2f}%   {summary['policy_gflops'] * 1e3:.3f} MFLOPs/image"
+         f" (policy cost {summary['policy_overhead_gflops'] * 1e3:.3f} included)"),
         f"  difference               {summary['delta_pp']:+.2f} pp (calibration {summary['calibration_delta_pp']:+.2f} pp, lambda {summary['lambda']:g})",
         f"  FLOP reduction           {100 * summary['flop_reduction']:.1f}%",
-        f"  cheapest fixed config within 0.1 pp on calibration {tuple(fixed['config'])}: "
-        f"{fixed['delta_pp']:+.2f} pp, FLOP reduction {100 * fixed['flop_reduction']:.1f}%",
+        (f"  cheapest fixed config within 0.1 pp on calibration {tuple(fixed['config'])}: "
+         f"{fixed['delta_pp']:+.2f} pp, FLOP reduction {100 * fixed['flop_reduction']:.1f}%"),
     ])

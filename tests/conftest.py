@@ -23,3 +23,21 @@ def tiny_model(tiny_config) -> AdaPerceiver:
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A short end-to-end run of experiments/train_policy.py on digits with a tiny backbone."""
+    from backbone.checkpoint import save_checkpoint
+    from experiments import train_policy
+
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    config = AdaPerceiverConfig(img_size=8, patch_size=2, embed_dim=16, num_heads=2, depth=3, token_grans=(2, 4, 8))
+    save_checkpoint(AdaPerceiver(config), root / "backbone", {"dataset": "digits", "split_seed": 0})
+    argv = [
+        "--backbone", str(root / "backbone"), "--out", str(root / "policy"), "--json", str(root / "summary.json"),
+        "--timesteps", "2048", "--lambdas", "0.05,0.5", "--cache-dir", str(root / "cache"), "--log-dir", str(root / "tb"),
+    ]
+    summary = train_policy.main(argv)
+    return root, summary

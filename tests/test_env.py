@@ -7,7 +7,15 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from backbone.data import load_dataset
-from envs import ENV_ID, AdaptiveComputeEnv, FeatureSpec, LiveBackend, TableVecEnv, build_outcome_table, cached_outcome_table
+from envs import (
+    ENV_ID,
+    AdaptiveComputeEnv,
+    FeatureSpec,
+    LiveBackend,
+    TableVecEnv,
+    build_outcome_table,
+    cached_outcome_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +26,7 @@ def digits_subset():
 
 @pytest.fixture
 def table(tiny_model, digits_subset):
-    return build_outcome_table(tiny_model, *digits_subset, FeatureSpec())
+    return build_outcome_table(tiny_model, *digits_subset, FeatureSpec(pooled=True))
 
 
 def test_table_shapes_and_consistency(table, tiny_model, digits_subset):
@@ -57,7 +65,7 @@ def test_reward_is_accuracy_minus_priced_flops(table):
 
 def test_live_and_table_modes_give_identical_rewards(table, tiny_model, digits_subset):
     table_env = AdaptiveComputeEnv(table=table, lam=0.3)
-    live_env = AdaptiveComputeEnv(live=LiveBackend(tiny_model, *digits_subset, FeatureSpec()), lam=0.3)
+    live_env = AdaptiveComputeEnv(live=LiveBackend(tiny_model, *digits_subset, FeatureSpec(pooled=True)), lam=0.3)
     rng = np.random.default_rng(0)
     for index in range(0, 48, 5):
         action = rng.integers(0, 3, size=3)
@@ -68,7 +76,7 @@ def test_live_and_table_modes_give_identical_rewards(table, tiny_model, digits_s
         _, reward_l, *_ = live_env.step(action)
         assert reward_t == pytest.approx(reward_l, abs=1e-6)
     logprob_table = AdaptiveComputeEnv(table=table, lam=0.3, reward="logprob")
-    logprob_live = AdaptiveComputeEnv(live=LiveBackend(tiny_model, *digits_subset, FeatureSpec()), lam=0.3, reward="logprob")
+    logprob_live = AdaptiveComputeEnv(live=LiveBackend(tiny_model, *digits_subset, FeatureSpec(pooled=True)), lam=0.3, reward="logprob")
     logprob_table.reset(options={"index": 3})
     logprob_live.reset(options={"index": 3})
     assert logprob_table.step([1, 0, 2])[1] == pytest.approx(logprob_live.step([1, 0, 2])[1], abs=1e-4)
@@ -111,7 +119,7 @@ def test_cache_reused_and_invalidated(tmp_path, tiny_model, digits_subset, monke
     cached_outcome_table(tiny_model, "hashB", "policy_train", x, y, spec, tmp_path)  # other backbone
     cached_outcome_table(tiny_model, "hashA", "policy_train", x[:40], y[:40], spec, tmp_path)  # other split contents
     cached_outcome_table(tiny_model, "hashA", "calibration", x, y, spec, tmp_path)  # other split name
-    cached_outcome_table(tiny_model, "hashA", "policy_train", x, y, FeatureSpec(glance=False), tmp_path)  # other features
+    cached_outcome_table(tiny_model, "hashA", "policy_train", x, y, FeatureSpec(pooled=True), tmp_path)  # other features
     assert len(calls) == 5
     # a corrupt cache file is rebuilt, never trusted
     for path in tmp_path.glob("*.npz"):

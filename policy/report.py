@@ -1,0 +1,173 @@
+"""The evaluation report: every family on the test split against the full configuration.
+
+Statistics come from scipy (paired bootstrap, exact binomial test for McNemar),
+the plot from matplotlib. Everything is computed from outcome tables; only the
+throughput column runs the backbone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.stats import binomtest, bootstrap
+
+from backbone import AdaPerceiver, readout_flops
+from envs import OutcomeTable
+from policy.artifact import PolicyArtifact
+from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
+from policy.evaluation import evaluate_actions, fixed_accuracy, full_actions
+
+TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
+
+
+def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:
+    """Accuracy difference in pp with a 95% paired bootstrap interval and the exact McNemar p-value."""
+    diff = correct.astype(np.float64) - reference.astype(np.float64)
+    if np.all(diff == diff[0]):
+        ci = (100 * diff[0], 100 * diff[0])
+    else:
+        res = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
+                        random_state=np.random.default_rng(seed))
+        ci = (100 * res.confidence_interval.low, 100 * res.confidence_interval.high)
+    lost, gained = int(np.sum(reference & ~correct)), int(np.sum(~reference & correct))
+    p = 1.0 if lost + gained == 0 else binomtest(min(lost, gained), lost + gained, 0.5).pvalue
+    return {"delta_pp": 100 * diff.mean(), "delta_pp_ci": [float(ci[0]), float(ci[1])], "mcnemar_p": float(p)}
+
+
+def entry(correct: np.ndarray, flops_per_input: np.ndarray | float, reference: np.ndarray, full_flops: float,
+          oracle_flops: float, **extra) -> dict:
+    """One report row: accuracy, paired statistics against the reference, FLOPs, oracle capture."""
+    mean_flops = float(np.mean(flops_per_input))
+    saving = full_flops - mean_flops
+    return {
+        "accuracy": float(correct.mean()),
+        **paired_stats(correct, reference),
+        "gflops": mean_flops / 1e9,
+        "flop_reduction": saving / full_flops,
+        "oracle_capture": saving / (full_flops - oracle_flops) if full_flops > oracle_flops else 0.0,
+        **extra,
+    }
+
+
+def images_per_second(
+    fn: Callable[[torch.Tensor, slice], object], images: torch.Tensor, batch_size: int = 256, repeats: int = 2
+) -> float:
+    """Best-of-``repeats`` throughput of ``fn(batch, rows)`` over ``images`` (one warm-up batch first)."""
+    with torch.inference_mode():
+        fn(images[:batch_size], slice(0, batch_size))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(0, len(images), batch_size):
+                fn(images[i : i + batch_size], slice(i, i + batch_size))
+            best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def run_grouped(model: AdaPerceiver, input_tokens: torch.Tensor, configs: list[tuple[int, int, float]]) -> torch.Tensor:
+    """Logits ``(B, C)``: each distinct configuration runs once on its own inputs, in input order."""
+    logits = torch.empty(len(configs), model.config.num_classes, device=input_tokens.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(tuple(config), []).append(i)
+    for config, rows in groups.items():
+        index = torch.tensor(rows, device=input_tokens.device)
+        logits[index] = model.run(input_tokens[index], *config).float()
+    return logits
+
+
+def build_report(
+    test: OutcomeTable,
+    calibration: OutcomeTable,
+    model: AdaPerceiver,
+    policies: list[PolicyArtifact],
+    images: torch.Tensor | None = None,
+    tolerance_pp: float = 0.1,
+    seed: int = 0,
+) -> dict:
+    """Every family on ``test``; the best fixed configuration and early-exit tau are chosen on ``calibration``.
+
+    ``images`` (the test images) turns on measured throughput; without it ``images_per_s`` is None.
+    """
+    c = model.config
+    full = full_actions(test)
+    reference = evaluate_actions(test, full)
+    ref_correct = reference["correct"]
+    oracle = evaluate_actions(test, oracle_actions(test))
+    row = lambda correct, flops, **extra: entry(correct, flops, ref_correct, test.full_flops, oracle["flops"], **extra)
+
+    def throughput(assign: Callable[[torch.Tensor, slice], list]) -> float | None:
+        """Measured images/s when ``assign(input_tokens, rows)`` picks each input's configuration."""
+        if images is None:
+            return None
+        return images_per_second(lambda x, rows: run_grouped(model, (t := model.embed(x)), assign(t, rows)), images)
+
+    report: dict = {"n_test": len(test), "tolerance_pp": tolerance_pp}
+    report["reference"] = row(ref_correct, test.full_flops, config=list(test.configuration(full[0])),
+                              images_per_s=throughput(lambda t, rows: [test.configuration(full[0])] * len(t)))
+
+    # fixed: every grid point; the cheapest within tolerance on calibration is the named baseline
+    acc_test, acc_cal = fixed_accuracy(test), fixed_accuracy(calibration)
+    points = []
+    for idx in np.ndindex(*test.grid_shape):
+        points.append({"config": list(test.configuration(idx)), "accuracy": float(acc_test[idx]),
+                       "flops": float(test.flops[idx]), "gflops": float(test.flops[idx]) / 1e9})
+    ok = [idx for idx in np.ndindex(*test.grid_shape) if acc_cal[idx] >= acc_cal[-1, -1, -1] - tolerance_pp / 100 - 1e-12]
+    best = min(ok, key=lambda idx: (test.flops[idx], -acc_cal[idx]))
+    best_config = test.configuration(best)
+    report["fixed"] = row(test.correct[:, best[0], best[1], best[2]], test.flops[best], config=list(best_config),
+                          images_per_s=throughput(lambda t, rows: [best_config] * len(t)),
+                          points=points, front=pareto_front(points))
+
+    # early exit: full tokens, every width, tau swept; the named one is full width, chosen on calibration
+    readout = readout_flops(c)
+    curves = {}
+    for m, width in enumerate(test.ffn_widths):
+        curves[str(width)] = [
+            {"tau": float(tau), "accuracy": float(r["correct"].mean()), "gflops": float(r["flops_per_input"].mean()) / 1e9}
+            for tau in TAUS for r in [early_exit(test, tau, m, readout)]
+        ]
+    cal_ref = calibration.correct[:, -1, -1, -1].mean()
+    feasible = [tau for tau in TAUS
+                if early_exit(calibration, tau, len(test.ffn_widths) - 1, readout)["correct"].mean() >= cal_ref - tolerance_pp / 100 - 1e-12]
+    cal_cost = {tau: early_exit(calibration, tau, len(test.ffn_widths) - 1, readout)["flops_per_input"].mean() for tau in feasible}
+    best_tau = min(feasible, key=lambda tau: cal_cost[tau])
+    ee = early_exit(test, best_tau, len(test.ffn_widths) - 1, readout)
+    ee_speed = None
+    if images is not None:
+        ee_speed = images_per_second(lambda x, rows: model.forward_early_exit(x, best_tau), images)
+    report["early_exit"] = row(ee["correct"], ee["flops_per_input"], tau=float(best_tau), images_per_s=ee_speed, curves=curves)
+
+    # oracle
+    oracle_configs = [test.configuration(a) for a in oracle_actions(test)]
+    report["oracle"] = row(oracle["correct"], oracle["flops"], images_per_s=throughput(lambda t, rows: oracle_configs[rows]))
+
+    # ppo (the first policy is the named one; all of them form the front), and random matched to it
+    ppo_rows = []
+    for artifact in policies:
+        overhead = test.feature_flops + artifact.network_flops()
+        actions = artifact.act(test.features)
+        result = evaluate_actions(test, actions, overhead)
+        ppo_rows.append(row(result["correct"], result["flops"], lam=artifact.meta.get("lam"), overhead_gflops=overhead / 1e9))
+    if ppo_rows:
+        from envs import compute_features
+
+        artifact = policies[0]
+
+        def policy_configs(tokens: torch.Tensor, rows: slice) -> list:
+            return [test.configuration(a) for a in artifact.act(compute_features(model, tokens, artifact.feature_spec))]
+
+        report["ppo"] = {**ppo_rows[0], "images_per_s": throughput(policy_configs),
+                         "front": [{k: r[k] for k in ("lam", "accuracy", "gflops", "delta_pp")} for r in ppo_rows]}
+        target = ppo_rows[0]["gflops"] * 1e9
+    else:
+        target = report["fixed"]["gflops"] * 1e9
+    random_actions = matched_random_actions(test, target, seed)
+    random_eval = evaluate_actions(test, random_actions)
+    random_configs = [test.configuration(a) for a in random_actions]
+    report["random"] = row(random_eval["correct"], random_eval["flops"], target_gflops=target / 1e9,
+                           images_per_s=throughput(lambda t, rows: random_configs[rows]))
+    return report

@@ -1,0 +1,114 @@
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from envs import OutcomeTable
+from experiments import evaluate
+from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
+from policy.report import paired_stats
+
+KEYS = ("accuracy", "delta_pp", "delta_pp_ci", "mcnemar_p", "gflops", "flop_reduction", "oracle_capture", "images_per_s")
+
+
+def synthetic_table(correct: np.ndarray, confidence: np.ndarray | None = None) -> OutcomeTable:
+    n, k, l, m = correct.shape
+    flops = (np.arange(1, k + 1)[:, None, None] * np.arange(1, l + 1)[None, :, None] * np.arange(1, m + 1)[None, None, :]) * 100
+    return OutcomeTable(
+        features=np.zeros((n, 2), np.float32), correct=correct, true_logprob=np.zeros(correct.shape, np.float32),
+        confidence=np.ones(correct.shape, np.float32) if confidence is None else confidence,
+        labels=np.zeros(n, np.int64), flops=flops.astype(np.int64), feature_flops=0,
+        token_grans=tuple(range(1, k + 1)), ffn_widths=tuple(np.linspace(1 / m, 1, m)), meta={},
+    )
+
+
+def test_oracle_picks_cheapest_correct_or_full():
+    correct = np.zeros((3, 2, 2, 1), bool)
+    correct[0, 1, 1, 0] = True  # only the full one
+    correct[1, 0, 1, 0] = correct[1, 1, 0, 0] = True  # flops 200 both: first in flat order
+    table = synthetic_table(correct)  # row 2: nothing correct -> full
+    assert oracle_actions(table).tolist() == [[1, 1, 0], [0, 1, 0], [1, 1, 0]]
+
+
+def test_early_exit_charges_readouts():
+    correct = np.ones((2, 1, 3, 1), bool)
+    confidence = np.array([[0.2, 0.9, 0.95], [0.1, 0.2, 0.3]], np.float32)[:, None, :, None]
+    table = synthetic_table(correct, confidence)
+    result = early_exit(table, tau=0.8, width_index=0, readout_flops=7)
+    # input 0 exits at depth 2 (one readout before), input 1 runs all 3 depths (two readouts before)
+    assert result["flops_per_input"].tolist() == [200 + 7, 300 + 14]
+
+
+def test_paired_stats_against_hand_computation():
+    reference = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 1], bool)
+    other = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1, 1], bool)  # lost 2, gained 1
+    stats = paired_stats(other, reference)
+    assert stats["delta_pp"] == pytest.approx(-10.0)
+    assert stats["mcnemar_p"] == pytest.approx(1.0)  # exact two-sided binomial of 1 in 3
+    low, high = stats["delta_pp_ci"]
+    assert low <= -10.0 <= high
+    same = paired_stats(reference, reference)
+    assert same["delta_pp"] == 0 and same["mcnemar_p"] == 1.0
+
+
+def test_random_baseline_hits_its_target():
+    table = synthetic_table(np.ones((500, 4, 3, 2), bool))
+    for target in (250.0, 700.0, 1500.0):
+        actions = matched_random_actions(table, target, seed=0)
+        realized = table.flops[tuple(actions.T)].mean()
+        assert abs(realized - target) / target <= 0.02
+        assert len({tuple(a) for a in actions}) > 3, "random means several configurations"
+
+
+def test_pareto_front():
+    points = [{"flops": 1, "accuracy": 0.5}, {"flops": 2, "accuracy": 0.4}, {"flops": 3, "accuracy": 0.7}]
+    assert pareto_front(points) == [points[0], points[2]]
+
+
+@pytest.fixture(scope="module")
+def digits_report(tiny_run, tmp_path_factory):
+    root, _ = tiny_run
+    out = tmp_path_factory.mktemp("report")
+    argv = ["--backbone", str(root / "backbone"), "--policy", str(root / "policy"), "--cache-dir", str(root / "cache"),
+            "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--plot", str(out / "r.png")]
+    report = evaluate.main(argv)
+    return out, report
+
+
+def test_report_json_has_every_family_and_key(digits_report):
+    out, _ = digits_report
+    report = json.loads((out / "r.json").read_text())
+    for family in ("reference", "fixed", "early_exit", "random", "oracle", "ppo"):
+        for key in KEYS:
+            assert key in report[family], (family, key)
+        assert report[family]["images_per_s"] > 0
+    assert isinstance(report["fixed"]["front"], list) and report["fixed"]["front"]
+    assert isinstance(report["ppo"]["front"], list)
+    assert all(isinstance(c, list) and c for c in report["early_exit"]["curves"].values())
+    assert "| oracle |" in (out / "r.md").read_text()
+
+
+def test_oracle_is_never_beaten(digits_report):
+    _, report = digits_report
+    oracle = report["oracle"]
+    points = [(p["accuracy"], p["gflops"]) for p in report["fixed"]["points"]]
+    points += [(p["accuracy"], p["gflops"]) for curve in report["early_exit"]["curves"].values() for p in curve]
+    points += [(report[f]["accuracy"], report[f]["gflops"]) for f in ("reference", "fixed", "early_exit", "random", "ppo")]
+    for accuracy, gflops in points:
+        assert accuracy <= oracle["accuracy"] + 1e-12
+        if gflops <= oracle["gflops"]:
+            assert accuracy <= oracle["accuracy"]
+
+
+def test_random_matches_policy_flops(digits_report):
+    _, report = digits_report
+    assert abs(report["random"]["gflops"] - report["ppo"]["gflops"]) / report["ppo"]["gflops"] <= 0.02
+
+
+def test_plot_is_a_valid_png(digits_report):
+    out, _ = digits_report
+    data = (out / "r.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = plt.imread(out / "r.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
