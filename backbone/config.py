@@ -120,8 +120,8 @@ def preset(dataset: str, image_shape: tuple[int, int, int], num_classes: int) ->
     """The default architecture for a dataset: the digits and Fashion-MNIST models, else one by image size."""
     chans, size, _ = image_shape
     if dataset == "digits":
-        return AdaPerceiverConfig(img_size=8, in_chans=1, patch_size=2, embed_dim=64, num_heads=4, depth=4,
+        return AdaPerceiverConfig(img_size=8, in_chans=1, patch_size=2, embed_dim=64, num_heads=8, depth=4,
                                   token_grans=(2, 4, 8, 16), num_classes=num_classes)
     patch = 4 if size % 4 == 0 else (2 if size % 2 == 0 else 1)
-    return AdaPerceiverConfig(img_size=size, in_chans=chans, patch_size=patch, embed_dim=128, num_heads=4, depth=8,
+    return AdaPerceiverConfig(img_size=size, in_chans=chans, patch_size=patch, embed_dim=128, num_heads=8, depth=8,
                               token_grans=(4, 8, 16, 32), num_classes=num_classes, drop_path=0.05)

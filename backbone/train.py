@@ -64,6 +64,8 @@ class TrainConfig:
     """'auto' (CUDA when present), 'cpu' or 'cuda'."""
     eval_batch_size: int = 512
     """Batch size of evaluation passes."""
+    eval_limit: int = 2000
+    """Calibration images scored after each epoch (the final grid uses all of them)."""
 
     def __post_init__(self) -> None:
         if self.objective not in ("grid", "full"):
@@ -206,7 +208,7 @@ def train_backbone(
                 writer.add_scalar("train/loss", loss.item(), step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
         elapsed += time.time() - t0
-        accuracy = grid_accuracy(eval_model, x_val, y_val, train.eval_batch_size)
+        accuracy = grid_accuracy(eval_model, x_val[: train.eval_limit], y_val[: train.eval_limit], train.eval_batch_size)
         full, smallest = accuracy[-1, -1, -1].item(), accuracy[0, 0, 0].item()
         writer.add_scalar("val/acc_full", full, step)
         writer.add_scalar("val/acc_smallest", smallest, step)

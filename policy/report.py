@@ -18,6 +18,7 @@ from backbone import AdaPerceiver, readout_flops
 from envs import OutcomeTable
 from policy.artifact import PolicyArtifact
 from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
+from policy.classifier import AdaptiveClassifier, run_grouped
 from policy.evaluation import evaluate_actions, fixed_accuracy, full_actions
 
 TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
@@ -67,18 +68,6 @@ def images_per_second(
     return len(images) / best
 
 
-def run_grouped(model: AdaPerceiver, input_tokens: torch.Tensor, configs: list[tuple[int, int, float]]) -> torch.Tensor:
-    """Logits ``(B, C)``: each distinct configuration runs once on its own inputs, in input order."""
-    logits = torch.empty(len(configs), model.config.num_classes, device=input_tokens.device)
-    groups: dict[tuple, list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(tuple(config), []).append(i)
-    for config, rows in groups.items():
-        index = torch.tensor(rows, device=input_tokens.device)
-        logits[index] = model.run(input_tokens[index], *config).float()
-    return logits
-
-
 def build_report(
     test: OutcomeTable,
     calibration: OutcomeTable,
@@ -103,7 +92,12 @@ def build_report(
         """Measured images/s when ``assign(input_tokens, rows)`` picks each input's configuration."""
         if images is None:
             return None
-        return images_per_second(lambda x, rows: run_grouped(model, (t := model.embed(x)), assign(t, rows)), images)
+
+        def run(x: torch.Tensor, rows: slice) -> None:
+            input_tokens = model.embed(x)
+            run_grouped(model, input_tokens, assign(input_tokens, rows))
+
+        return images_per_second(run, images)
 
     report: dict = {"n_test": len(test), "tolerance_pp": tolerance_pp}
     report["reference"] = row(ref_correct, test.full_flops, config=list(test.configuration(full[0])),
@@ -153,14 +147,8 @@ def build_report(
         result = evaluate_actions(test, actions, overhead)
         ppo_rows.append(row(result["correct"], result["flops"], lam=artifact.meta.get("lam"), overhead_gflops=overhead / 1e9))
     if ppo_rows:
-        from envs import compute_features
-
-        artifact = policies[0]
-
-        def policy_configs(tokens: torch.Tensor, rows: slice) -> list:
-            return [test.configuration(a) for a in artifact.act(compute_features(model, tokens, artifact.feature_spec))]
-
-        report["ppo"] = {**ppo_rows[0], "images_per_s": throughput(policy_configs),
+        classifier = AdaptiveClassifier(model, policies[0])
+        report["ppo"] = {**ppo_rows[0], "images_per_s": throughput(lambda tokens, rows: classifier.choose(tokens)),
                          "front": [{k: r[k] for k in ("lam", "accuracy", "gflops", "delta_pp")} for r in ppo_rows]}
         target = ppo_rows[0]["gflops"] * 1e9
     else:
