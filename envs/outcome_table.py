@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from backbone import AdaPerceiver, flops_grid
 from backbone.checkpoint import atomic_write
+from backbone.distributed import current_context
 from envs.features import FeatureSpec, compute_features, feature_flops
 
 FORMAT_VERSION = 1
@@ -168,6 +170,24 @@ def cached_outcome_table(
                 return table
         except (ValueError, OSError, KeyError):
             pass  # unreadable or stale: rebuild below and overwrite
-    table = build_outcome_table(model, images, labels, spec, batch_size, meta)
-    save_table(table, path)
+    ctx = current_context()
+    rows = np.array_split(np.arange(len(labels)), ctx.world)[ctx.rank]
+    table = build_outcome_table(model, images[rows], labels[rows], spec, batch_size, meta)
+    if ctx.enabled:
+        # under torchrun each rank tabulates a contiguous slice; every rank gets the whole table
+        parts: list = [None] * ctx.world
+        dist.all_gather_object(parts, table)
+        table = concat_tables(parts)
+    if ctx.is_main:
+        save_table(table, path)
+    ctx.barrier()
     return table
+
+
+def concat_tables(parts: list[OutcomeTable]) -> OutcomeTable:
+    """One table from row slices of the same split, in order."""
+    first = parts[0]
+    rows = {key: np.concatenate([getattr(p, key) for p in parts])
+            for key in ("features", "correct", "true_logprob", "confidence", "labels")}
+    return OutcomeTable(**rows, flops=first.flops, feature_flops=first.feature_flops, token_grans=first.token_grans,
+                        ffn_widths=first.ffn_widths, meta=first.meta)

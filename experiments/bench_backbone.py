@@ -14,7 +14,7 @@ from backbone import AdaPerceiver
 from backbone.checkpoint import write_json
 from backbone.config import preset
 from backbone.data import load_dataset
-from backbone.train import TrainConfig, grid_loss_weights, sample_widths, training_loss
+from backbone.train import TrainConfig, TrainingForward, grid_loss_weights, sample_widths, training_loss
 
 
 def step_seconds(model: AdaPerceiver, objective: str, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
@@ -26,7 +26,8 @@ def step_seconds(model: AdaPerceiver, objective: str, x: torch.Tensor, y: torch.
     times = []
     for i in range(steps + 2):
         start = time.perf_counter()
-        loss = training_loss(model, x, y, sample_widths(model.config, len(x), 0.5, generator), weights, train)
+        widths = sample_widths(model.config, len(x), 0.5, generator)
+        loss = training_loss(TrainingForward(model, objective), x, y, widths, weights, train)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config, write_json
 from backbone.data import Dataset, SplitConfig, load_dataset
@@ -41,10 +42,12 @@ def job_dataset(job: PolicyJob) -> Dataset:
     return load_dataset(job.dataset, job.data_dir, SplitConfig(seed=int(meta.get("split_seed", 0))))
 
 
-def load_tables(job: PolicyJob, splits=("policy_train", "calibration", "test")) -> tuple[dict[str, OutcomeTable], str]:
+def load_tables(
+    job: PolicyJob, splits=("policy_train", "calibration", "test"), device: str | torch.device = "cpu"
+) -> tuple[dict[str, OutcomeTable], str]:
     """Outcome tables of ``splits`` for the job's backbone (cached), and the backbone's hash."""
     data = job_dataset(job)
-    model = load_checkpoint(job.backbone)
+    model = load_checkpoint(job.backbone, device)
     digest = backbone_hash(job.backbone)
     tables = {
         name: cached_outcome_table(model, digest, name, data.splits[name].x, data.splits[name].y, job.features, job.cache_dir)

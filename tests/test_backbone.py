@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from backbone import AdaPerceiver, AdaPerceiverConfig, flops, measure_flops
-from backbone.train import TrainConfig, grid_loss_weights, training_loss
+from backbone.train import TrainConfig, TrainingForward, grid_loss_weights, training_loss
 
 
 def test_forward_grid_matches_forward_everywhere(tiny_model, tiny_config):
@@ -132,7 +132,7 @@ def test_grid_objective_trains_every_parameter(tiny_config):
     model = AdaPerceiver(tiny_config).train()
     train = TrainConfig()
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
-    loss = training_loss(model, x, y, torch.tensor([0.25, 0.5, 1.0, 1.0] * 2), grid_loss_weights(tiny_config, train), train)
+    loss = training_loss(TrainingForward(model, 'grid'), x, y, torch.tensor([0.25, 0.5, 1.0, 1.0] * 2), grid_loss_weights(tiny_config, train), train)
     loss.backward()
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():

@@ -1,0 +1,38 @@
+"""Build (and cache) the outcome tables of a frozen backbone; runs unchanged under torchrun.
+
+    python experiments/build_tables.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist
+    torchrun --nproc_per_node=4 experiments/build_tables.py --dataset fashion-mnist --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from backbone.distributed import init_distributed
+from backbone.train import resolve_device
+from envs import FeatureSpec
+from policy.pipeline import PolicyJob, load_tables
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
+    parser.add_argument("--splits", default="policy_train,calibration,test")
+    parser.add_argument("--pooled", action="store_true", help="features include the mean input token")
+    parser.add_argument("--cache-dir", default=".cache/outcome_tables")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    ctx = init_distributed(resolve_device(args.device))
+    job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone or f"checkpoints/{args.dataset}",
+                    cache_dir=args.cache_dir, features=FeatureSpec(pooled=args.pooled))
+    tables, digest = load_tables(job, tuple(args.splits.split(",")), device=ctx.device)
+    if ctx.is_main:
+        for name, table in tables.items():
+            print(f"{name}: {len(table)} inputs, grid {table.grid_shape}, backbone {digest[:12]}")
+
+
+if __name__ == "__main__":
+    main()
