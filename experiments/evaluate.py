@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.dataset if args.dataset in ("digits", "fashion-mnist") else Path(args.dataset).stem
     backbone_dir = args.backbone or f"checkpoints/{name}"
     policy_dirs = args.policy if args.policy is not None else [f"policies/{name}"]
+    if policy_dirs and (Path(policy_dirs[0]) / "sweep").is_dir():  # the lambda sweep saved beside the policy
+        policy_dirs += sorted(str(p) for p in (Path(policy_dirs[0]) / "sweep").iterdir())
     digest = backbone_hash(backbone_dir)
     policies = [load_policy(p, digest) for p in policy_dirs]
     spec = policies[0].feature_spec if policies else FeatureSpec()

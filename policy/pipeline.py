@@ -102,10 +102,12 @@ def run_policy_job(job: PolicyJob) -> dict:
                          "axes": ["token_gran_index", "exit_depth_minus_1", "ffn_width_index"]},
     }
     run_name = f"policy_{Path(job.dataset).stem}__{job.train.seed}__{int(time.time())}"
-    artifact, _ = train_and_calibrate(
+    artifact, sweep = train_and_calibrate(
         tables["policy_train"], tables["calibration"], job.train, meta, Path(job.log_dir) / run_name
     )
-    artifact.meta["policy_network_flops"] = artifact.network_flops()
+    for member in sweep:
+        member.meta["policy_network_flops"] = member.network_flops()
+        save_policy(member, Path(job.out) / "sweep" / f"lambda_{member.meta['lam']:g}")
     save_policy(artifact, job.out)
     summary = {"dataset": job.dataset, **summarize(artifact, tables["test"], tables["calibration"], job.train.tolerance_pp)}
     summary["sweep"] = artifact.meta["sweep"]

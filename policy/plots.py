@@ -47,7 +47,7 @@ def markdown_table(report: dict) -> str:
 
 def pareto_plot(report: dict, path: str | Path, title: str = "") -> None:
     """PNG of accuracy against MFLOPs/image with every family drawn."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     fixed = report["fixed"]
     ax.scatter([1e3 * p["gflops"] for p in fixed["points"]], [100 * p["accuracy"] for p in fixed["points"]],
                s=10, color="0.75", label="fixed configurations")
@@ -74,7 +74,7 @@ def pareto_plot(report: dict, path: str | Path, title: str = "") -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

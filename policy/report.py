@@ -149,7 +149,8 @@ def build_report(
     if ppo_rows:
         classifier = AdaptiveClassifier(model, policies[0])
         report["ppo"] = {**ppo_rows[0], "images_per_s": throughput(lambda tokens, rows: classifier.choose(tokens)),
-                         "front": [{k: r[k] for k in ("lam", "accuracy", "gflops", "delta_pp")} for r in ppo_rows]}
+                         "front": [dict(t) for t in dict.fromkeys(
+                             tuple((k, r[k]) for k in ("lam", "accuracy", "gflops", "delta_pp")) for r in ppo_rows)]}
         target = ppo_rows[0]["gflops"] * 1e9
     else:
         target = report["fixed"]["gflops"] * 1e9

@@ -108,10 +108,11 @@ def train_and_calibrate(
     config: PolicyTrainConfig,
     meta: dict,
     log_dir: str | Path | None = None,
-) -> tuple[PolicyArtifact, list[dict]]:
+) -> tuple[PolicyArtifact, list[PolicyArtifact]]:
     """Train one policy per lambda, measure each on calibration, keep the cheapest within tolerance.
 
-    Returns the chosen artifact and one record per lambda (calibration accuracy, FLOPs, delta).
+    Returns the chosen artifact and every artifact of the sweep (each with its calibration record
+    in ``meta["calibration"]``).
     Falls back to the most accurate policy when none meets the tolerance (``meets_target`` False).
     """
     torch.set_num_threads(config.threads)
@@ -141,10 +142,12 @@ def train_and_calibrate(
     else:
         best = max(range(len(records)), key=lambda i: (records[i]["calibration_delta_pp"], records[i]["calibration_flop_reduction"]))
     chosen = artifacts[best]
+    for artifact, record in zip(artifacts, records, strict=True):
+        artifact.meta["calibration"] = record
     chosen.meta.update(
         calibration_delta_pp=records[best]["calibration_delta_pp"],
         calibration_flop_reduction=records[best]["calibration_flop_reduction"],
         meets_target=records[best]["meets_target"],
         sweep=records,
     )
-    return chosen, records
+    return chosen, artifacts
