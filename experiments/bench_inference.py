@@ -1,46 +1,57 @@
-"""Benchmark adaptive inference on CPU: full configuration vs adaptive classifier vs naive largest-in-batch.
+"""Benchmark adaptive inference: full configuration vs adaptive classifier vs naive largest-in-batch.
+
+All three run in the same process on the same test images, per batch size:
 
     python experiments/bench_inference.py --json reports/bench_inference.json
+    python experiments/bench_inference.py --dataset digits --batch-sizes 1,64 --limit 512
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 
 import torch
 
 from backbone.checkpoint import write_json
-from policy.benchmark import benchmark_inference
+from policy.benchmark import benchmark_inference, format_table
 from policy.classifier import AdaptiveClassifier
 from policy.pipeline import PolicyJob, job_dataset
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; returns one result dict per batch size (see ``policy.benchmark.benchmark_inference``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--policy", default=None, help="default policies/<dataset>")
     parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64, 256])
-    parser.add_argument("--limit", type=int, default=4096, help="test images used")
-    parser.add_argument("--min-seconds", type=float, default=3.0, help="measuring time per variant and batch size")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=2048, help="test images per batch size")
+    parser.add_argument("--limit-batch1", type=int, default=256, help="test images at batch size 1 (slow)")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="least timing per variant, batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches before each measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     backbone = args.backbone or f"checkpoints/{args.dataset}"
-    classifier = AdaptiveClassifier.from_dirs(backbone, args.policy or f"policies/{args.dataset}")
-    images = job_dataset(PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone)).splits["test"].x[: args.limit]
-    results = [benchmark_inference(classifier, images, b, args.min_seconds) for b in args.batch_sizes]
-    print("| batch | full img/s | adaptive img/s | naive img/s | FLOP speedup | realized speedup | efficiency |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in results:
-        print(f"| {r['batch_size']} | {r['full_images_per_s']:,.0f} | {r['adaptive_images_per_s']:,.0f} | "
-              f"{r['naive_images_per_s']:,.0f} | {r['flop_speedup']:.2f} | {r['realized_speedup']:.2f} | {r['efficiency']:.2f} |")
+    classifier = AdaptiveClassifier.from_dirs(backbone, args.policy or f"policies/{args.dataset}", args.device)
+    test = job_dataset(PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone)).splits["test"]
+    images = torch.as_tensor(test.x)
+    results = [
+        benchmark_inference(classifier, images[: args.limit_batch1 if b == 1 else args.limit], b,
+                            args.min_seconds, args.warmup)
+        for b in args.batch_sizes
+    ]
+    print(format_table(results))
     if args.json:
-        write_json(args.json, {"dataset": args.dataset, "threads": torch.get_num_threads(), "results": results})
+        write_json(args.json, {"dataset": args.dataset, "device": args.device, "threads": torch.get_num_threads(),
+                               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                               "results": results})
     return results
 
 

@@ -1,4 +1,4 @@
-"""Classify images with the adaptive classifier (backbone + policy).
+"""Classify images with the adaptive classifier (backbone + policy): one line per image, then totals.
 
     python experiments/infer.py --backbone checkpoints/digits --policy policies/digits --input images.npz
     python experiments/infer.py --backbone checkpoints/fashion-mnist --policy policies/fashion-mnist --input photos/
@@ -14,43 +14,47 @@ import torch
 
 from backbone import flops
 from backbone.checkpoint import write_json
-from policy.classifier import AdaptiveClassifier
+from policy.classifier import AdaptiveClassifier, Config
 from policy.inputs import load_images
 
 
+def parse_config(text: str) -> Config:
+    """``"TOKENS,DEPTH,WIDTH"`` -> ``(tokens, depth, width)``; the grid itself is checked by the backbone."""
+    try:
+        tokens, depth, width = text.split(",")
+        return int(tokens), int(depth), float(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKENS,DEPTH,WIDTH such as 16,4,1.0, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Run the CLI; returns ``{"images": [per-image rows], "totals": {...}}`` (what ``--json`` writes)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", required=True)
-    parser.add_argument("--policy", required=True)
+    parser.add_argument("--backbone", required=True, help="checkpoint directory")
+    parser.add_argument("--policy", required=True, help="policy artifact directory (made for this backbone)")
     parser.add_argument("--input", required=True, help=".npz with 'x' (and 'y') or a folder of PNG/JPEG images")
-    parser.add_argument("--config", default=None, help="fixed TOKENS,DEPTH,WIDTH instead of the policy (debugging)")
+    parser.add_argument("--config", type=parse_config, default=None,
+                        help="fixed TOKENS,DEPTH,WIDTH for every image instead of the policy (debugging)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write the per-image rows and totals here")
     args = parser.parse_args(argv)
 
     classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device)
-    config = None
-    if args.config:
-        tokens, depth, width = args.config.split(",")
-        config = (int(tokens), int(depth), float(width))
     images, names, labels = load_images(args.input, classifier.backbone.config)
     start = time.perf_counter()
-    parts = [classifier.predict(images[i : i + args.batch_size], config) for i in range(0, len(images), args.batch_size)]
+    out = classifier.predict_batched(images, args.batch_size, args.config)  # returns CPU tensors, so synced
     wall = time.perf_counter() - start
-    classes = torch.cat([p.classes for p in parts]).numpy()
-    confidence = torch.cat([p.confidence for p in parts]).numpy()
-    configs = [c for p in parts for c in p.configs]
-    per_image = np.concatenate([p.flops for p in parts])
-    rows = [{"name": n, "class": int(k), "confidence": float(p), "config": list(c)}
-            for n, k, p, c in zip(names, classes, confidence, configs, strict=True)]
+
+    rows = [{"name": name, "class": int(k), "confidence": float(p), "config": list(cfg)}
+            for name, k, p, cfg in zip(names, out.classes.tolist(), out.confidence.tolist(), out.configs, strict=True)]
     for r in rows:
         print(f"{r['name']}\tclass {r['class']}\tconfidence {r['confidence']:.3f}\tconfig {tuple(r['config'])}")
-    full = flops(classifier.backbone.config)
-    totals = {"images": len(rows), "mean_gflops": float(per_image.mean()) / 1e9, "full_gflops": full / 1e9,
-              "flop_reduction": 1 - float(per_image.mean()) / full, "wall_s": wall, "images_per_s": len(rows) / wall}
+    mean, full = float(out.flops.mean()), flops(classifier.backbone.config)
+    totals = {"images": len(rows), "mean_gflops": mean / 1e9, "full_gflops": full / 1e9,
+              "flop_reduction": 1 - mean / full, "wall_s": wall, "images_per_s": len(rows) / wall}
     if labels is not None:
-        totals["accuracy"] = float((classes == labels).mean())
+        totals["accuracy"] = float((out.classes.numpy() == np.asarray(labels)).mean())
     print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in totals.items()))
     result = {"images": rows, "totals": totals}
     if args.json:

@@ -11,52 +11,99 @@ import torch
 from backbone import flops
 from policy.classifier import AdaptiveClassifier, Config
 
+KEYS = ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flop_speedup", "realized_speedup",
+        "efficiency")
 
-def _images_per_s(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int, min_seconds: float) -> float:
-    batches = [images[i : i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)] or [images]
+
+def _sync(device: torch.device) -> None:
+    # CUDA calls return before the work is done; time only finished work
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batches_of(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Full batches of ``images`` (a ragged tail would time another batch size), or all images if fewer."""
+    return [images[i : i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)] or [images]
+
+
+def images_per_second(fn: Callable[[torch.Tensor], object], batches: list[torch.Tensor], warmup: int = 3,
+                      min_seconds: float = 2.0) -> float:
+    """Images/s of ``fn(batch)``: ``warmup`` untimed batches, then whole passes over ``batches`` for >= ``min_seconds``.
+
+    Whole passes keep every variant on the same images, so the adaptive mix of configurations is the same.
+    """
+    device = batches[0].device
     with torch.inference_mode():
-        fn(batches[0])  # warm-up
+        for i in range(warmup):
+            fn(batches[i % len(batches)])
+        _sync(device)
         done, start = 0, time.perf_counter()
         while True:
             for batch in batches:
                 fn(batch)
                 done += len(batch)
+            _sync(device)
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds:
                 return done / elapsed
 
 
-def largest_in_batch(configs: list[Config], model_config) -> Config:
-    """The naive choice: every axis at the largest value any input of the batch was given."""
-    tokens = max(c[0] for c in configs)
-    depth = max(c[1] for c in configs)
-    width = max(c[2] for c in configs)
-    return model_config.token_grans[model_config.token_index(tokens)], depth, width
+def largest_in_batch(configs: list[Config]) -> Config:
+    """The naive choice: each axis at the largest value any input of the batch was given.
+
+    The grid's axes are strictly increasing, so the largest value is the one at the largest index.
+    """
+    return max(c[0] for c in configs), max(c[1] for c in configs), max(c[2] for c in configs)
 
 
-def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, batch_size: int, min_seconds: float = 2.0) -> dict:
-    """Images/s of full, adaptive and naive inference at one batch size, measured in the same run."""
+def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, batch_size: int,
+                        min_seconds: float = 2.0, warmup: int = 3) -> dict:
+    """Images/s of full, adaptive and naive inference on ``images`` ``(N, C, H, W)`` at one batch size.
+
+    The three are measured in the same run on the same batches; FLOPs are per image (policy included where paid).
+    """
     model = classifier.backbone
     c = model.config
+    batches = batches_of(images.to(next(model.parameters()).device), batch_size)
 
-    def naive(x: torch.Tensor) -> None:
+    def naive(x: torch.Tensor) -> torch.Tensor:
         input_tokens = model.embed(x)
-        model.run(input_tokens, *largest_in_batch(classifier.choose(input_tokens), c))
+        return model.run(input_tokens, *largest_in_batch(classifier.choose(input_tokens)))
 
-    full_speed = _images_per_s(lambda x: model(x), images, batch_size, min_seconds)
-    adaptive_speed = _images_per_s(classifier.predict, images, batch_size, min_seconds)
-    naive_speed = _images_per_s(naive, images, batch_size, min_seconds)
-    with torch.inference_mode():
-        mean_flops = float(np.mean(np.concatenate(
-            [classifier.predict(images[i : i + 256]).flops for i in range(0, len(images), 256)])))
-    flop_speedup = flops(c) / mean_flops
-    realized = adaptive_speed / full_speed
+    speed = {
+        "full": images_per_second(model, batches, warmup, min_seconds),
+        "adaptive": images_per_second(classifier.predict, batches, warmup, min_seconds),
+        "naive": images_per_second(naive, batches, warmup, min_seconds),
+    }
+    chosen = [classifier.predict(batch).configs for batch in batches]
+    adaptive_flops = float(np.mean([flops(c, *cfg) for configs in chosen for cfg in configs])) + classifier.policy_flops
+    naive_flops = float(np.average([flops(c, *largest_in_batch(configs)) for configs in chosen],
+                                   weights=[len(configs) for configs in chosen])) + classifier.policy_flops
+    full_flops = flops(c)
+    flop_speedup = full_flops / adaptive_flops
+    realized = speed["adaptive"] / speed["full"]
     return {
         "batch_size": batch_size,
-        "full_images_per_s": full_speed,
-        "adaptive_images_per_s": adaptive_speed,
-        "naive_images_per_s": naive_speed,
+        "images": sum(len(b) for b in batches),
+        "full_images_per_s": speed["full"],
+        "adaptive_images_per_s": speed["adaptive"],
+        "naive_images_per_s": speed["naive"],
+        "full_gflops": full_flops / 1e9,
+        "adaptive_gflops": adaptive_flops / 1e9,
+        "naive_gflops": naive_flops / 1e9,
         "flop_speedup": flop_speedup,
         "realized_speedup": realized,
         "efficiency": realized / flop_speedup,
     }
+
+
+def format_table(results: list[dict]) -> str:
+    """A markdown table of ``benchmark_inference`` results, one row per batch size."""
+    header = ["batch", "images", "full img/s", "adaptive img/s", "naive img/s", "FLOP speedup", "realized speedup",
+              "efficiency"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
+    for r in results:
+        lines.append(f"| {r['batch_size']} | {r['images']} | {r['full_images_per_s']:,.0f} | "
+                     f"{r['adaptive_images_per_s']:,.0f} | {r['naive_images_per_s']:,.0f} | {r['flop_speedup']:.2f} | "
+                     f"{r['realized_speedup']:.2f} | {r['efficiency']:.2f} |")
+    return "\n".join(lines)

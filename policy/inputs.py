@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from backbone.config import AdaPerceiverConfig
 from backbone.data import DataError, check_labels, to_images
@@ -14,27 +14,41 @@ from backbone.data import DataError, check_labels, to_images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def load_images(path: str | Path, config: AdaPerceiverConfig) -> tuple[torch.Tensor, list[str], np.ndarray | None]:
-    """Images ``(n, C, H, W)`` in ``[0, 1]`` as the backbone expects, their names, and labels if the file has them.
+def _read_image(path: Path, config: AdaPerceiverConfig) -> np.ndarray:
+    """uint8 ``(C, H, W)``: grey or RGB by ``config.in_chans``, resized to ``config.img_size``."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if config.in_chans == 1 else "RGB")
+            pixels = np.asarray(image.resize((config.img_size, config.img_size), Image.Resampling.BICUBIC), np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from err
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
-    A folder's images are converted to grey or RGB by ``config.in_chans`` and resized to ``config.img_size``.
+
+def load_images(path: str | Path, config: AdaPerceiverConfig) -> tuple[torch.Tensor, list[str], np.ndarray | None]:
+    """Images ``(n, C, H, W)`` float32 in ``[0, 1]`` as the backbone expects, their names, and labels ``(n,)`` if any.
+
+    ``path`` is a folder (its PNG/JPEG files in name order; names are the file names, no labels) or an ``.npz``
+    with ``x`` (uint8 0..255 or float 0..1 images) and optionally ``y`` (labels; names are row indices).
     """
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{path} holds no PNG or JPEG images")
-        mode = "L" if config.in_chans == 1 else "RGB"
-        arrays = [np.asarray(Image.open(f).convert(mode).resize((config.img_size, config.img_size)), dtype=np.uint8)
-                  for f in files]
-        x = np.stack(arrays)
-        x = x[:, None] if config.in_chans == 1 else x.transpose(0, 3, 1, 2)
+        x = np.stack([_read_image(f, config) for f in files])
         return torch.from_numpy(to_images(x, str(path))), [f.name for f in files], None
-    if path.suffix != ".npz" or not path.is_file():
+    if path.suffix.lower() != ".npz" or not path.is_file():
         raise DataError(f"{path}: give an .npz with 'x' (and optionally 'y') or a folder of PNG/JPEG images")
-    with np.load(path, allow_pickle=False) as arrays:
-        if "x" not in arrays.files:
-            raise DataError(f"{path}: missing array 'x' (images)")
-        x = to_images(arrays["x"], str(path))
-        labels = check_labels(arrays["y"], len(x), str(path), config.num_classes) if "y" in arrays.files else None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "x" not in arrays.files:
+                raise DataError(f"{path}: missing array 'x' (images)")
+            x = to_images(arrays["x"], str(path))
+            y = arrays["y"] if "y" in arrays.files else None
+    except DataError:
+        raise
+    except ValueError as err:  # np.load refuses object arrays without pickle
+        raise DataError(f"{path}: cannot read without pickle ({err}); save plain arrays with np.savez") from err
+    labels = None if y is None else check_labels(y, len(x), str(path), config.num_classes)
     return torch.from_numpy(x), [str(i) for i in range(len(x))], labels

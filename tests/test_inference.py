@@ -7,12 +7,13 @@ from PIL import Image
 
 from backbone import flops
 from backbone.checkpoint import backbone_hash, save_checkpoint
-from backbone.data import load_dataset
+from backbone.data import DataError, load_dataset
 from envs import FeatureSpec, compute_features, feature_flops
-from experiments import infer
+from experiments import bench_inference, infer
 from policy import AdaptiveClassifier, PolicyArtifact, PolicyArtifactError, save_policy
 from policy.artifact import make_policy
-from policy.benchmark import benchmark_inference
+from policy.benchmark import KEYS, benchmark_inference, largest_in_batch
+from policy.inputs import load_images
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,12 @@ def dirs(tmp_path, tiny_model, digits_images):
     return tmp_path / "backbone", tmp_path / "policy"
 
 
-def test_adaptive_equals_each_image_alone(dirs, digits_images):
-    classifier = AdaptiveClassifier.from_dirs(*dirs)
+@pytest.fixture
+def classifier(dirs):
+    return AdaptiveClassifier.from_dirs(*dirs)
+
+
+def test_adaptive_equals_each_image_alone(classifier, digits_images):
     x, _ = digits_images
     out = classifier.predict(x)
     assert len(set(out.configs)) >= 3, "the random policy should mix configurations"
@@ -58,36 +63,45 @@ def test_adaptive_equals_each_image_alone(dirs, digits_images):
             alone = classifier.backbone(x[i : i + 1], *out.configs[i])
             assert (alone[0] - out.logits[i]).abs().max().item() <= 1e-5
     assert torch.equal(out.classes, out.logits.argmax(-1))
+    assert torch.allclose(out.confidence, out.logits.softmax(-1).amax(-1))
+    assert out.logits.shape == (len(x), 10) and out.flops.shape == (len(x),) and out.flops.dtype == np.float64
 
 
-def test_order_is_preserved_for_shuffled_batches(dirs, digits_images):
-    classifier = AdaptiveClassifier.from_dirs(*dirs)
+def test_order_is_preserved_for_shuffled_batches(classifier, digits_images):
     x, _ = digits_images
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     a, b = classifier.predict(x), classifier.predict(x[perm])
     assert torch.allclose(a.logits[perm], b.logits, atol=1e-5)
     assert [a.configs[i] for i in perm.tolist()] == b.configs
+    chunked = classifier.predict_batched(x, batch_size=7)
+    assert torch.allclose(chunked.logits, a.logits, atol=1e-5) and chunked.configs == a.configs
 
 
-def test_batch_is_grouped_by_configuration(dirs, digits_images, monkeypatch):
-    classifier = AdaptiveClassifier.from_dirs(*dirs)
+def test_batch_is_grouped_by_configuration(classifier, digits_images, monkeypatch):
     x, _ = digits_images
-    chosen = classifier.choose(classifier.backbone.embed(x))
+    input_tokens = classifier.backbone.embed(x)
+    chosen = classifier.choose(input_tokens)
     calls = []
     real_run = classifier.backbone.run
-    monkeypatch.setattr(classifier.backbone, "run", lambda tokens, *cfg: calls.append((len(tokens), cfg)) or real_run(tokens, *cfg))
+
+    def recording_run(tokens, *cfg):
+        calls.append((tokens.clone(), tuple(cfg)))
+        return real_run(tokens, *cfg)
+
+    monkeypatch.setattr(classifier.backbone, "run", recording_run)
     classifier.predict(x)
-    distinct = set(chosen)
     glance = classifier.artifact.feature_spec.glance_config(classifier.backbone.config)
-    assert calls[0] == (len(x), glance), "first the policy's glance over the whole batch"
-    calls = calls[1:]
-    assert len(distinct) >= 3 and len(calls) == len(distinct), "then one run per distinct configuration"
-    for size, cfg in calls:
-        assert size == chosen.count(tuple(cfg)), "each group holds exactly the inputs that chose it"
+    assert len(calls[0][0]) == len(x) and calls[0][1] == glance, "first the policy's glance over the whole batch"
+    groups = calls[1:]
+    distinct = set(chosen)
+    assert len(distinct) >= 3 and len(groups) == len(distinct), "then one run per distinct configuration"
+    assert {cfg for _, cfg in groups} == distinct
+    for tokens, cfg in groups:
+        own = [i for i, c in enumerate(chosen) if c == cfg]
+        assert torch.equal(tokens, input_tokens[own]), "each group holds exactly the inputs that chose it"
 
 
-def test_flops_per_image_and_fixed_override(dirs, digits_images):
-    classifier = AdaptiveClassifier.from_dirs(*dirs)
+def test_flops_per_image_and_fixed_override(classifier, digits_images):
     x, _ = digits_images
     c = classifier.backbone.config
     out = classifier.predict(x)
@@ -97,52 +111,99 @@ def test_flops_per_image_and_fixed_override(dirs, digits_images):
     fixed = classifier.predict(x, config=(4, 2, 0.5))
     assert set(fixed.configs) == {(4, 2, 0.5)}
     assert np.allclose(fixed.flops, flops(c, 4, 2, 0.5))
+    assert torch.allclose(fixed.logits, classifier.backbone(x, 4, 2, 0.5), atol=1e-5)
 
 
-def test_errors(dirs, tiny_model, tmp_path, digits_images):
-    backbone_dir, policy_dir = dirs
-    classifier = AdaptiveClassifier.from_dirs(backbone_dir, policy_dir)
+def test_errors(dirs, classifier, tiny_model, tmp_path, digits_images):
+    backbone_dir, _ = dirs
+    x = digits_images[0][:2]
     with pytest.raises(ValueError, match="images must have shape"):
         classifier.predict(torch.rand(2, 1, 9, 9))
-    bad = digits_images[0][:2].clone()
+    bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         classifier.predict(bad)
+    with pytest.raises(ValueError, match="float in"):
+        classifier.predict((x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        classifier.predict(x[:0])
     with pytest.raises(ValueError, match="allowed"):
-        classifier.predict(digits_images[0][:2], config=(3, 1, 1.0))
+        classifier.predict(x, config=(3, 1, 1.0))
+    with pytest.raises(ValueError, match="outside"):
+        classifier.predict(x, config=(4, 9, 1.0))
     # a policy for another backbone
     save_policy(random_artifact(tiny_model.config, "f" * 64), tmp_path / "other")
     with pytest.raises(PolicyArtifactError, match="trained for backbone"):
         AdaptiveClassifier.from_dirs(backbone_dir, tmp_path / "other")
+    with pytest.raises(PolicyArtifactError, match="trained for backbone"):
+        AdaptiveClassifier(tiny_model, random_artifact(tiny_model.config, "f" * 64), backbone_hash(backbone_dir))
     # a policy whose grid is not the backbone's
     artifact = random_artifact(tiny_model.config, "f" * 64)
     artifact.meta["ffn_widths"] = [0.5, 1.0]
-    with pytest.raises(ValueError, match="ffn_widths"):
+    with pytest.raises(ValueError, match=r"ffn_widths \[0.5, 1.0\] do not match the backbone's \[0.25, 0.5, 1.0\]"):
         AdaptiveClassifier(tiny_model, artifact)
 
 
 def test_infer_cli_on_npz_and_png_folder(dirs, digits_images, tmp_path, capsys):
     backbone_dir, policy_dir = dirs
+    common = ["--backbone", str(backbone_dir), "--policy", str(policy_dir), "--device", "cpu"]
     x, y = digits_images
     np.savez(tmp_path / "in.npz", x=(x[:10, 0].numpy() * 255).astype(np.uint8), y=y[:10].numpy())
-    result = infer.main(["--backbone", str(backbone_dir), "--policy", str(policy_dir), "--input", str(tmp_path / "in.npz"),
-                         "--json", str(tmp_path / "out.json")])
+    result = infer.main([*common, "--input", str(tmp_path / "in.npz"), "--json", str(tmp_path / "out.json")])
     printed = capsys.readouterr().out
-    assert printed.count("config (") == 10 and "images_per_s" in printed
+    assert printed.count("config (") == 10 and "images_per_s" in printed and "flop_reduction" in printed
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["totals"]["images"] == 10 and 0 <= saved["totals"]["accuracy"] <= 1
+    assert saved["totals"]["mean_gflops"] > 0 and saved["totals"]["images_per_s"] > 0
     assert saved == json.loads(json.dumps(result))
+
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i in range(3):
         Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8)).resize((32, 32)).save(folder / f"img{i}.png")
-    result = infer.main(["--backbone", str(backbone_dir), "--policy", str(policy_dir), "--input", str(folder)])
+    (folder / "notes.txt").write_text("not an image")
+    result = infer.main([*common, "--input", str(folder), "--config", "4,2,0.5"])
     assert [r["name"] for r in result["images"]] == ["img0.png", "img1.png", "img2.png"]
+    assert all(r["config"] == [4, 2, 0.5] for r in result["images"]) and "accuracy" not in result["totals"]
+    assert capsys.readouterr().out.count("img") == 3
+    with pytest.raises(SystemExit):
+        infer.main([*common, "--input", str(folder), "--config", "4,2"])
 
 
-def test_benchmark_reports_every_key(dirs, digits_images):
-    classifier = AdaptiveClassifier.from_dirs(*dirs)
-    result = benchmark_inference(classifier, digits_images[0], batch_size=16, min_seconds=0.05)
-    for key in ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flop_speedup",
-                "realized_speedup", "efficiency"):
+def test_load_images_errors(tiny_config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no PNG or JPEG"):
+        load_images(tmp_path / "empty", tiny_config)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="not a readable image"):
+        load_images(tmp_path / "broken", tiny_config)
+    np.savez(tmp_path / "labels_only.npz", y=np.zeros(3, np.int64))
+    with pytest.raises(DataError, match="missing array 'x'"):
+        load_images(tmp_path / "labels_only.npz", tiny_config)
+
+
+def test_benchmark_reports_every_key(classifier, digits_images):
+    result = benchmark_inference(classifier, digits_images[0][:32], batch_size=16, min_seconds=0.01, warmup=1)
+    for key in KEYS:
         assert result[key] > 0, key
+    assert result["images"] == 32 and result["adaptive_gflops"] <= result["naive_gflops"], "naive pays the batch max"
+    assert largest_in_batch([(2, 3, 0.25), (8, 1, 0.5)]) == (8, 3, 0.5)
+
+
+def test_bench_inference_cli(dirs, capsys):
+    backbone_dir, policy_dir = dirs
+    results = bench_inference.main(["--dataset", "digits", "--backbone", str(backbone_dir), "--policy", str(policy_dir),
+                                    "--batch-sizes", "1,8", "--limit", "16", "--limit-batch1", "4",
+                                    "--min-seconds", "0", "--warmup", "1"])
+    assert [r["batch_size"] for r in results] == [1, 8] and [r["images"] for r in results] == [4, 16]
+    assert "| 8 |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(dirs, digits_images):
+    x, _ = digits_images
+    cpu = AdaptiveClassifier.from_dirs(*dirs).predict(x)
+    gpu = AdaptiveClassifier.from_dirs(*dirs, device="cuda").predict(x)
+    assert gpu.configs == cpu.configs
+    assert torch.allclose(gpu.logits, cpu.logits, atol=1e-4)
