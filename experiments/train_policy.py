@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lambdas", type=lambda s: tuple(float(v) for v in s.split(",")), default=PolicyTrainConfig.lambdas)
     parser.add_argument("--timesteps", type=int, default=PolicyTrainConfig.total_timesteps, help="PPO steps per lambda")
     parser.add_argument("--tolerance-pp", type=float, default=PolicyTrainConfig.tolerance_pp)
+    parser.add_argument("--margin-pp", type=float, default=PolicyTrainConfig.calibration_margin_pp,
+                        help="calibration safety margin (pp) subtracted from the tolerance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
         cache_dir=args.cache_dir,
         log_dir=args.log_dir,
         features=FeatureSpec(pooled=args.pooled),
-        train=PolicyTrainConfig(lambdas=args.lambdas, total_timesteps=args.timesteps, tolerance_pp=args.tolerance_pp, seed=args.seed),
+        train=PolicyTrainConfig(lambdas=args.lambdas, total_timesteps=args.timesteps, tolerance_pp=args.tolerance_pp,
+                                calibration_margin_pp=args.margin_pp, seed=args.seed),
     )
     summary = run_policy_job(job)
     print(format_summary(summary))

@@ -22,10 +22,15 @@ from policy.evaluation import evaluate_actions, full_actions
 class PolicyTrainConfig:
     """Hyperparameters, named as stable-baselines3's ``PPO`` arguments where they are its."""
 
-    lambdas: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+    lambdas: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
     """FLOP prices swept; the cheapest policy within ``tolerance_pp`` on calibration wins."""
     tolerance_pp: float = 0.1
-    """Largest accuracy drop against the full configuration allowed on calibration, in pp."""
+    """Largest accuracy drop against the full configuration allowed, in pp."""
+    calibration_margin_pp: float = 0.1
+    """Safety margin for calibration noise: a policy must be within ``tolerance_pp - margin`` on calibration.
+
+    The standard error of a paired accuracy difference on a few thousand inputs is ~0.1 pp,
+    so the default asks for no drop at all on calibration to keep test within 0.1 pp."""
     total_timesteps: int = 200_000
     """Env steps (inputs seen) per lambda."""
     num_envs: int = 256
@@ -131,7 +136,7 @@ def train_and_calibrate(
             "calibration_accuracy": result["accuracy"],
             "calibration_delta_pp": delta_pp,
             "calibration_flop_reduction": result["flop_reduction"],
-            "meets_target": delta_pp >= -config.tolerance_pp - 1e-9,
+            "meets_target": delta_pp >= -(config.tolerance_pp - config.calibration_margin_pp) - 1e-9,
             "train_s": round(time.time() - start, 1),
         })
         artifacts.append(artifact)
