@@ -5,7 +5,7 @@ import gymnasium
 from envs.adaptive_env import AdaptiveComputeEnv, LiveBackend
 from envs.features import FeatureSpec, compute_features, feature_flops
 from envs.outcome_table import OutcomeTable, build_outcome_table, cached_outcome_table, load_table, save_table
-from envs.vec_env import TableVecEnv
+from envs.vec_env import TableVecEnv, make_live_vec_env
 
 ENV_ID = "AdaptiveCompute-v0"
 if ENV_ID not in gymnasium.registry:
@@ -23,5 +23,6 @@ __all__ = [
     "compute_features",
     "feature_flops",
     "load_table",
+    "make_live_vec_env",
     "save_table",
 ]

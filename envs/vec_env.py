@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from gymnasium import spaces
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
+from envs.adaptive_env import AdaptiveComputeEnv, LiveBackend
 from envs.outcome_table import OutcomeTable
 
 
@@ -84,3 +86,21 @@ class TableVecEnv(VecEnv):
 
     def env_is_wrapped(self, wrapper_class, indices=None):
         return [False for _ in self._get_indices(indices)]
+
+
+def make_live_vec_env(live: LiveBackend, num_envs: int = 2, lam: float = 0.1, subprocess: bool = False) -> VecEnv:
+    """``num_envs`` live-mode envs (each runs the backbone), in stable-baselines3's ``SubprocVecEnv`` or ``DummyVecEnv``.
+
+    Live mode is for data too large to tabulate or augmented on the fly; with ``subprocess`` every env runs the
+    backbone in its own process.
+    """
+    def make(rank: int):
+        def build() -> AdaptiveComputeEnv:
+            env = AdaptiveComputeEnv(live=live, lam=lam)
+            env.reset(seed=rank)
+            return env
+
+        return build
+
+    factories = [make(rank) for rank in range(num_envs)]
+    return SubprocVecEnv(factories) if subprocess else DummyVecEnv(factories)

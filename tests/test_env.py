@@ -133,3 +133,24 @@ def test_env_rejects_bad_arguments(table):
         AdaptiveComputeEnv()
     with pytest.raises(ValueError, match="lam must be"):
         AdaptiveComputeEnv(table=table, lam=-1)
+
+
+def test_live_mode_in_subprocesses_matches_the_table(table, tiny_model, digits_subset):
+    from envs import make_live_vec_env
+
+    vec = make_live_vec_env(LiveBackend(tiny_model, *digits_subset, FeatureSpec(pooled=True)), num_envs=2, lam=0.3,
+                            subprocess=True)
+    try:
+        obs = vec.reset()
+        index = [info["index"] for info in vec.reset_infos]
+        assert np.allclose(obs, table.features[index], atol=1e-5)
+        actions = np.array([[0, 1, 2], [2, 2, 0]])
+        _, rewards, dones, infos = vec.step(actions)
+        assert [info["index"] for info in infos] == index
+        for i in range(2):
+            k, l, m = actions[i]
+            expected = float(table.correct[index[i], k, l, m]) - 0.3 * table.flops[k, l, m] / table.full_flops
+            assert rewards[i] == pytest.approx(expected, abs=1e-6)
+        assert dones.all()
+    finally:
+        vec.close()
