@@ -7,7 +7,6 @@ throughput column runs the backbone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +17,7 @@ from backbone import AdaPerceiver, readout_flops
 from envs import OutcomeTable
 from policy.artifact import PolicyArtifact
 from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
+from policy.benchmark import batches_of, images_per_second
 from policy.classifier import AdaptiveClassifier, run_grouped
 from policy.evaluation import evaluate_actions, fixed_accuracy, full_actions
 
@@ -53,21 +53,6 @@ def entry(correct: np.ndarray, flops_per_input: np.ndarray | float, reference: n
     }
 
 
-def images_per_second(
-    fn: Callable[[torch.Tensor, slice], object], images: torch.Tensor, batch_size: int = 256, repeats: int = 2
-) -> float:
-    """Best-of-``repeats`` throughput of ``fn(batch, rows)`` over ``images`` (one warm-up batch first)."""
-    with torch.inference_mode():
-        fn(images[:batch_size], slice(0, batch_size))
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(0, len(images), batch_size):
-                fn(images[i : i + batch_size], slice(i, i + batch_size))
-            best = min(best, time.perf_counter() - start)
-    return len(images) / best
-
-
 def build_report(
     test: OutcomeTable,
     calibration: OutcomeTable,
@@ -88,16 +73,21 @@ def build_report(
     oracle = evaluate_actions(test, oracle_actions(test))
     row = lambda correct, flops, **extra: entry(correct, flops, ref_correct, test.full_flops, oracle["flops"], **extra)
 
-    def throughput(assign: Callable[[torch.Tensor, slice], list]) -> float | None:
-        """Measured images/s when ``assign(input_tokens, rows)`` picks each input's configuration."""
-        if images is None:
-            return None
+    # batches of row indices, so that a family can look up each input's configuration by row
+    index_batches = None if images is None else batches_of(torch.arange(len(images)), 256)
 
-        def run(x: torch.Tensor, rows: slice) -> None:
-            input_tokens = model.embed(x)
+    def speed(fn: Callable[[torch.Tensor], object]) -> float | None:
+        """Measured images/s of ``fn(rows)`` over the test images."""
+        return None if images is None else images_per_second(fn, index_batches, min_seconds=1.0)
+
+    def throughput(assign: Callable[[torch.Tensor, torch.Tensor], list]) -> float | None:
+        """Measured images/s when ``assign(input_tokens, rows)`` picks each input's configuration."""
+
+        def run(rows: torch.Tensor) -> None:
+            input_tokens = model.embed(images[rows])
             run_grouped(model, input_tokens, assign(input_tokens, rows))
 
-        return images_per_second(run, images)
+        return speed(run)
 
     report: dict = {"n_test": len(test), "tolerance_pp": tolerance_pp}
     report["reference"] = row(ref_correct, test.full_flops, config=list(test.configuration(full[0])),
@@ -130,14 +120,12 @@ def build_report(
     cal_cost = {tau: early_exit(calibration, tau, len(test.ffn_widths) - 1, readout)["flops_per_input"].mean() for tau in feasible}
     best_tau = min(feasible, key=lambda tau: cal_cost[tau])
     ee = early_exit(test, best_tau, len(test.ffn_widths) - 1, readout)
-    ee_speed = None
-    if images is not None:
-        ee_speed = images_per_second(lambda x, rows: model.forward_early_exit(x, best_tau), images)
+    ee_speed = speed(lambda rows: model.forward_early_exit(images[rows], best_tau))
     report["early_exit"] = row(ee["correct"], ee["flops_per_input"], tau=float(best_tau), images_per_s=ee_speed, curves=curves)
 
     # oracle
     oracle_configs = [test.configuration(a) for a in oracle_actions(test)]
-    report["oracle"] = row(oracle["correct"], oracle["flops"], images_per_s=throughput(lambda t, rows: oracle_configs[rows]))
+    report["oracle"] = row(oracle["correct"], oracle["flops"], images_per_s=throughput(lambda t, rows: [oracle_configs[i] for i in rows]))
 
     # ppo (the first policy is the named one; all of them form the front), and random matched to it
     ppo_rows = []
@@ -158,5 +146,5 @@ def build_report(
     random_eval = evaluate_actions(test, random_actions)
     random_configs = [test.configuration(a) for a in random_actions]
     report["random"] = row(random_eval["correct"], random_eval["flops"], target_gflops=target / 1e9,
-                           images_per_s=throughput(lambda t, rows: random_configs[rows]))
+                           images_per_s=throughput(lambda t, rows: [random_configs[i] for i in rows]))
     return report
