@@ -1,0 +1,63 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import backbone.train as train_module
+from backbone.data import load_dataset
+from backbone.train import TrainConfig, augment, train_backbone
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_resume_after_a_kill_gives_the_same_model(tiny_config, digits, tmp_path, monkeypatch):
+    recipe = TrainConfig(epochs=2, batch_size=256, warmup_epochs=0.5, eval_limit=64)
+    train_backbone(tiny_config, recipe, digits, tmp_path / "straight", resume=False)
+
+    real_eval, calls = train_module.grid_accuracy, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after epoch 2, before its state is saved
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "grid_accuracy", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone(tiny_config, recipe, digits, tmp_path / "resumed", resume=True)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    monkeypatch.setattr(train_module, "grid_accuracy", real_eval)
+    train_backbone(tiny_config, recipe, digits, tmp_path / "resumed", resume=True)
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert list((tmp_path / "straight" / "tb").glob("events.out.tfevents*")), "TensorBoard logs written"
+
+
+def test_augment_shifts_whole_pixels():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    out = augment(x, 1, False, torch.Generator().manual_seed(0))
+    for image in out:
+        # every output is the input moved by at most one pixel, with zero fill
+        matches = [torch.equal(image, torch.roll(x[0], (dy, dx), (1, 2)) * mask)
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   for mask in [_shift_mask(dy, dx)]]
+        assert any(matches)
+    assert not all(torch.equal(o, x[0]) for o in out), "some inputs move"
+
+
+def _shift_mask(dy: int, dx: int) -> torch.Tensor:
+    mask = torch.ones(1, 4, 4)
+    if dy > 0:
+        mask[:, :dy] = 0
+    if dy < 0:
+        mask[:, dy:] = 0
+    if dx > 0:
+        mask[:, :, :dx] = 0
+    if dx < 0:
+        mask[:, :, dx:] = 0
+    return mask
