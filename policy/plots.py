@@ -42,7 +42,21 @@ def markdown_table(report: dict) -> str:
             f"[{e['delta_pp_ci'][0]:+.2f}, {e['delta_pp_ci'][1]:+.2f}] | {e['mcnemar_p']:.3g} | "
             f"{1e3 * e['gflops']:.3f} | {100 * e['flop_reduction']:.1f}% | {100 * e['oracle_capture']:.1f}% | {speed} |"
         )
+    if "ppo" in report:
+        lines += ["", verdict(report)]
     return "\n".join(lines)
+
+
+def verdict(report: dict) -> str:
+    """One plain sentence: does the policy keep the tolerance and beat the best fixed config and early exit?"""
+    ppo, tol = report["ppo"], report["tolerance_pp"]
+    within = ppo["delta_pp"] >= -tol
+    parts = [f"PPO is {'within' if within else 'NOT within'} {tol:g} pp of the reference on test ({ppo['delta_pp']:+.2f} pp)"]
+    for name, label in (("fixed", "the best fixed configuration"), ("early_exit", "the best early-exit tau")):
+        gain = 100 * (ppo["flop_reduction"] - report[name]["flop_reduction"])
+        parts.append(f"{'saves more' if gain > 0 else 'does NOT save more'} than {label} chosen on calibration "
+                     f"({gain:+.1f} pp of FLOP reduction)")
+    return "; ".join(parts) + "."
 
 
 def pareto_plot(report: dict, path: str | Path, title: str = "") -> None:
