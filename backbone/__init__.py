@@ -1,7 +1,7 @@
 """AdaPerceiver backbone: model, FLOP model, data, joint training and checkpoints."""
 
 from backbone.config import AdaPerceiverConfig
-from backbone.flops import embed_flops, flops, flops_grid, measure_flops, readout_flops
+from backbone.flops import embed_flops, flops, flops_grid, input_adapter_flops, measure_flops, readout_flops
 from backbone.model import AdaPerceiver
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "embed_flops",
     "flops",
     "flops_grid",
+    "input_adapter_flops",
     "measure_flops",
     "readout_flops",
 ]

@@ -8,6 +8,7 @@ linears, attention's QK^T and AV) are counted, attention as dense, exactly what
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Self
 
 import torch
 from torch.utils import flop_counter
@@ -27,6 +28,12 @@ def embed_flops(config: AdaPerceiverConfig) -> int:
     """FLOPs of the input adapter (patch embedding) for one image; shared by every configuration."""
     c = config
     return 2 * c.num_patches * (c.in_chans * c.patch_size**2) * c.embed_dim
+
+
+def input_adapter_flops(config: AdaPerceiverConfig) -> int:
+    """FLOPs of what every pass over an image shares: patch embedding and the read's key/value projection."""
+    c = config
+    return embed_flops(c) + 2 * c.num_patches * c.embed_dim * 2 * c.embed_dim
 
 
 def flops(config: AdaPerceiverConfig, tokens: int | None = None, depth: int | None = None, width: float | None = None) -> int:
@@ -73,10 +80,27 @@ def _register_cpu_sdpa_formula() -> None:
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: every FLOP goes to 'Global'.
+
+    The tracker's autograd hooks fail under ``torch.inference_mode`` (used by inference code),
+    and only the total is needed here.
+    """
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def measure_flops(fn: Callable[[], object]) -> int:
     """Total FLOPs torch's ``FlopCounterMode`` counts while calling ``fn`` (CPU attention included)."""
     _register_cpu_sdpa_formula()
-    # FlopCounterMode's module tracker needs autograd on, even for an inference pass.
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
         fn()
     return int(counter.get_total_flops())

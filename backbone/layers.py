@@ -33,20 +33,26 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, heads, Nk, head_dim)`` of context ``(B, Nk, D)``."""
+        b, nk, d = context.shape
+        k, v = self.kv(context).view(b, nk, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
     def forward(
         self,
         queries: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | None = None,
         rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
         rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """queries ``(B, Nq, D)``, context ``(B, Nk, D)``, boolean mask ``(Nq, Nk)`` (True = attend)."""
+        """queries ``(B, Nq, D)``, context ``(B, Nk, D)`` or its ``project_kv`` as ``kv``, mask ``(Nq, Nk)`` (True = attend)."""
         b, nq, d = queries.shape
-        nk = context.shape[1]
         h = self.num_heads
         q = self.q(queries).view(b, nq, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).view(b, nk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        k, v = self.project_kv(context) if kv is None else kv
         if rope_q is not None:
             q = apply_rope(q, *rope_q)
         if rope_k is not None:

@@ -12,6 +12,7 @@ from backbone.config import AdaPerceiverConfig
 from backbone.layers import Attention, LatentBlock, init_weights, rope_tables
 
 Width = float | Sequence[float] | torch.Tensor
+ReadKV = tuple[torch.Tensor, torch.Tensor]
 
 
 class AdaPerceiver(nn.Module):
@@ -80,11 +81,18 @@ class AdaPerceiver(nn.Module):
     def _rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[:n], self.rope_sin[:n]
 
-    def _read(self, input_tokens: torch.Tensor, tokens: int) -> torch.Tensor:
+    def read_kv(self, input_tokens: torch.Tensor) -> ReadKV:
+        """The read's keys and values of input tokens ``(B, P, D)``, each ``(B, heads, P, head_dim)``.
+
+        They do not depend on the configuration, so several passes over the same inputs
+        (the policy's glance, then the chosen configuration) can share them.
+        """
+        return self.read.project_kv(self.read_norm_kv(input_tokens))
+
+    def _read(self, input_tokens: torch.Tensor, tokens: int, read_kv: ReadKV | None) -> torch.Tensor:
         latents = self.latent.expand(input_tokens.shape[0], tokens, -1)
-        return latents + self.read(
-            self.read_norm_q(latents), self.read_norm_kv(input_tokens), rope_q=self._rope(tokens)
-        )
+        kv = self.read_kv(input_tokens) if read_kv is None else read_kv
+        return latents + self.read(self.read_norm_q(latents), kv=kv, rope_q=self._rope(tokens))
 
     def _write(self, latents: torch.Tensor, grans: Sequence[int]) -> torch.Tensor:
         """Logits ``(B, len(grans), C)``, the write over the first ``g`` latents for each ``g``."""
@@ -111,13 +119,21 @@ class AdaPerceiver(nn.Module):
 
     # ---- public API -------------------------------------------------------------------
     def run(
-        self, input_tokens: torch.Tensor, tokens: int | None = None, depth: int | None = None, width: float | None = None
+        self,
+        input_tokens: torch.Tensor,
+        tokens: int | None = None,
+        depth: int | None = None,
+        width: float | None = None,
+        read_kv: ReadKV | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, C)`` from input tokens ``(B, P, D)`` at one configuration, sliced FFN weights."""
+        """Logits ``(B, C)`` from input tokens ``(B, P, D)`` at one configuration, sliced FFN weights.
+
+        ``read_kv`` (from ``read_kv(input_tokens)``) skips recomputing the read's keys and values.
+        """
         tokens, depth, width = self.resolve(tokens, depth, width)
         hidden = self.config.ffn_hidden_units(width)
         rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
-        latents = self._read(input_tokens, tokens)
+        latents = self._read(input_tokens, tokens, read_kv)
         for block in self.blocks[:depth]:
             latents = block(latents, rope, mask, hidden_units=hidden)
         return self._write(latents, (tokens,))[:, 0]
@@ -136,14 +152,14 @@ class AdaPerceiver(nn.Module):
         """
         return self.run_grid(self.embed(x), width)
 
-    def run_grid(self, input_tokens: torch.Tensor, width: Width = 1.0) -> torch.Tensor:
-        """``forward_grid`` from input tokens ``(B, P, D)``."""
+    def run_grid(self, input_tokens: torch.Tensor, width: Width = 1.0, read_kv: ReadKV | None = None) -> torch.Tensor:
+        """``forward_grid`` from input tokens ``(B, P, D)`` (and optionally their ``read_kv``)."""
         c = self.config
         hidden_mask = self._hidden_mask(width, input_tokens.shape[0], input_tokens.device)
         hidden = None if hidden_mask is not None else c.ffn_hidden_units(float(width))
         n = c.max_tokens
         rope, mask = self._rope(n), self.block_mask
-        latents = self._read(input_tokens, n)
+        latents = self._read(input_tokens, n, read_kv)
         exits = []
         for block in self.blocks:
             latents = block(latents, rope, mask, hidden_units=hidden, hidden_mask=hidden_mask)
@@ -161,7 +177,7 @@ class AdaPerceiver(nn.Module):
         tokens, _, width = self.resolve(tokens, None, width)
         hidden = self.config.ffn_hidden_units(width)
         rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
-        latents = self._read(self.embed(x), tokens)
+        latents = self._read(self.embed(x), tokens, None)
         logits = torch.zeros(x.shape[0], self.config.num_classes, device=x.device)
         exit_depth = torch.full((x.shape[0],), self.config.depth, dtype=torch.long, device=x.device)
         active = torch.arange(x.shape[0], device=x.device)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from backbone import AdaPerceiver, AdaPerceiverConfig, embed_flops, flops
+from backbone import AdaPerceiver, AdaPerceiverConfig, flops, input_adapter_flops
 
 
 @dataclass(frozen=True)
@@ -44,20 +44,26 @@ class FeatureSpec:
 
 
 def feature_flops(spec: FeatureSpec, config: AdaPerceiverConfig) -> int:
-    """FLOPs per image of the features beyond the shared input adapter (the glance pass)."""
+    """FLOPs per image of the features beyond what the chosen configuration's pass shares with them.
+
+    The glance reuses the patch embedding and the read's keys and values (``read_kv``), so it
+    pays only its latents' read, its blocks and its write.
+    """
     if not spec.glance:
         return 0
-    return flops(config, *spec.glance_config(config)) - embed_flops(config)
+    return flops(config, *spec.glance_config(config)) - input_adapter_flops(config)
 
 
 @torch.inference_mode()
-def compute_features(model: AdaPerceiver, input_tokens: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
-    """Features ``(B, F)`` float32 from the input tokens ``(B, P, D)`` of ``model.embed``."""
+def compute_features(
+    model: AdaPerceiver, input_tokens: torch.Tensor, spec: FeatureSpec, read_kv: tuple | None = None
+) -> torch.Tensor:
+    """Features ``(B, F)`` float32 from the input tokens ``(B, P, D)`` of ``model.embed`` (and their ``read_kv``)."""
     parts = []
     if spec.pooled:
         parts.append(input_tokens.float().mean(dim=1))
     if spec.glance:
-        probs = model.run(input_tokens, *spec.glance_config(model.config)).float().softmax(-1)
+        probs = model.run(input_tokens, *spec.glance_config(model.config), read_kv=read_kv).float().softmax(-1)
         parts.append(probs)
         parts.append(probs.amax(-1, keepdim=True))
     if not parts:

@@ -21,7 +21,7 @@ from backbone.checkpoint import atomic_write
 from backbone.distributed import current_context
 from envs.features import FeatureSpec, compute_features, feature_flops
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: feature_flops no longer charge the shared read keys/values
 
 
 @dataclass
@@ -82,9 +82,10 @@ def build_outcome_table(
             x = images[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
             input_tokens = model.embed(x)
-            logits = torch.stack([model.run_grid(input_tokens, w) for w in model.config.ffn_widths], dim=3).float()
+            kv = model.read_kv(input_tokens)
+            logits = torch.stack([model.run_grid(input_tokens, w, kv) for w in model.config.ffn_widths], dim=3).float()
             logprobs = logits.log_softmax(-1)  # (B, K, L, M, C)
-            parts["features"].append(compute_features(model, input_tokens, spec).cpu())
+            parts["features"].append(compute_features(model, input_tokens, spec, kv).cpu())
             parts["correct"].append((logits.argmax(-1) == y[:, None, None, None]).cpu())
             parts["true_logprob"].append(logprobs.gather(-1, y[:, None, None, None, None].expand(*logprobs.shape[:-1], 1))[..., 0].cpu())
             parts["confidence"].append(logprobs.amax(-1).exp().cpu())

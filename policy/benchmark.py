@@ -68,7 +68,8 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
 
     def naive(x: torch.Tensor) -> torch.Tensor:
         input_tokens = model.embed(x)
-        return model.run(input_tokens, *largest_in_batch(classifier.choose(input_tokens)))
+        read_kv = model.read_kv(input_tokens)
+        return model.run(input_tokens, *largest_in_batch(classifier.choose(input_tokens, read_kv)), read_kv=read_kv)
 
     speed = {
         "full": images_per_second(model, batches, warmup, min_seconds),

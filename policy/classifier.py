@@ -10,6 +10,7 @@ import torch
 
 from backbone import AdaPerceiver, flops
 from backbone.checkpoint import backbone_hash, load_checkpoint
+from backbone.model import ReadKV
 from envs import compute_features
 from policy.artifact import PolicyArtifact, PolicyArtifactError, load_policy
 
@@ -40,15 +41,21 @@ class Prediction:
                    np.concatenate([p.flops for p in parts]))
 
 
-def run_grouped(model: AdaPerceiver, input_tokens: torch.Tensor, configs: list[Config]) -> torch.Tensor:
-    """Logits ``(B, C)``: each distinct configuration runs once, on its own inputs, with sliced weights."""
+def run_grouped(
+    model: AdaPerceiver, input_tokens: torch.Tensor, configs: list[Config], read_kv: ReadKV | None = None
+) -> torch.Tensor:
+    """Logits ``(B, C)``: each distinct configuration runs once, on its own inputs, with sliced weights.
+
+    ``read_kv`` (from ``model.read_kv(input_tokens)``) is shared by the groups instead of recomputed.
+    """
     logits = torch.empty(len(configs), model.config.num_classes, device=input_tokens.device)
     groups: dict[Config, list[int]] = {}
     for i, config in enumerate(configs):
         groups.setdefault(tuple(config), []).append(i)
     for config, rows in groups.items():
         index = torch.tensor(rows, device=input_tokens.device)
-        logits[index] = model.run(input_tokens[index], *config).float()
+        kv = None if read_kv is None else (read_kv[0][index], read_kv[1][index])
+        logits[index] = model.run(input_tokens[index], *config, read_kv=kv).float()
     return logits
 
 
@@ -81,10 +88,10 @@ class AdaptiveClassifier:
         digest = backbone_hash(backbone_dir)
         return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir, digest), digest)
 
-    def choose(self, input_tokens: torch.Tensor) -> list[Config]:
-        """The policy's configuration for each input, from its input tokens ``(B, P, D)``."""
+    def choose(self, input_tokens: torch.Tensor, read_kv: ReadKV | None = None) -> list[Config]:
+        """The policy's configuration for each input, from its input tokens ``(B, P, D)`` (and their read K/V)."""
         c = self.backbone.config
-        features = compute_features(self.backbone, input_tokens, self.artifact.feature_spec).cpu().numpy()
+        features = compute_features(self.backbone, input_tokens, self.artifact.feature_spec, read_kv).cpu().numpy()
         # actions are (token index, depth - 1, width index)
         return [(c.token_grans[k], int(d) + 1, c.ffn_widths[w]) for k, d, w in self.artifact.act(features)]
 
@@ -102,11 +109,12 @@ class AdaptiveClassifier:
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values; clean them before inference")
         input_tokens = model.embed(images)
+        read_kv = model.read_kv(input_tokens)  # shared by the glance and every group
         if config is not None:
             configs, overhead = [config] * len(images), 0.0
         else:
-            configs, overhead = self.choose(input_tokens), self.policy_flops
-        logits = run_grouped(model, input_tokens, configs)
+            configs, overhead = self.choose(input_tokens, read_kv), self.policy_flops
+        logits = run_grouped(model, input_tokens, configs, read_kv)
         probs = logits.softmax(-1)
         cost = {cfg: flops(model.config, *cfg) for cfg in set(configs)}
         per_input = np.array([cost[cfg] for cfg in configs], dtype=np.float64) + overhead

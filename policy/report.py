@@ -80,18 +80,19 @@ def build_report(
         """Measured images/s of ``fn(rows)`` over the test images."""
         return None if images is None else images_per_second(fn, index_batches, min_seconds=1.0)
 
-    def throughput(assign: Callable[[torch.Tensor, torch.Tensor], list]) -> float | None:
-        """Measured images/s when ``assign(input_tokens, rows)`` picks each input's configuration."""
+    def throughput(assign: Callable[[torch.Tensor, tuple, torch.Tensor], list]) -> float | None:
+        """Measured images/s when ``assign(input_tokens, read_kv, rows)`` picks each input's configuration."""
 
         def run(rows: torch.Tensor) -> None:
             input_tokens = model.embed(images[rows])
-            run_grouped(model, input_tokens, assign(input_tokens, rows))
+            read_kv = model.read_kv(input_tokens)
+            run_grouped(model, input_tokens, assign(input_tokens, read_kv, rows), read_kv)
 
         return speed(run)
 
     report: dict = {"n_test": len(test), "tolerance_pp": tolerance_pp}
     report["reference"] = row(ref_correct, test.full_flops, config=list(test.configuration(full[0])),
-                              images_per_s=throughput(lambda t, rows: [test.configuration(full[0])] * len(t)))
+                              images_per_s=throughput(lambda t, kv, rows: [test.configuration(full[0])] * len(t)))
 
     # fixed: every grid point; the cheapest within tolerance on calibration is the named baseline
     acc_test, acc_cal = fixed_accuracy(test), fixed_accuracy(calibration)
@@ -103,7 +104,7 @@ def build_report(
     best = min(ok, key=lambda idx: (test.flops[idx], -acc_cal[idx]))
     best_config = test.configuration(best)
     report["fixed"] = row(test.correct[:, best[0], best[1], best[2]], test.flops[best], config=list(best_config),
-                          images_per_s=throughput(lambda t, rows: [best_config] * len(t)),
+                          images_per_s=throughput(lambda t, kv, rows: [best_config] * len(t)),
                           points=points, front=pareto_front(points))
 
     # early exit: full tokens, every width, tau swept; the named one is full width, chosen on calibration
@@ -125,7 +126,7 @@ def build_report(
 
     # oracle
     oracle_configs = [test.configuration(a) for a in oracle_actions(test)]
-    report["oracle"] = row(oracle["correct"], oracle["flops"], images_per_s=throughput(lambda t, rows: [oracle_configs[i] for i in rows]))
+    report["oracle"] = row(oracle["correct"], oracle["flops"], images_per_s=throughput(lambda t, kv, rows: [oracle_configs[i] for i in rows]))
 
     # ppo (the first policy is the named one; all of them form the front), and random matched to it
     ppo_rows = []
@@ -136,7 +137,7 @@ def build_report(
         ppo_rows.append(row(result["correct"], result["flops"], lam=artifact.meta.get("lam"), overhead_gflops=overhead / 1e9))
     if ppo_rows:
         classifier = AdaptiveClassifier(model, policies[0])
-        report["ppo"] = {**ppo_rows[0], "images_per_s": throughput(lambda tokens, rows: classifier.choose(tokens)),
+        report["ppo"] = {**ppo_rows[0], "images_per_s": throughput(lambda t, kv, rows: classifier.choose(t, kv)),
                          "front": [dict(t) for t in dict.fromkeys(
                              tuple((k, r[k]) for k in ("lam", "accuracy", "gflops", "delta_pp")) for r in ppo_rows)]}
         target = ppo_rows[0]["gflops"] * 1e9
@@ -146,5 +147,5 @@ def build_report(
     random_eval = evaluate_actions(test, random_actions)
     random_configs = [test.configuration(a) for a in random_actions]
     report["random"] = row(random_eval["correct"], random_eval["flops"], target_gflops=target / 1e9,
-                           images_per_s=throughput(lambda t, rows: [random_configs[i] for i in rows]))
+                           images_per_s=throughput(lambda t, kv, rows: [random_configs[i] for i in rows]))
     return report

@@ -84,9 +84,9 @@ def test_batch_is_grouped_by_configuration(classifier, digits_images, monkeypatc
     calls = []
     real_run = classifier.backbone.run
 
-    def recording_run(tokens, *cfg):
+    def recording_run(tokens, *cfg, **kwargs):
         calls.append((tokens.clone(), tuple(cfg)))
-        return real_run(tokens, *cfg)
+        return real_run(tokens, *cfg, **kwargs)
 
     monkeypatch.setattr(classifier.backbone, "run", recording_run)
     classifier.predict(x)
@@ -207,3 +207,15 @@ def test_cuda_matches_cpu(dirs, digits_images):
     gpu = AdaptiveClassifier.from_dirs(*dirs, device="cuda").predict(x)
     assert gpu.configs == cpu.configs
     assert torch.allclose(gpu.logits, cpu.logits, atol=1e-4)
+
+
+def test_reported_flops_match_torch_flop_counter(dirs, digits_images):
+    # end to end: what predict() says an image costs is what torch counts it doing, glance and policy included
+    from backbone import measure_flops
+
+    classifier = AdaptiveClassifier.from_dirs(*dirs)
+    for i in range(4):
+        x = digits_images[0][i : i + 1]
+        reported = classifier.predict(x).flops[0]
+        counted = measure_flops(lambda x=x: classifier.predict(x))
+        assert abs(reported - counted) / counted <= 0.02, (reported, counted)
