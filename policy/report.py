@@ -19,7 +19,7 @@ from policy.artifact import PolicyArtifact
 from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
 from policy.benchmark import batches_of, images_per_second
 from policy.classifier import AdaptiveClassifier, run_grouped
-from policy.evaluation import evaluate_actions, fixed_accuracy, full_actions
+from policy.evaluation import cheapest_fixed_within, evaluate_actions, fixed_accuracy, full_actions
 
 TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
 
@@ -95,13 +95,12 @@ def build_report(
                               images_per_s=throughput(lambda t, kv, rows: [test.configuration(full[0])] * len(t)))
 
     # fixed: every grid point; the cheapest within tolerance on calibration is the named baseline
-    acc_test, acc_cal = fixed_accuracy(test), fixed_accuracy(calibration)
+    acc_test = fixed_accuracy(test)
     points = []
     for idx in np.ndindex(*test.grid_shape):
         points.append({"config": list(test.configuration(idx)), "accuracy": float(acc_test[idx]),
                        "flops": float(test.flops[idx]), "gflops": float(test.flops[idx]) / 1e9})
-    ok = [idx for idx in np.ndindex(*test.grid_shape) if acc_cal[idx] >= acc_cal[-1, -1, -1] - tolerance_pp / 100 - 1e-12]
-    best = min(ok, key=lambda idx: (test.flops[idx], -acc_cal[idx]))
+    best = cheapest_fixed_within(calibration, tolerance_pp)
     best_config = test.configuration(best)
     report["fixed"] = row(test.correct[:, best[0], best[1], best[2]], test.flops[best], config=list(best_config),
                           images_per_s=throughput(lambda t, kv, rows: [best_config] * len(t)),
