@@ -138,6 +138,38 @@ class AdaPerceiver(nn.Module):
             latents = block(latents, rope, mask, hidden_units=hidden)
         return self._write(latents, (tokens,))[:, 0]
 
+    def run_depths(
+        self,
+        input_tokens: torch.Tensor,
+        tokens: int | None,
+        depths: torch.Tensor,
+        width: float | None = None,
+        read_kv: ReadKV | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, C)`` at ``tokens`` and ``width``, each input leaving at its own depth ``depths`` ``(B,)``.
+
+        The same numbers and FLOPs as ``run`` per input at ``(tokens, depths[i], width)``, but one pass
+        serves every depth: an input's latents leave the batch once written out.
+        """
+        tokens, _, width = self.resolve(tokens, None, width)
+        if depths.numel() and (int(depths.min()) < 1 or int(depths.max()) > self.config.depth):
+            raise ValueError(f"depths must lie in 1..{self.config.depth}")
+        hidden = self.config.ffn_hidden_units(width)
+        rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
+        latents = self._read(input_tokens, tokens, read_kv)
+        logits = torch.empty(len(depths), self.config.num_classes, device=input_tokens.device)
+        active = torch.arange(len(depths), device=input_tokens.device)
+        depths = depths.to(input_tokens.device)
+        for depth, block in enumerate(self.blocks, start=1):
+            if active.numel() == 0:
+                break
+            latents = block(latents, rope, mask, hidden_units=hidden)
+            done = depths[active] == depth
+            if done.any():
+                logits[active[done]] = self._write(latents[done], (tokens,))[:, 0].float()
+                active, latents = active[~done], latents[~done]
+        return logits
+
     def forward(
         self, x: torch.Tensor, tokens: int | None = None, depth: int | None = None, width: float | None = None
     ) -> torch.Tensor:

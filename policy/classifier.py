@@ -44,18 +44,21 @@ class Prediction:
 def run_grouped(
     model: AdaPerceiver, input_tokens: torch.Tensor, configs: list[Config], read_kv: ReadKV | None = None
 ) -> torch.Tensor:
-    """Logits ``(B, C)``: each distinct configuration runs once, on its own inputs, with sliced weights.
+    """Logits ``(B, C)`` of each input at its own configuration, in input order, with sliced weights.
 
+    Inputs are grouped by (tokens, width); each group runs once and its inputs leave at their own
+    depths (``model.run_depths``), so a batch needs at most K x M passes, not one per configuration.
     ``read_kv`` (from ``model.read_kv(input_tokens)``) is shared by the groups instead of recomputed.
     """
     logits = torch.empty(len(configs), model.config.num_classes, device=input_tokens.device)
-    groups: dict[Config, list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(tuple(config), []).append(i)
-    for config, rows in groups.items():
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, (tokens, _, width) in enumerate(configs):
+        groups.setdefault((tokens, width), []).append(i)
+    for (tokens, width), rows in groups.items():
         index = torch.tensor(rows, device=input_tokens.device)
+        depths = torch.tensor([configs[i][1] for i in rows], device=input_tokens.device)
         kv = None if read_kv is None else (read_kv[0][index], read_kv[1][index])
-        logits[index] = model.run(input_tokens[index], *config, read_kv=kv).float()
+        logits[index] = model.run_depths(input_tokens[index], tokens, depths, width, read_kv=kv)
     return logits
 
 

@@ -81,24 +81,41 @@ def test_batch_is_grouped_by_configuration(classifier, digits_images, monkeypatc
     x, _ = digits_images
     input_tokens = classifier.backbone.embed(x)
     chosen = classifier.choose(input_tokens)
-    calls = []
-    real_run = classifier.backbone.run
+    runs, groups = [], []
+    model = classifier.backbone
+    real_run, real_run_depths = model.run, model.run_depths
 
     def recording_run(tokens, *cfg, **kwargs):
-        calls.append((tokens.clone(), tuple(cfg)))
+        runs.append((len(tokens), tuple(cfg)))
         return real_run(tokens, *cfg, **kwargs)
 
-    monkeypatch.setattr(classifier.backbone, "run", recording_run)
+    def recording_run_depths(tokens, n_tokens, depths, width, **kwargs):
+        groups.append((tokens.clone(), n_tokens, depths.tolist(), width))
+        return real_run_depths(tokens, n_tokens, depths, width, **kwargs)
+
+    monkeypatch.setattr(model, "run", recording_run)
+    monkeypatch.setattr(model, "run_depths", recording_run_depths)
     classifier.predict(x)
-    glance = classifier.artifact.feature_spec.glance_config(classifier.backbone.config)
-    assert len(calls[0][0]) == len(x) and calls[0][1] == glance, "first the policy's glance over the whole batch"
-    groups = calls[1:]
-    distinct = set(chosen)
-    assert len(distinct) >= 3 and len(groups) == len(distinct), "then one run per distinct configuration"
-    assert {cfg for _, cfg in groups} == distinct
-    for tokens, cfg in groups:
-        own = [i for i, c in enumerate(chosen) if c == cfg]
+    glance = classifier.artifact.feature_spec.glance_config(model.config)
+    assert runs == [(len(x), glance)], "the policy's glance over the whole batch, nothing else at one config"
+    distinct = {(c[0], c[2]) for c in chosen}
+    assert len(set(chosen)) >= 3 and len(groups) == len(distinct), "one pass per distinct (tokens, width)"
+    for tokens, n_tokens, depths, width in groups:
+        own = [i for i, c in enumerate(chosen) if (c[0], c[2]) == (n_tokens, width)]
         assert torch.equal(tokens, input_tokens[own]), "each group holds exactly the inputs that chose it"
+        assert depths == [chosen[i][1] for i in own], "and each leaves at its own depth"
+
+
+def test_run_depths_equals_run_at_each_depth(tiny_model):
+    x = torch.rand(6, 1, 8, 8)
+    depths = torch.tensor([3, 1, 2, 3, 1, 2])
+    with torch.no_grad():
+        tokens = tiny_model.embed(x)
+        mixed = tiny_model.run_depths(tokens, 4, depths, 0.5)
+        for i, d in enumerate(depths.tolist()):
+            assert (mixed[i] - tiny_model.run(tokens[i : i + 1], 4, d, 0.5)[0]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="depths must lie"):
+        tiny_model.run_depths(tokens, 4, torch.tensor([0] * 6), 0.5)
 
 
 def test_flops_per_image_and_fixed_override(classifier, digits_images):
