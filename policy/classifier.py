@@ -89,7 +89,7 @@ class AdaptiveClassifier:
     def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu") -> AdaptiveClassifier:
         """Load a checkpoint and a policy artifact; refuses a policy made for another backbone."""
         digest = backbone_hash(backbone_dir)
-        return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir, digest), digest)
+        return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir), digest)  # __init__ checks the hash
 
     def choose(self, input_tokens: torch.Tensor, read_kv: ReadKV | None = None) -> list[Config]:
         """The policy's configuration for each input, from its input tokens ``(B, P, D)`` (and their read K/V)."""

@@ -115,10 +115,9 @@ def build_report(
             for tau in TAUS for r in [early_exit(test, tau, m, readout)]
         ]
     cal_ref = calibration.correct[:, -1, -1, -1].mean()
-    feasible = [tau for tau in TAUS
-                if early_exit(calibration, tau, len(test.ffn_widths) - 1, readout)["correct"].mean() >= cal_ref - tolerance_pp / 100 - 1e-12]
-    cal_cost = {tau: early_exit(calibration, tau, len(test.ffn_widths) - 1, readout)["flops_per_input"].mean() for tau in feasible}
-    best_tau = min(feasible, key=lambda tau: cal_cost[tau])
+    on_calibration = {tau: early_exit(calibration, tau, len(test.ffn_widths) - 1, readout) for tau in TAUS}
+    feasible = [tau for tau, r in on_calibration.items() if r["correct"].mean() >= cal_ref - tolerance_pp / 100 - 1e-12]
+    best_tau = min(feasible, key=lambda tau: on_calibration[tau]["flops_per_input"].mean())
     ee = early_exit(test, best_tau, len(test.ffn_widths) - 1, readout)
     ee_speed = speed(lambda rows: model.forward_early_exit(images[rows], best_tau))
     report["early_exit"] = row(ee["correct"], ee["flops_per_input"], tau=float(best_tau), images_per_s=ee_speed, curves=curves)
