@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from backbone.checkpoint import write_json
 from envs import FeatureSpec
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
     args = parser.parse_args(argv)
 
-    name = args.dataset if args.dataset in ("digits", "fashion-mnist") else "custom"
+    name = args.dataset if args.dataset in ("digits", "fashion-mnist") else Path(args.dataset).stem
     job = PolicyJob(
         dataset=args.dataset,
         data_dir=args.data_dir,
