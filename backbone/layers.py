@@ -50,15 +50,27 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """queries ``(B, Nq, D)``, context ``(B, Nk, D)`` or its ``project_kv`` as ``kv``, mask ``(Nq, Nk)`` (True = attend)."""
         b, nq, d = queries.shape
-        h = self.num_heads
-        q = self.q(queries).view(b, nq, h, d // h).transpose(1, 2)
+        q = self.q(queries).view(b, nq, self.num_heads, d // self.num_heads).transpose(1, 2)
         k, v = self.project_kv(context) if kv is None else kv
-        if rope_q is not None:
-            q = apply_rope(q, *rope_q)
-        if rope_k is not None:
-            k = apply_rope(k, *rope_k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, nq, d))
+        return self.proj(attend(q, k, v, rope_q, rope_k, mask))
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Heads ``q`` ``(B, heads, Nq, hd)`` over ``k``, ``v`` ``(B, heads, Nk, hd)`` -> merged ``(B, Nq, heads * hd)``."""
+    if rope_q is not None:
+        q = apply_rope(q, *rope_q)
+    if rope_k is not None:
+        k = apply_rope(k, *rope_k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, h, nq, hd = out.shape
+    return out.transpose(1, 2).reshape(b, nq, h * hd)
 
 
 class MatryoshkaFFN(nn.Module):
@@ -111,6 +123,42 @@ class LatentBlock(nn.Module):
         x = x + self.drop_path(self.ls1(self.attn(y, y, rope_q=rope, rope_k=rope, mask=mask)))
         y = self.ffn(self.norm2(x), hidden_units=hidden_units, hidden_mask=hidden_mask)
         return x + self.drop_path(self.ls2(y))
+
+
+    def forward_packed(
+        self,
+        x: torch.Tensor,
+        segments: list[tuple[int, int, int]],
+        ffn_rows: list[tuple[int, int, int]],
+        rope_rows: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The block (inference) over many inputs' latents packed as rows ``(R, D)``.
+
+        ``segments`` are ``(first row, inputs, tokens)``: consecutive inputs with the same token
+        count, each attending within its own ``tokens`` rows. ``ffn_rows`` are ``(first row, end row,
+        hidden units)``. ``rope_rows`` are the cos and sin ``(R, head_dim)`` of each row's latent
+        position. Every linear layer and the rotary encoding run once over all rows (the FFN once
+        per width), so small groups of inputs cost about what their FLOPs say.
+        """
+        rows, dim = x.shape
+        heads = self.attn.num_heads
+        cos, sin = rope_rows[0][:, None], rope_rows[1][:, None]
+        y = self.norm1(x)
+        q = apply_rope(self.attn.q(y).view(rows, heads, dim // heads), cos, sin)
+        k, v = self.attn.kv(y).view(rows, 2, heads, dim // heads).unbind(1)
+        k = apply_rope(k, cos, sin)
+        mixed = torch.empty_like(x)
+        for start, n, t in segments:
+            part = slice(start, start + n * t)
+            per_input = [z[part].view(n, t, heads, dim // heads).transpose(1, 2) for z in (q, k, v)]
+            mixed[part] = attend(*per_input, mask=mask[:t, :t]).view(n * t, dim)
+        x = x + self.ls1(self.attn.proj(mixed))
+        y = self.norm2(x)
+        out = torch.empty_like(x)
+        for start, stop, hidden in ffn_rows:
+            out[start:stop] = self.ffn(y[start:stop], hidden_units=hidden)
+        return x + self.ls2(out)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -138,36 +138,68 @@ class AdaPerceiver(nn.Module):
             latents = block(latents, rope, mask, hidden_units=hidden)
         return self._write(latents, (tokens,))[:, 0]
 
-    def run_depths(
+    def run_mixed(
         self,
         input_tokens: torch.Tensor,
-        tokens: int | None,
-        depths: torch.Tensor,
-        width: float | None = None,
+        configs: Sequence[tuple[int, int, float]],
         read_kv: ReadKV | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, C)`` at ``tokens`` and ``width``, each input leaving at its own depth ``depths`` ``(B,)``.
+        """Logits ``(B, C)`` of input tokens ``(B, P, D)``, input ``i`` at its own ``configs[i]``, in input order.
 
-        The same numbers and FLOPs as ``run`` per input at ``(tokens, depths[i], width)``, but one pass
-        serves every depth: an input's latents leave the batch once written out.
+        The same numbers and FLOPs as ``run`` on each input alone, with sliced FFN weights. The
+        latents of every input still running are packed as the rows of one matrix, ordered by
+        (width, tokens, deepest first): each block runs its linear layers once over all rows (the
+        FFN once per width) and attention once per (width, tokens) segment, and an input's rows
+        leave the pack once it is written out at its depth. So a mix of small configurations costs
+        about what its FLOPs say, not one small, inefficient pass per configuration.
         """
-        tokens, _, width = self.resolve(tokens, None, width)
-        if depths.numel() and (int(depths.min()) < 1 or int(depths.max()) > self.config.depth):
-            raise ValueError(f"depths must lie in 1..{self.config.depth}")
-        hidden = self.config.ffn_hidden_units(width)
-        rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
-        latents = self._read(input_tokens, tokens, read_kv)
-        logits = torch.empty(len(depths), self.config.num_classes, device=input_tokens.device)
-        active = torch.arange(len(depths), device=input_tokens.device)
-        depths = depths.to(input_tokens.device)
+        if len(configs) != input_tokens.shape[0]:
+            raise ValueError(f"need one configuration per input: {input_tokens.shape[0]} inputs, {len(configs)} configs")
+        resolved = {cfg: self.resolve(*cfg) for cfg in set(configs)}
+        configs = [resolved[cfg] for cfg in configs]
+        device, dim = input_tokens.device, self.config.embed_dim
+        logits = torch.empty(len(configs), self.config.num_classes, device=device)
+        members: dict[tuple[float, int], list[int]] = {}
+        for i, (tokens, _, width) in enumerate(configs):
+            members.setdefault((width, tokens), []).append(i)
+        # a segment: (tokens, hidden units, its inputs deepest first, their depths)
+        segments = []
+        for (width, tokens), rows in sorted(members.items()):
+            rows.sort(key=lambda i: -configs[i][1])
+            segments.append((tokens, self.config.ffn_hidden_units(width), torch.tensor(rows, device=device),
+                             [configs[i][1] for i in rows]))
+        reads = []
+        for tokens, _, index, _ in segments:
+            kv = None if read_kv is None else (read_kv[0][index], read_kv[1][index])
+            reads.append(self._read(input_tokens[index], tokens, kv).reshape(-1, dim))
+        x = torch.cat(reads) if reads else input_tokens.new_zeros(0, dim)
         for depth, block in enumerate(self.blocks, start=1):
-            if active.numel() == 0:
+            if not segments:
                 break
-            latents = block(latents, rope, mask, hidden_units=hidden)
-            done = depths[active] == depth
-            if done.any():
-                logits[active[done]] = self._write(latents[done], (tokens,))[:, 0].float()
-                active, latents = active[~done], latents[~done]
+            layout, ffn_rows, start = [], [], 0
+            for tokens, hidden, index, _ in segments:
+                stop = start + len(index) * tokens
+                layout.append((start, len(index), tokens))
+                if ffn_rows and ffn_rows[-1][2] == hidden:  # segments of one width are adjacent
+                    ffn_rows[-1] = (ffn_rows[-1][0], stop, hidden)
+                else:
+                    ffn_rows.append((start, stop, hidden))
+                start = stop
+            positions = torch.cat([torch.arange(t, device=device).repeat(n) for _, n, t in layout])
+            rope_rows = (self.rope_cos[positions], self.rope_sin[positions])
+            x = block.forward_packed(x, layout, ffn_rows, rope_rows, self.block_mask)
+            kept, survivors = [], []
+            for (start, n, tokens), (_, hidden, index, depths) in zip(layout, segments):
+                stay = sum(d > depth for d in depths)  # deepest first: those leaving are the tail
+                if stay < n:
+                    leaving = x[start + stay * tokens : start + n * tokens].view(n - stay, tokens, dim)
+                    logits[index[stay:]] = self._write(leaving, (tokens,))[:, 0].float()
+                if stay:
+                    kept.append(x[start : start + stay * tokens])
+                    survivors.append((tokens, hidden, index[:stay], depths[:stay]))
+            if sum(s[2].numel() for s in survivors) < sum(s[2].numel() for s in segments):
+                x = torch.cat(kept) if kept else x[:0]
+            segments = survivors
         return logits
 
     def forward(

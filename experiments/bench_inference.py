@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64, 256])
     parser.add_argument("--limit", type=int, default=2048, help="test images per batch size")
     parser.add_argument("--limit-batch1", type=int, default=256, help="test images at batch size 1 (slow)")
-    parser.add_argument("--min-seconds", type=float, default=2.0, help="least timing per variant, batch size")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="least timing per variant and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each variant reports its median")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches before each measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images = torch.as_tensor(test.x)
     results = [
         benchmark_inference(classifier, images[: args.limit_batch1 if b == 1 else args.limit], b,
-                            args.min_seconds, args.warmup)
+                            args.min_seconds, args.warmup, args.rounds)
         for b in args.batch_sizes
     ]
     print(format_table(results))

@@ -1,4 +1,4 @@
-"""Adaptive inference: features -> policy -> group the batch by configuration -> run each group."""
+"""Adaptive inference: features -> policy -> the batch at each input's configuration (``run_mixed``)."""
 
 from __future__ import annotations
 
@@ -39,27 +39,6 @@ class Prediction:
         return cls(torch.cat([p.logits for p in parts]), torch.cat([p.classes for p in parts]),
                    torch.cat([p.confidence for p in parts]), [c for p in parts for c in p.configs],
                    np.concatenate([p.flops for p in parts]))
-
-
-def run_grouped(
-    model: AdaPerceiver, input_tokens: torch.Tensor, configs: list[Config], read_kv: ReadKV | None = None
-) -> torch.Tensor:
-    """Logits ``(B, C)`` of each input at its own configuration, in input order, with sliced weights.
-
-    Inputs are grouped by (tokens, width); each group runs once and its inputs leave at their own
-    depths (``model.run_depths``), so a batch needs at most K x M passes, not one per configuration.
-    ``read_kv`` (from ``model.read_kv(input_tokens)``) is shared by the groups instead of recomputed.
-    """
-    logits = torch.empty(len(configs), model.config.num_classes, device=input_tokens.device)
-    groups: dict[tuple[int, float], list[int]] = {}
-    for i, (tokens, _, width) in enumerate(configs):
-        groups.setdefault((tokens, width), []).append(i)
-    for (tokens, width), rows in groups.items():
-        index = torch.tensor(rows, device=input_tokens.device)
-        depths = torch.tensor([configs[i][1] for i in rows], device=input_tokens.device)
-        kv = None if read_kv is None else (read_kv[0][index], read_kv[1][index])
-        logits[index] = model.run_depths(input_tokens[index], tokens, depths, width, read_kv=kv)
-    return logits
 
 
 class AdaptiveClassifier:
@@ -117,7 +96,7 @@ class AdaptiveClassifier:
             configs, overhead = [config] * len(images), 0.0
         else:
             configs, overhead = self.choose(input_tokens, read_kv), self.policy_flops
-        logits = run_grouped(model, input_tokens, configs, read_kv)
+        logits = model.run_mixed(input_tokens, configs, read_kv)
         probs = logits.softmax(-1)
         cost = {cfg: flops(model.config, *cfg) for cfg in set(configs)}
         per_input = np.array([cost[cfg] for cfg in configs], dtype=np.float64) + overhead

@@ -18,7 +18,7 @@ from envs import OutcomeTable
 from policy.artifact import PolicyArtifact
 from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
 from policy.benchmark import batches_of, images_per_second
-from policy.classifier import AdaptiveClassifier, run_grouped
+from policy.classifier import AdaptiveClassifier
 from policy.evaluation import cheapest_fixed_within, evaluate_actions, fixed_accuracy, full_actions
 
 TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
@@ -86,7 +86,7 @@ def build_report(
         def run(rows: torch.Tensor) -> None:
             input_tokens = model.embed(images[rows])
             read_kv = model.read_kv(input_tokens)
-            run_grouped(model, input_tokens, assign(input_tokens, read_kv, rows), read_kv)
+            model.run_mixed(input_tokens, assign(input_tokens, read_kv, rows), read_kv)
 
         return speed(run)
 

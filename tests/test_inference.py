@@ -77,45 +77,57 @@ def test_order_is_preserved_for_shuffled_batches(classifier, digits_images):
     assert torch.allclose(chunked.logits, a.logits, atol=1e-5) and chunked.configs == a.configs
 
 
-def test_batch_is_grouped_by_configuration(classifier, digits_images, monkeypatch):
+def test_batch_runs_packed_and_inputs_leave_at_their_depth(classifier, digits_images, monkeypatch):
     x, _ = digits_images
-    input_tokens = classifier.backbone.embed(x)
-    chosen = classifier.choose(input_tokens)
-    runs, groups = [], []
     model = classifier.backbone
-    real_run, real_run_depths = model.run, model.run_depths
+    chosen = classifier.choose(model.embed(x))
+    runs, packed = [], []
+    real_run = model.run
 
     def recording_run(tokens, *cfg, **kwargs):
         runs.append((len(tokens), tuple(cfg)))
         return real_run(tokens, *cfg, **kwargs)
 
-    def recording_run_depths(tokens, n_tokens, depths, width, **kwargs):
-        groups.append((tokens.clone(), n_tokens, depths.tolist(), width))
-        return real_run_depths(tokens, n_tokens, depths, width, **kwargs)
-
     monkeypatch.setattr(model, "run", recording_run)
-    monkeypatch.setattr(model, "run_depths", recording_run_depths)
+    for depth, block in enumerate(model.blocks, start=1):
+        real_block = block.forward_packed
+
+        def recording_block(rows, layout, ffn_rows, *args, depth=depth, real_block=real_block):
+            packed.append((depth, len(rows), layout, ffn_rows))
+            return real_block(rows, layout, ffn_rows, *args)
+
+        monkeypatch.setattr(block, "forward_packed", recording_block)
     classifier.predict(x)
     glance = classifier.artifact.feature_spec.glance_config(model.config)
     assert runs == [(len(x), glance)], "the policy's glance over the whole batch, nothing else at one config"
-    distinct = {(c[0], c[2]) for c in chosen}
-    assert len(set(chosen)) >= 3 and len(groups) == len(distinct), "one pass per distinct (tokens, width)"
-    for tokens, n_tokens, depths, width in groups:
-        own = [i for i, c in enumerate(chosen) if (c[0], c[2]) == (n_tokens, width)]
-        assert torch.equal(tokens, input_tokens[own]), "each group holds exactly the inputs that chose it"
-        assert depths == [chosen[i][1] for i in own], "and each leaves at its own depth"
+    assert len(set(chosen)) >= 3
+    deepest = max(c[1] for c in chosen)
+    assert [p[0] for p in packed] == list(range(1, deepest + 1)), "each block runs once for the whole batch"
+    for depth, rows, layout, ffn_rows in packed:
+        running = [c for c in chosen if c[1] >= depth]
+        assert rows == sum(c[0] for c in running), "exactly the latents of inputs not yet written out"
+        assert sum(n for _, n, _ in layout) == len(running)
+        assert len(ffn_rows) == len({c[2] for c in running}), "the FFN runs once per width"
+        assert len(layout) == len({(c[0], c[2]) for c in running}), "attention once per (tokens, width)"
 
 
-def test_run_depths_equals_run_at_each_depth(tiny_model):
-    x = torch.rand(6, 1, 8, 8)
-    depths = torch.tensor([3, 1, 2, 3, 1, 2])
+def test_run_mixed_equals_run_alone(tiny_model):
+    x = torch.rand(9, 1, 8, 8)
+    configs = [(4, 3, 0.5), (2, 1, 1.0), (4, 2, 0.5), (8, 3, 0.25), (4, 1, 0.5), (2, 2, 1.0), (8, 1, 0.25),
+               (8, 3, 1.0), (4, 3, 0.5)]
     with torch.no_grad():
         tokens = tiny_model.embed(x)
-        mixed = tiny_model.run_depths(tokens, 4, depths, 0.5)
-        for i, d in enumerate(depths.tolist()):
-            assert (mixed[i] - tiny_model.run(tokens[i : i + 1], 4, d, 0.5)[0]).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="depths must lie"):
-        tiny_model.run_depths(tokens, 4, torch.tensor([0] * 6), 0.5)
+        mixed = tiny_model.run_mixed(tokens, configs)
+        shared = tiny_model.run_mixed(tokens, configs, read_kv=tiny_model.read_kv(tokens))
+        for i, cfg in enumerate(configs):
+            alone = tiny_model.run(tokens[i : i + 1], *cfg)[0]
+            assert (mixed[i] - alone).abs().max().item() <= 1e-5
+            assert (shared[i] - alone).abs().max().item() <= 1e-5
+        assert tiny_model.run_mixed(tokens[:0], []).shape == (0, 10)
+    with pytest.raises(ValueError, match="depth"):
+        tiny_model.run_mixed(tokens[:1], [(4, 0, 0.5)])
+    with pytest.raises(ValueError, match="one configuration per input"):
+        tiny_model.run_mixed(tokens, configs[:3])
 
 
 def test_flops_per_image_and_fixed_override(classifier, digits_images):
@@ -201,11 +213,14 @@ def test_load_images_errors(tiny_config, tmp_path):
 
 
 def test_benchmark_reports_every_key(classifier, digits_images):
-    result = benchmark_inference(classifier, digits_images[0][:32], batch_size=16, min_seconds=0.01, warmup=1)
+    result = benchmark_inference(classifier, digits_images[0][:32], batch_size=16, min_seconds=0.01, warmup=1, rounds=2)
+    assert result["rounds"] == 2
     for key in KEYS:
         assert result[key] > 0, key
     assert result["images"] == 32 and result["adaptive_gflops"] <= result["naive_gflops"], "naive pays the batch max"
     assert largest_in_batch([(2, 3, 0.25), (8, 1, 0.5)]) == (8, 3, 0.5)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        benchmark_inference(classifier, digits_images[0][:32], batch_size=16, rounds=0)
 
 
 def test_bench_inference_cli(dirs, capsys):
