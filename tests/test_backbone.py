@@ -63,6 +63,17 @@ def test_flops_agree_with_torch_flop_counter(tiny_model, tiny_config, config):
     assert abs(analytic - counted) / counted <= 0.02
 
 
+def test_cpu_inference_attention_equals_training_kernel(tiny_model, tiny_config):
+    # inference on CPU takes the matmul-softmax path, training takes torch's SDPA kernel
+    x = torch.rand(5, 1, 8, 8)
+    training_kernel = tiny_model.forward_grid(x, 0.5)
+    with torch.inference_mode():
+        inference_path = tiny_model.forward_grid(x, 0.5)
+        counted = measure_flops(lambda: tiny_model(x[:1], 4, 2, 0.5))
+    assert (training_kernel - inference_path).abs().max().item() <= 1e-5
+    assert abs(flops(tiny_config, 4, 2, 0.5) - counted) / counted <= 0.02
+
+
 def test_flop_counter_sees_attention(tiny_model):
     # without the registered CPU SDPA formula, attention would count as 0 FLOPs
     from torch.utils.flop_counter import FlopCounterMode
