@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
@@ -57,6 +58,8 @@ class TrainConfig:
     """Random translation by up to this many whole pixels (0 turns it off)."""
     augment_flip: bool = False
     """Random horizontal flips (right for clothes, wrong for digits)."""
+    mixup_alpha: float = 0.0
+    """Mixup: blend pairs of inputs and their labels by ``lam ~ Beta(alpha, alpha)`` (0 turns it off)."""
     ema_decay: float = 0.0
     """Decay of an EMA of the weights, saved instead of the raw weights when > 0."""
     seed: int = 0
@@ -79,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,6 +117,18 @@ def augment(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator)
         theta[:, 1, 2] = offsets[:, 1] * 2 / h
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend each input with a random partner: images ``(B, C, H, W)`` and soft targets ``(B, num_classes)``."""
+    # lam drawn from the training generator, so that resuming and every rank draw the same value
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    partner = torch.randperm(len(x), generator=generator)
+    targets = F.one_hot(y, num_classes).float()
+    return lam * x + (1 - lam) * x[partner], lam * targets + (1 - lam) * targets[partner]
 
 
 def sample_widths(model_config: AdaPerceiverConfig, batch: int, full_share: float, generator: torch.Generator) -> torch.Tensor:
@@ -148,6 +165,8 @@ def training_loss(
 ) -> torch.Tensor:
     """The objective of ``train.objective`` on one batch, summed over inputs and divided by ``normalizer``.
 
+    ``y`` is class indices ``(B,)`` or soft targets ``(B, C)`` (mixup).
+
     ``normalizer`` defaults to the batch size (a mean); a rank of a distributed job passes
     ``global batch / world`` so that averaged gradients equal those of the global batch.
     """
@@ -157,7 +176,7 @@ def training_loss(
     logits = forward(x, widths).float()  # (B, K, L, C)
     b, k, l, c = logits.shape
     per_exit = F.cross_entropy(
-        logits.reshape(-1, c), y.repeat_interleave(k * l), label_smoothing=train.label_smoothing, reduction="none"
+        logits.reshape(-1, c), y.repeat_interleave(k * l, dim=0), label_smoothing=train.label_smoothing, reduction="none"
     ).view(b, k, l)
     return (per_exit.sum(0) * weights.to(per_exit.device)).sum() / normalizer
 
@@ -230,10 +249,13 @@ def train_backbone(
         for i in bar:
             index = order[i * train.batch_size : (i + 1) * train.batch_size]
             x = augment(x_train[index], train.augment_shift, train.augment_flip, generator)
+            targets = y_train[index]
+            if train.mixup_alpha > 0:
+                x, targets = mixup(x, targets, model_config.num_classes, train.mixup_alpha, generator)
             widths = sample_widths(model_config, len(index), train.full_width_share, generator)
             mine = ctx.shard(torch.arange(len(index)))
             with autocast:
-                loss = training_loss(forward, x[mine].to(device), y_train[index][mine].to(device), widths[mine],
+                loss = training_loss(forward, x[mine].to(device), targets[mine].to(device), widths[mine],
                                      weights, train, normalizer=len(index) / ctx.world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

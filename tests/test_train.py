@@ -3,8 +3,9 @@ import torch
 from safetensors.torch import load_file
 
 import backbone.train as train_module
+from backbone import AdaPerceiver
 from backbone.data import load_dataset
-from backbone.train import TrainConfig, augment, train_backbone
+from backbone.train import TrainConfig, TrainingForward, augment, grid_loss_weights, mixup, train_backbone, training_loss
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +14,7 @@ def digits():
 
 
 def test_resume_after_a_kill_gives_the_same_model(tiny_config, digits, tmp_path, monkeypatch):
-    recipe = TrainConfig(epochs=2, batch_size=256, warmup_epochs=0.5, eval_limit=64)
+    recipe = TrainConfig(epochs=2, batch_size=256, warmup_epochs=0.5, eval_limit=64, mixup_alpha=0.2)
     train_backbone(tiny_config, recipe, digits, tmp_path / "straight", resume=False)
 
     real_eval, calls = train_module.grid_accuracy, []
@@ -36,6 +37,30 @@ def test_resume_after_a_kill_gives_the_same_model(tiny_config, digits, tmp_path,
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert list((tmp_path / "straight" / "tb").glob("events.out.tfevents*")), "TensorBoard logs written"
+
+
+def test_mixup_blends_inputs_and_labels_alike(tiny_config):
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
+    mixed, targets = mixup(x, y, 10, 0.4, torch.Generator().manual_seed(0))
+    again, _ = mixup(x, y, 10, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again), "seeded"
+    assert torch.allclose(targets.sum(1), torch.ones(16))
+    # one lam for the batch; each image and its label are blended with the same partner and weight
+    lam = next(targets[i, y[i]].item() for i in range(16) if targets[i].max() < 1)
+    assert 0 < lam < 1
+    onehot = torch.nn.functional.one_hot(y, 10).float()
+    for i in range(16):
+        assert any(torch.allclose(mixed[i], lam * x[i] + (1 - lam) * x[j], atol=1e-6)
+                   and torch.allclose(targets[i], lam * onehot[i] + (1 - lam) * onehot[j], atol=1e-6)
+                   for j in range(16)), i
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        TrainConfig(mixup_alpha=-1)
+    # soft one-hot targets give the same grid loss as class indices
+    model, recipe = TrainingForward(AdaPerceiver(tiny_config), "grid"), TrainConfig()
+    weights, widths = grid_loss_weights(tiny_config, recipe), torch.ones(16)
+    hard = training_loss(model, x, y, widths, weights, recipe)
+    soft = training_loss(model, x, torch.nn.functional.one_hot(y, 10).float(), widths, weights, recipe)
+    assert torch.allclose(hard, soft, atol=1e-6)
 
 
 def test_augment_shifts_whole_pixels():
