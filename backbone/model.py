@@ -89,9 +89,10 @@ class AdaPerceiver(nn.Module):
         """
         return self.read.project_kv(self.read_norm_kv(input_tokens))
 
-    def _read(self, input_tokens: torch.Tensor, tokens: int, read_kv: ReadKV | None) -> torch.Tensor:
-        latents = self.latent.expand(input_tokens.shape[0], tokens, -1)
+    def _read(self, input_tokens: torch.Tensor | None, tokens: int, read_kv: ReadKV | None) -> torch.Tensor:
+        """Latents ``(B, tokens, D)`` after the read (``read_kv``, when given, stands in for ``input_tokens``)."""
         kv = self.read_kv(input_tokens) if read_kv is None else read_kv
+        latents = self.latent.expand(kv[0].shape[0], tokens, -1)
         return latents + self.read(self.read_norm_q(latents), kv=kv, rope_q=self._rope(tokens))
 
     def _write(self, latents: torch.Tensor, grans: Sequence[int]) -> torch.Tensor:
@@ -168,10 +169,12 @@ class AdaPerceiver(nn.Module):
             rows.sort(key=lambda i: -configs[i][1])
             segments.append((tokens, self.config.ffn_hidden_units(width), torch.tensor(rows, device=device),
                              [configs[i][1] for i in rows]))
-        reads = []
-        for tokens, _, index, _ in segments:
-            kv = None if read_kv is None else (read_kv[0][index], read_kv[1][index])
-            reads.append(self._read(input_tokens[index], tokens, kv).reshape(-1, dim))
+        if len(segments) == 1 and len(set(segments[0][3])) == 1:  # one configuration: nothing to pack
+            logits[segments[0][2]] = self.run(input_tokens, *configs[0], read_kv=read_kv).float()
+            return logits
+        read_kv = self.read_kv(input_tokens) if read_kv is None else read_kv
+        reads = [self._read(None, tokens, (read_kv[0][index], read_kv[1][index])).reshape(-1, dim)
+                 for tokens, _, index, _ in segments]
         x = torch.cat(reads) if reads else input_tokens.new_zeros(0, dim)
         for depth, block in enumerate(self.blocks, start=1):
             if not segments:
