@@ -169,13 +169,17 @@ class AdaPerceiver(nn.Module):
             rows.sort(key=lambda i: -configs[i][1])
             segments.append((tokens, self.config.ffn_hidden_units(width), torch.tensor(rows, device=device),
                              [configs[i][1] for i in rows]))
+        if not segments:
+            return logits
         if len(segments) == 1 and len(set(segments[0][3])) == 1:  # one configuration: nothing to pack
             logits[segments[0][2]] = self.run(input_tokens, *configs[0], read_kv=read_kv).float()
             return logits
         read_kv = self.read_kv(input_tokens) if read_kv is None else read_kv
         reads = [self._read(None, tokens, (read_kv[0][index], read_kv[1][index])).reshape(-1, dim)
                  for tokens, _, index, _ in segments]
-        x = torch.cat(reads) if reads else input_tokens.new_zeros(0, dim)
+        x = torch.cat(reads)
+        positions = torch.cat([torch.arange(t, device=device).repeat(len(index)) for t, _, index, _ in segments])
+        rope_rows = (self.rope_cos[positions], self.rope_sin[positions])  # each row's latent position
         for depth, block in enumerate(self.blocks, start=1):
             if not segments:
                 break
@@ -188,8 +192,6 @@ class AdaPerceiver(nn.Module):
                 else:
                     ffn_rows.append((start, stop, hidden))
                 start = stop
-            positions = torch.cat([torch.arange(t, device=device).repeat(n) for _, n, t in layout])
-            rope_rows = (self.rope_cos[positions], self.rope_sin[positions])
             x = block.forward_packed(x, layout, ffn_rows, rope_rows, self.block_mask)
             kept, survivors = [], []
             for (start, n, tokens), (_, hidden, index, depths) in zip(layout, segments):
@@ -198,10 +200,10 @@ class AdaPerceiver(nn.Module):
                     leaving = x[start + stay * tokens : start + n * tokens].view(n - stay, tokens, dim)
                     logits[index[stay:]] = self._write(leaving, (tokens,))[:, 0].float()
                 if stay:
-                    kept.append(x[start : start + stay * tokens])
+                    kept.append(slice(start, start + stay * tokens))
                     survivors.append((tokens, hidden, index[:stay], depths[:stay]))
             if sum(s[2].numel() for s in survivors) < sum(s[2].numel() for s in segments):
-                x = torch.cat(kept) if kept else x[:0]
+                x, *rope_rows = (torch.cat([z[rows] for rows in kept]) if kept else z[:0] for z in (x, *rope_rows))
             segments = survivors
         return logits
 
