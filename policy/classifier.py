@@ -91,7 +91,7 @@ class AdaptiveClassifier:
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values; clean them before inference")
         input_tokens = model.embed(images)
-        read_kv = model.read_kv(input_tokens)  # shared by the glance and every group
+        read_kv = model.read_kv(input_tokens)  # shared by the glance and the packed pass
         if config is not None:
             configs, overhead = [config] * len(images), 0.0
         else:
