@@ -132,7 +132,6 @@ class LatentBlock(nn.Module):
         y = self.ffn(self.norm2(x), hidden_units=hidden_units, hidden_mask=hidden_mask)
         return x + self.drop_path(self.ls2(y))
 
-
     def forward_packed(
         self,
         x: torch.Tensor,

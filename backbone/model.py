@@ -193,16 +193,17 @@ class AdaPerceiver(nn.Module):
                     ffn_rows.append((start, stop, hidden))
                 start = stop
             x = block.forward_packed(x, layout, ffn_rows, rope_rows, self.block_mask)
-            kept, survivors = [], []
+            kept, survivors, shrunk = [], [], False
             for (start, n, tokens), (_, hidden, index, depths) in zip(layout, segments):
                 stay = sum(d > depth for d in depths)  # deepest first: those leaving are the tail
                 if stay < n:
+                    shrunk = True
                     leaving = x[start + stay * tokens : start + n * tokens].view(n - stay, tokens, dim)
                     logits[index[stay:]] = self._write(leaving, (tokens,))[:, 0].float()
                 if stay:
                     kept.append(slice(start, start + stay * tokens))
                     survivors.append((tokens, hidden, index[:stay], depths[:stay]))
-            if sum(s[2].numel() for s in survivors) < sum(s[2].numel() for s in segments):
+            if shrunk:
                 x, *rope_rows = (torch.cat([z[rows] for rows in kept]) if kept else z[:0] for z in (x, *rope_rows))
             segments = survivors
         return logits
