@@ -1,0 +1,105 @@
+"""Jointly trained backbones against full-configuration-only references, over seeds, on held-out images.
+
+One image is 0.37 pp of the digits test split, so a single pair of runs cannot
+resolve a 0.5 pp gap. This module scores the full configuration of every
+checkpoint on every split the backbones never trained on, averages each group
+over its seeds, and puts a paired bootstrap interval (over images) on the
+difference between the two groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import bootstrap
+
+from backbone.checkpoint import load_checkpoint, read_config
+from backbone.data import Dataset
+
+HELD_OUT_SPLITS = ("policy_train", "calibration", "test")
+
+
+@torch.inference_mode()
+def full_config_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        batch_size: int = 512) -> np.ndarray:
+    """Whether the full configuration classifies each image right: bool ``(n,)``."""
+    model.eval()
+    hits = [model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]
+            for i in range(0, len(images), batch_size)]
+    return torch.cat(hits).numpy()
+
+
+def check_same_data(directories: list[str | Path], data: Dataset, split_seed: int) -> None:
+    """Raise ``ValueError`` unless every checkpoint was trained on ``data`` cut with ``split_seed``."""
+    for directory in directories:
+        _, meta = read_config(directory)
+        name = Path(str(meta.get("dataset", ""))).stem
+        if name != data.name or meta.get("split_seed") != split_seed:
+            raise ValueError(
+                f"{directory} was trained on dataset {meta.get('dataset')!r} with split seed "
+                f"{meta.get('split_seed')}, not {data.name!r} with split seed {split_seed}; compare checkpoints "
+                "of one dataset and one split seed (pass --dataset and --split-seed to match them)"
+            )
+
+
+def compare_backbones(groups: dict[str, list[str | Path]], data: Dataset, split_seed: int,
+                      splits: tuple[str, ...] = HELD_OUT_SPLITS, seed: int = 0) -> dict:
+    """Full-configuration accuracy of each checkpoint and group on ``splits`` and all of them pooled.
+
+    ``groups`` maps a name to checkpoint directories (one per training seed); the
+    first two groups are compared as ``first - second`` in percentage points, with
+    a 95% paired bootstrap interval over images of the seed-averaged correctness.
+    """
+    if len(groups) < 1 or any(not dirs for dirs in groups.values()):
+        raise ValueError("each group needs at least one checkpoint directory")
+    check_same_data([d for dirs in groups.values() for d in dirs], data, split_seed)
+    parts = (*splits, "held_out")
+    result: dict = {"splits": {s: len(data.splits[s]) for s in splits}, "groups": {}}
+    mean_correct = {}
+    for name, directories in groups.items():
+        runs, per_run = [], []
+        for directory in directories:
+            model = load_checkpoint(directory)
+            correct = {s: full_config_correct(model, data.splits[s].x, data.splits[s].y) for s in splits}
+            correct["held_out"] = np.concatenate([correct[s] for s in splits])
+            per_run.append(correct["held_out"])
+            runs.append({"checkpoint": str(directory), **{s: float(correct[s].mean()) for s in parts}})
+        accuracy = np.array([[run[s] for s in parts] for run in runs])
+        result["groups"][name] = {
+            "runs": runs,
+            "mean": dict(zip(parts, accuracy.mean(0).tolist())),
+            "sd": dict(zip(parts, accuracy.std(0, ddof=1).tolist() if len(runs) > 1 else [0.0] * len(parts))),
+        }
+        mean_correct[name] = np.mean(per_run, axis=0)
+    if len(groups) >= 2:
+        first, second = list(groups)[:2]
+        diff = mean_correct[first] - mean_correct[second]
+        ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
+                       random_state=np.random.default_rng(seed)).confidence_interval
+        result["difference"] = {
+            "groups": [first, second],
+            "held_out_delta_pp": 100 * float(diff.mean()),
+            "held_out_delta_pp_ci": [100 * float(ci.low), 100 * float(ci.high)],
+        }
+    return result
+
+
+def format_comparison(result: dict) -> str:
+    """A Markdown table: one row per checkpoint and per group mean ± sd, accuracy in %."""
+    parts = [*result["splits"], "held_out"]
+    sizes = {**result["splits"], "held_out": sum(result["splits"].values())}
+    lines = ["| checkpoint | " + " | ".join(f"{p} ({sizes[p]})" for p in parts) + " |",
+             "| --- |" + " ---: |" * len(parts)]
+    for name, group in result["groups"].items():
+        for run in group["runs"]:
+            lines.append(f"| {run['checkpoint']} | " + " | ".join(f"{100 * run[p]:.2f}" for p in parts) + " |")
+        lines.append(f"| **{name}, mean ± sd over {len(group['runs'])}** | "
+                     + " | ".join(f"{100 * group['mean'][p]:.2f} ± {100 * group['sd'][p]:.2f}" for p in parts) + " |")
+    if "difference" in result:
+        d = result["difference"]
+        low, high = d["held_out_delta_pp_ci"]
+        lines.append(f"\n{d['groups'][0]} − {d['groups'][1]} on the pooled held-out images: "
+                     f"{d['held_out_delta_pp']:+.2f} pp (95% paired bootstrap interval {low:+.2f} to {high:+.2f})")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Full-configuration accuracy of jointly trained backbones vs full-configuration-only references, over seeds.
+
+    python experiments/compare_backbones.py --dataset digits \\
+        --joint checkpoints/digits runs/joint_s1 --reference reports/reference/digits-full-only runs/ref_s1 \\
+        --json reports/digits_joint_vs_reference.json --markdown reports/digits_joint_vs_reference.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from backbone.checkpoint import atomic_write, write_json
+from backbone.compare import compare_backbones, format_comparison
+from backbone.data import SplitConfig, load_dataset
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--joint", nargs="+", required=True, help="jointly trained checkpoint directories, one per seed")
+    parser.add_argument("--reference", nargs="+", required=True, help="full-configuration-only checkpoints, one per seed")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args(argv)
+
+    data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
+    result = compare_backbones({"joint": args.joint, "reference": args.reference}, data, args.split_seed)
+    table = format_comparison(result)
+    print(table)
+    if args.json:
+        write_json(Path(args.json), result)
+    if args.markdown:
+        atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(table + "\n"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
