@@ -60,6 +60,9 @@ class TrainConfig:
     """Random horizontal flips (right for clothes, wrong for digits)."""
     mixup_alpha: float = 0.0
     """Mixup: blend pairs of inputs and their labels by ``lam ~ Beta(alpha, alpha)`` (0 turns it off)."""
+    distill_weight: float = 0.0
+    """In-place distillation (grid objective): every smaller (tokens, depth) learns from a target that mixes
+    the label with this share of the row's own largest configuration's detached prediction (0 turns it off)."""
     ema_decay: float = 0.0
     """Decay of an EMA of the weights, saved instead of the raw weights when > 0."""
     seed: int = 0
@@ -84,6 +87,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"distill_weight must be in [0, 1] (0 turns distillation off), got {self.distill_weight}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -175,8 +180,18 @@ def training_loss(
         return F.cross_entropy(forward(x, widths).float(), y, label_smoothing=train.label_smoothing, reduction="sum") / normalizer
     logits = forward(x, widths).float()  # (B, K, L, C)
     b, k, l, c = logits.shape
+    targets = y[:, None, None].expand(b, k, l) if y.dim() == 1 else y[:, None, None, :].expand(b, k, l, c)
+    if train.distill_weight > 0:
+        # the largest configuration keeps the label; the others also follow it, which pulls the grid
+        # towards one consistent function instead of K * L competing ones
+        labels = F.one_hot(y, c).float() if y.dim() == 1 else y
+        teacher = logits[:, -1, -1].detach().softmax(-1)
+        soft = (1 - train.distill_weight) * labels + train.distill_weight * teacher
+        targets = soft[:, None, None, :].expand(b, k, l, c).clone()
+        targets[:, -1, -1] = labels
     per_exit = F.cross_entropy(
-        logits.reshape(-1, c), y.repeat_interleave(k * l, dim=0), label_smoothing=train.label_smoothing, reduction="none"
+        logits.reshape(b * k * l, c), targets.reshape(b * k * l, *targets.shape[3:]),
+        label_smoothing=train.label_smoothing, reduction="none",
     ).view(b, k, l)
     return (per_exit.sum(0) * weights.to(per_exit.device)).sum() / normalizer
 
