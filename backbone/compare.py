@@ -46,7 +46,7 @@ def check_same_data(directories: list[str | Path], data: Dataset, split_seed: in
 
 def compare_backbones(groups: dict[str, list[str | Path]], data: Dataset, split_seed: int,
                       splits: tuple[str, ...] = HELD_OUT_SPLITS, seed: int = 0) -> dict:
-    """Full-configuration accuracy of each checkpoint and group on ``splits`` and all of them pooled.
+    """Full-configuration accuracy of each checkpoint and group on each of ``splits`` and on all of them pooled.
 
     ``groups`` maps a name to checkpoint directories (one per training seed); the
     first two groups are compared as ``first - second`` in percentage points, with
@@ -54,8 +54,11 @@ def compare_backbones(groups: dict[str, list[str | Path]], data: Dataset, split_
     """
     if len(groups) < 1 or any(not dirs for dirs in groups.values()):
         raise ValueError("each group needs at least one checkpoint directory")
+    unknown = [s for s in splits if s not in data.splits]
+    if unknown or not splits:
+        raise ValueError(f"unknown splits {unknown}; choose among {sorted(data.splits)}")
     check_same_data([d for dirs in groups.values() for d in dirs], data, split_seed)
-    parts = (*splits, "held_out")
+    parts = (*splits, "pooled")
     result: dict = {"splits": {s: len(data.splits[s]) for s in splits}, "groups": {}}
     mean_correct = {}
     for name, directories in groups.items():
@@ -63,8 +66,8 @@ def compare_backbones(groups: dict[str, list[str | Path]], data: Dataset, split_
         for directory in directories:
             model = load_checkpoint(directory)
             correct = {s: full_config_correct(model, data.splits[s].x, data.splits[s].y) for s in splits}
-            correct["held_out"] = np.concatenate([correct[s] for s in splits])
-            per_run.append(correct["held_out"])
+            correct["pooled"] = np.concatenate([correct[s] for s in splits])
+            per_run.append(correct["pooled"])
             runs.append({"checkpoint": str(directory), **{s: float(correct[s].mean()) for s in parts}})
         accuracy = np.array([[run[s] for s in parts] for run in runs])
         result["groups"][name] = {
@@ -80,26 +83,27 @@ def compare_backbones(groups: dict[str, list[str | Path]], data: Dataset, split_
                        random_state=np.random.default_rng(seed)).confidence_interval
         result["difference"] = {
             "groups": [first, second],
-            "held_out_delta_pp": 100 * float(diff.mean()),
-            "held_out_delta_pp_ci": [100 * float(ci.low), 100 * float(ci.high)],
+            "pooled_delta_pp": 100 * float(diff.mean()),
+            "pooled_delta_pp_ci": [100 * float(ci.low), 100 * float(ci.high)],
         }
     return result
 
 
 def format_comparison(result: dict) -> str:
-    """A Markdown table: one row per checkpoint and per group mean ± sd, accuracy in %."""
-    parts = [*result["splits"], "held_out"]
-    sizes = {**result["splits"], "held_out": sum(result["splits"].values())}
+    """A Markdown table: one row per checkpoint, and mean ± sd for groups of several, accuracy in %."""
+    parts = [*result["splits"], "pooled"]
+    sizes = {**result["splits"], "pooled": sum(result["splits"].values())}
     lines = ["| checkpoint | " + " | ".join(f"{p} ({sizes[p]})" for p in parts) + " |",
              "| --- |" + " ---: |" * len(parts)]
     for name, group in result["groups"].items():
         for run in group["runs"]:
             lines.append(f"| {run['checkpoint']} | " + " | ".join(f"{100 * run[p]:.2f}" for p in parts) + " |")
-        lines.append(f"| **{name}, mean ± sd over {len(group['runs'])}** | "
-                     + " | ".join(f"{100 * group['mean'][p]:.2f} ± {100 * group['sd'][p]:.2f}" for p in parts) + " |")
+        if len(group["runs"]) > 1:
+            lines.append(f"| **{name}, mean ± sd over {len(group['runs'])}** | "
+                         + " | ".join(f"{100 * group['mean'][p]:.2f} ± {100 * group['sd'][p]:.2f}" for p in parts) + " |")
     if "difference" in result:
         d = result["difference"]
-        low, high = d["held_out_delta_pp_ci"]
-        lines.append(f"\n{d['groups'][0]} − {d['groups'][1]} on the pooled held-out images: "
-                     f"{d['held_out_delta_pp']:+.2f} pp (95% paired bootstrap interval {low:+.2f} to {high:+.2f})")
+        low, high = d["pooled_delta_pp_ci"]
+        lines.append(f"\n{d['groups'][0]} − {d['groups'][1]} on the pooled images: "
+                     f"{d['pooled_delta_pp']:+.2f} pp (95% paired bootstrap interval {low:+.2f} to {high:+.2f})")
     return "\n".join(lines)

@@ -1,8 +1,11 @@
 """Full-configuration accuracy of jointly trained backbones vs full-configuration-only references, over seeds.
 
     python experiments/compare_backbones.py --dataset digits \\
-        --joint checkpoints/digits runs/joint_s1 --reference reports/reference/digits-full-only runs/ref_s1 \\
+        --joint checkpoints/digits reports/reference/digits-seeds/joint-seed{1,2} \\
+        --reference reports/reference/digits-full-only reports/reference/digits-seeds/full-only-seed{1,2} \\
         --json reports/digits_joint_vs_reference.json --markdown reports/digits_joint_vs_reference.md
+    python experiments/compare_backbones.py --dataset fashion-mnist --splits backbone_train,test \\
+        --joint checkpoints/fashion-mnist --reference reports/reference/fashion-mnist-full-only
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from backbone.checkpoint import atomic_write, write_json
-from backbone.compare import compare_backbones, format_comparison
+from backbone.compare import HELD_OUT_SPLITS, compare_backbones, format_comparison
 from backbone.data import SplitConfig, load_dataset
 
 
@@ -22,12 +25,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--joint", nargs="+", required=True, help="jointly trained checkpoint directories, one per seed")
     parser.add_argument("--reference", nargs="+", required=True, help="full-configuration-only checkpoints, one per seed")
+    parser.add_argument("--splits", type=lambda v: tuple(v.split(",")), default=HELD_OUT_SPLITS,
+                        help="comma-separated splits to score and pool (default: the three the backbones never train on; "
+                             "add backbone_train to see how well each model fits its own training images)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
 
     data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
-    result = compare_backbones({"joint": args.joint, "reference": args.reference}, data, args.split_seed)
+    result = compare_backbones({"joint": args.joint, "reference": args.reference}, data, args.split_seed, args.splits)
     table = format_comparison(result)
     print(table)
     if args.json:

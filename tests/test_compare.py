@@ -39,16 +39,21 @@ def test_compare_matches_direct_scoring(tiny_config, tmp_path):
                 assert run[split] == pytest.approx(hit.mean())
                 correct.append(hit)
             held_out[name].append(np.concatenate(correct))
-            assert run["held_out"] == pytest.approx(held_out[name][-1].mean())
+            assert run["pooled"] == pytest.approx(held_out[name][-1].mean())
         accs = [h.mean() for h in held_out[name]]
-        assert result["groups"][name]["mean"]["held_out"] == pytest.approx(np.mean(accs))
-        assert result["groups"][name]["sd"]["held_out"] == pytest.approx(np.std(accs, ddof=1))
+        assert result["groups"][name]["mean"]["pooled"] == pytest.approx(np.mean(accs))
+        assert result["groups"][name]["sd"]["pooled"] == pytest.approx(np.std(accs, ddof=1))
     delta = 100 * (np.mean(held_out["joint"], 0) - np.mean(held_out["reference"], 0)).mean()
     d = result["difference"]
-    assert d["held_out_delta_pp"] == pytest.approx(delta)
-    assert d["held_out_delta_pp_ci"][0] <= delta <= d["held_out_delta_pp_ci"][1]
-    assert d["held_out_delta_pp_ci"][0] < d["held_out_delta_pp_ci"][1]
+    assert d["pooled_delta_pp"] == pytest.approx(delta)
+    assert d["pooled_delta_pp_ci"][0] <= delta <= d["pooled_delta_pp_ci"][1]
+    assert d["pooled_delta_pp_ci"][0] < d["pooled_delta_pp_ci"][1]
     assert "joint − reference" in format_comparison(result)
+
+    only_test = compare_backbones({"joint": joint[:1]}, data, split_seed=0, splits=("test",))
+    assert only_test["groups"]["joint"]["runs"][0]["pooled"] == pytest.approx(result["groups"]["joint"]["runs"][0]["test"])
+    with pytest.raises(ValueError, match="unknown splits"):
+        compare_backbones({"joint": joint}, data, split_seed=0, splits=("train",))
 
 
 def test_compare_rejects_other_dataset_or_split_seed(tiny_config, tmp_path):
@@ -67,5 +72,5 @@ def test_compare_cli_writes_json_and_markdown(tiny_config, tmp_path):
     result = compare_cli.main(["--joint", str(joint[0]), "--reference", str(reference[0]),
                                "--json", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "c.md")])
     assert (tmp_path / "c.json").is_file()
-    assert "held_out" in (tmp_path / "c.md").read_text()
+    assert "pooled" in (tmp_path / "c.md").read_text()
     assert set(result["groups"]) == {"joint", "reference"}
