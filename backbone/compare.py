@@ -2,7 +2,8 @@
 
 One image is 0.37 pp of the digits test split, so a single pair of runs cannot
 resolve a 0.5 pp gap. This module scores the full configuration of every
-checkpoint on every split the backbones never trained on, averages each group
+checkpoint on the splits the backbones never trained on (by default; the
+backbone-train split can be added to measure fit), averages each group
 over its seeds, and puts a paired bootstrap interval (over images) on the
 difference between the two groups.
 """
