@@ -32,6 +32,15 @@ def full_config_correct(model: torch.nn.Module, images: torch.Tensor, labels: to
     return torch.cat(hits).numpy()
 
 
+def paired_interval_pp(diff: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval, in pp, of the mean of per-image accuracy differences ``diff`` ``(n,)``."""
+    if np.all(diff == diff[0]):  # no spread to resample
+        return 100 * float(diff[0]), 100 * float(diff[0])
+    ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return 100 * float(ci.low), 100 * float(ci.high)
+
+
 def check_same_data(directories: list[str | Path], data: Dataset, split_seed: int) -> None:
     """Raise ``ValueError`` unless every checkpoint was trained on ``data`` cut with ``split_seed``."""
     for directory in directories:
@@ -80,12 +89,10 @@ def compare_backbones(groups: dict[str, list[str | Path]], data: Dataset, split_
     if len(groups) >= 2:
         first, second = list(groups)[:2]
         diff = mean_correct[first] - mean_correct[second]
-        ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
-                       random_state=np.random.default_rng(seed)).confidence_interval
         result["difference"] = {
             "groups": [first, second],
             "pooled_delta_pp": 100 * float(diff.mean()),
-            "pooled_delta_pp_ci": [100 * float(ci.low), 100 * float(ci.high)],
+            "pooled_delta_pp_ci": list(paired_interval_pp(diff, seed)),
         }
     return result
 

@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, bootstrap
+from scipy.stats import binomtest
 
 from backbone import AdaPerceiver, readout_flops
+from backbone.compare import paired_interval_pp
 from envs import OutcomeTable
 from policy.artifact import PolicyArtifact
 from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
@@ -27,12 +28,7 @@ TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.
 def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:
     """Accuracy difference in pp with a 95% paired bootstrap interval and the exact McNemar p-value."""
     diff = correct.astype(np.float64) - reference.astype(np.float64)
-    if np.all(diff == diff[0]):
-        ci = (100 * diff[0], 100 * diff[0])
-    else:
-        res = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
-                        random_state=np.random.default_rng(seed))
-        ci = (100 * res.confidence_interval.low, 100 * res.confidence_interval.high)
+    ci = paired_interval_pp(diff, seed)
     lost, gained = int(np.sum(reference & ~correct)), int(np.sum(~reference & correct))
     p = 1.0 if lost + gained == 0 else binomtest(min(lost, gained), lost + gained, 0.5).pvalue
     return {"delta_pp": 100 * diff.mean(), "delta_pp_ci": [float(ci[0]), float(ci[1])], "mcnemar_p": float(p)}
