@@ -89,7 +89,11 @@ def backbone_hash(directory: str | Path) -> str:
     """Content hash (sha256, hex) of a checkpoint's weights and architecture."""
     directory = Path(directory)
     config, _ = read_config(directory)
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    architecture = config.to_dict()
+    if not architecture["stem_channels"]:
+        # added after the first checkpoints shipped: it enters the hash only when set, so theirs stay valid
+        del architecture["stem_channels"]
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
     with open(directory / WEIGHTS, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

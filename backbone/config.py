@@ -37,6 +37,10 @@ class AdaPerceiverConfig:
     """Initial LayerScale value on both branches of every block."""
     drop_path: float = 0.0
     """Stochastic-depth rate of the last block (linearly increasing over depth)."""
+    stem_channels: tuple[int, ...] = ()
+    """Empty: linear patch embedding. Else a convolutional patch embedding: one 3x3 stride-2
+    conv (BatchNorm, ReLU) per entry with that many channels, then a 1x1 conv to ``embed_dim``;
+    ``patch_size`` must then be ``2 ** len(stem_channels)``."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -47,6 +51,12 @@ class AdaPerceiverConfig:
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
             errors.append(
                 f"embed_dim ({self.embed_dim}) / num_heads ({self.num_heads}) must be an even integer"
+            )
+        stem = tuple(self.stem_channels)
+        if stem and (any(ch < 1 for ch in stem) or self.patch_size != 2 ** len(stem)):
+            errors.append(
+                f"stem_channels {stem} needs positive channel counts and patch_size == 2 ** {len(stem)}"
+                f" (got patch_size {self.patch_size}); use () for a linear patch embedding"
             )
         if self.depth < 1:
             errors.append(f"depth must be >= 1, got {self.depth}")
@@ -67,6 +77,7 @@ class AdaPerceiverConfig:
             raise ValueError("invalid AdaPerceiverConfig: " + "; ".join(errors))
         object.__setattr__(self, "token_grans", tuple(int(g) for g in grans))
         object.__setattr__(self, "ffn_widths", tuple(float(w) for w in widths))
+        object.__setattr__(self, "stem_channels", tuple(int(ch) for ch in stem))
 
     @property
     def num_patches(self) -> int:
@@ -110,7 +121,7 @@ class AdaPerceiverConfig:
         if unknown:
             raise ValueError(f"unknown AdaPerceiverConfig fields {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
-        for key in ("token_grans", "ffn_widths"):
+        for key in ("token_grans", "ffn_widths", "stem_channels"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)

@@ -1,6 +1,6 @@
 """Analytic FLOP model of the AdaPerceiver, and a checker built on torch's FlopCounterMode.
 
-Convention: a multiply-add is 2 FLOPs; only matrix products (patch-embed conv,
+Convention: a multiply-add is 2 FLOPs; only matrix products (patch-embed convs,
 linears, attention's QK^T and AV) are counted, attention as dense, exactly what
 ``FlopCounterMode`` counts. Norms, softmax, GELU and adds are left out (< 1%).
 """
@@ -27,7 +27,14 @@ def _attention(queries: int, keys: int, dim: int, kv_rows: int | None = None) ->
 def embed_flops(config: AdaPerceiverConfig) -> int:
     """FLOPs of the input adapter (patch embedding) for one image; shared by every configuration."""
     c = config
-    return 2 * c.num_patches * (c.in_chans * c.patch_size**2) * c.embed_dim
+    if not c.stem_channels:
+        return 2 * c.num_patches * (c.in_chans * c.patch_size**2) * c.embed_dim
+    total, side, chans = 0, c.img_size, c.in_chans
+    for out_chans in c.stem_channels:  # 3x3 stride-2 convs, each halving the side
+        side //= 2
+        total += 2 * side * side * 9 * chans * out_chans
+        chans = out_chans
+    return total + 2 * c.num_patches * chans * c.embed_dim
 
 
 def input_adapter_flops(config: AdaPerceiverConfig) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import HybridEmbed, PatchEmbed, trunc_normal_
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from backbone.config import AdaPerceiverConfig
@@ -13,6 +14,21 @@ from backbone.layers import Attention, LatentBlock, init_weights, rope_tables
 
 Width = float | Sequence[float] | torch.Tensor
 ReadKV = tuple[torch.Tensor, torch.Tensor]
+
+
+def patch_embedding(config: AdaPerceiverConfig) -> nn.Module:
+    """Images ``(B, C, H, W)`` -> input tokens ``(B, P, D)``: linear patches, or a conv stem."""
+    c = config
+    if not c.stem_channels:
+        return PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+    # Early convolutions (Xiao et al., 2021): 3x3 stride-2 convs down to the patch grid, then a
+    # 1x1 projection; each token then carries nonlinear features of its neighbourhood.
+    n = len(c.stem_channels)
+    stem = ConvStem(
+        c.in_chans, depth=n + 1, channels=(*c.stem_channels, c.embed_dim),
+        kernel_size=(3,) * n + (1,), stride=(2,) * n + (1,),
+    )
+    return HybridEmbed(stem, img_size=c.img_size, patch_size=1, in_chans=c.in_chans, embed_dim=c.embed_dim, proj=False)
 
 
 class AdaPerceiver(nn.Module):
@@ -27,7 +43,7 @@ class AdaPerceiver(nn.Module):
         super().__init__()
         self.config = c = config
         d = c.embed_dim
-        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, d)
+        self.patch_embed = patch_embedding(c)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, d))
         self.latent = nn.Parameter(torch.zeros(1, 1, d))
         self.read_norm_q = nn.LayerNorm(d)

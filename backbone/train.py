@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import convert_sync_batchnorm
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -247,6 +249,15 @@ def train_backbone(
 
     forward: nn.Module = TrainingForward(model, train.objective)
     if ctx.enabled:
+        if device.type == "cuda":
+            # a conv stem's BatchNorm then normalises over the global batch, as one process would
+            forward = convert_sync_batchnorm(forward)
+        elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            warnings.warn(
+                "BatchNorm statistics are per rank on CPU (SyncBatchNorm needs CUDA), so N processes no longer"
+                " take exactly the steps of one process; train a conv-stem model on one process or on CUDA for that",
+                stacklevel=2,
+            )
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     if train.compile:
         forward = torch.compile(forward)

@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> dict:
     for field in ("embed_dim", "depth", "patch_size", "num_heads"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help="override the preset")
     parser.add_argument("--token-grans", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
+    parser.add_argument(
+        "--stem-channels", type=lambda s: tuple(int(v) for v in s.split(",") if v), default=None,
+        help="conv patch embedding, e.g. 32,64 for patch size 4; '' for a linear one (override the preset)",
+    )
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
     arch = preset(data.name, data.image_shape, data.num_classes).to_dict()
-    for key in ("embed_dim", "depth", "patch_size", "num_heads", "token_grans"):
+    for key in ("embed_dim", "depth", "patch_size", "num_heads", "token_grans", "stem_channels"):
         if getattr(args, key) is not None:
             arch[key] = getattr(args, key)
     model_config = AdaPerceiverConfig.from_dict(arch)

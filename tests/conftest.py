@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,15 +16,26 @@ def tiny_config() -> AdaPerceiverConfig:
     )
 
 
-@pytest.fixture
-def tiny_model(tiny_config) -> AdaPerceiver:
+def perturbed_model(config: AdaPerceiverConfig) -> AdaPerceiver:
+    """A seeded model in eval mode whose every path matters."""
     torch.manual_seed(0)
-    model = AdaPerceiver(tiny_config).eval()
+    model = AdaPerceiver(config).eval()
     # random init has LayerScale 0.1 and near-uniform attention; perturb so every path matters
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return model
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> AdaPerceiver:
+    return perturbed_model(tiny_config)
+
+
+@pytest.fixture
+def tiny_stem_model(tiny_config) -> AdaPerceiver:
+    """The tiny model with a convolutional patch embedding (one 3x3 stride-2 conv of 4 channels)."""
+    return perturbed_model(dataclasses.replace(tiny_config, stem_channels=(4,)))
 
 
 @pytest.fixture(scope="session")

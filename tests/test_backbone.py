@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -5,7 +7,9 @@ from backbone import AdaPerceiver, AdaPerceiverConfig, flops, measure_flops
 from backbone.train import TrainConfig, TrainingForward, grid_loss_weights, training_loss
 
 
-def test_forward_grid_matches_forward_everywhere(tiny_model, tiny_config):
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_stem_model"])
+def test_forward_grid_matches_forward_everywhere(model_fixture, tiny_config, request):
+    tiny_model = request.getfixturevalue(model_fixture)
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         for width in tiny_config.ffn_widths:
@@ -63,6 +67,16 @@ def test_flops_agree_with_torch_flop_counter(tiny_model, tiny_config, config):
     assert abs(analytic - counted) / counted <= 0.02
 
 
+@pytest.mark.parametrize("config", [(2, 1, 0.25), (8, 3, 1.0)])
+def test_conv_stem_flops_agree_with_torch_flop_counter(tiny_stem_model, config):
+    x = torch.rand(1, 1, 8, 8)
+    counted = measure_flops(lambda: tiny_stem_model(x, *config))
+    analytic = flops(tiny_stem_model.config, *config)
+    assert abs(analytic - counted) / counted <= 0.02
+    # the stem costs more than the linear patch embedding it replaces
+    assert analytic > flops(dataclasses.replace(tiny_stem_model.config, stem_channels=()), *config)
+
+
 def test_cpu_inference_attention_equals_training_kernel(tiny_model, tiny_config):
     # inference on CPU takes the matmul-softmax path, training takes torch's SDPA kernel
     x = torch.rand(5, 1, 8, 8)
@@ -117,6 +131,8 @@ def test_bad_architecture_raises():
         AdaPerceiverConfig(token_grans=(4, 2))
     with pytest.raises(ValueError, match="patch_size"):
         AdaPerceiverConfig(img_size=9, patch_size=2)
+    with pytest.raises(ValueError, match=r"stem_channels \(8, 16\) needs .* patch_size == 2 \*\* 2"):
+        AdaPerceiverConfig(img_size=8, patch_size=2, stem_channels=(8, 16))
 
 
 def test_early_exit(tiny_model, tiny_config):
@@ -139,8 +155,9 @@ def test_early_exit(tiny_model, tiny_config):
             assert torch.allclose(logits[i], tiny_model(x[i : i + 1], depth=expected)[0], atol=1e-5)
 
 
-def test_grid_objective_trains_every_parameter(tiny_config):
-    model = AdaPerceiver(tiny_config).train()
+@pytest.mark.parametrize("stem_channels", [(), (4,)])
+def test_grid_objective_trains_every_parameter(tiny_config, stem_channels):
+    model = AdaPerceiver(dataclasses.replace(tiny_config, stem_channels=stem_channels)).train()
     train = TrainConfig()
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss = training_loss(TrainingForward(model, 'grid'), x, y, torch.tensor([0.25, 0.5, 1.0, 1.0] * 2), grid_loss_weights(tiny_config, train), train)

@@ -25,6 +25,30 @@ def test_roundtrip_and_hash(tiny_model, tmp_path):
     assert not list((tmp_path / "ckpt").glob("*.tmp")), "atomic writes leave no temp files"
 
 
+def test_conv_stem_roundtrip_keeps_batchnorm_statistics(tiny_stem_model, tmp_path):
+    x = torch.rand(16, 1, 8, 8)
+    tiny_stem_model.train()
+    with torch.no_grad():
+        tiny_stem_model(x)  # moves the BatchNorm running statistics away from their init
+    tiny_stem_model.eval()
+    save_checkpoint(tiny_stem_model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config.stem_channels == (4,)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), tiny_stem_model(x))
+        fresh = torch.nn.BatchNorm2d(4)
+        stats = [m for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+        assert not torch.allclose(stats.running_mean, fresh.running_mean)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "fashion-mnist"])
+def test_shipped_policies_match_their_shipped_backbone(dataset):
+    from policy.artifact import load_policy
+
+    root = DIGITS.parent.parent
+    load_policy(root / "policies" / dataset, backbone_hash(root / "checkpoints" / dataset))  # raises on a mismatch
+
+
 def test_truncated_weights_raise(tiny_model, tmp_path):
     save_checkpoint(tiny_model, tmp_path)
     weights = tmp_path / "model.safetensors"

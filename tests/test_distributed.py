@@ -19,11 +19,12 @@ TINY = ["--embed-dim", "16", "--depth", "2", "--num-heads", "2", "--token-grans"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run(args: list[str], nproc: int = 1) -> None:
+def run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     done = subprocess.run([*launcher, *args], check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,13 @@ def test_two_processes_write_one_checkpoint_and_one_log(trained):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "grid_accuracy.json", "model.safetensors", "tb",
                                                      "train_state.pt"]
     assert len(list((out / "tb").glob("events.out.tfevents*"))) == 1
+
+
+def test_conv_stem_on_cpu_ranks_warns_that_batchnorm_is_per_rank(tmp_path):
+    done = run(["experiments/train_backbone.py", *TINY, "--stem-channels", "4", "--epochs", "1", "--batch-size", "320",
+                "--device", "cpu", "--threads", "1", "--eval-limit", "50", "--out", str(tmp_path)], nproc=2)
+    assert "BatchNorm statistics are per rank" in done.stderr
+    assert read_config(tmp_path)[0].stem_channels == (4,)
 
 
 def test_sharded_outcome_table_equals_single_process(tmp_path, tiny_model):
