@@ -1,7 +1,7 @@
 """Train the AdaPerceiver backbone jointly over its configuration grid.
 
     python experiments/train_backbone.py                                  # digits -> checkpoints/digits
-    python experiments/train_backbone.py --dataset fashion-mnist --epochs 30 --out checkpoints/fashion-mnist
+    python experiments/train_backbone.py --dataset fashion-mnist --epochs 16 --warmup-epochs 1 --augment-flip --augment-shift 1
 """
 
 from __future__ import annotations
