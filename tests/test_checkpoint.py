@@ -78,4 +78,4 @@ def test_shipped_digits_checkpoint_reaches_stated_accuracy():
     test = data.splits["test"]
     with torch.no_grad():
         accuracy = (model(test.x).argmax(-1) == test.y).float().mean().item()
-    assert accuracy >= 0.965  # stated in README (96.67%); the 97% goal is one test image away
+    assert accuracy >= 0.985  # README states 98.89% (267 of 270); one image of slack for CPU numerics, goal 97%
