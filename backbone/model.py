@@ -103,7 +103,9 @@ class AdaPerceiver(nn.Module):
         They do not depend on the configuration, so several passes over the same inputs
         (the policy's glance, then the chosen configuration) can share them.
         """
-        return self.read.project_kv(self.read_norm_kv(input_tokens))
+        k, v = self.read.project_kv(self.read_norm_kv(input_tokens))
+        # contiguous once here: each use of the permuted views would otherwise copy them again
+        return k.contiguous(), v.contiguous()
 
     def _read(self, input_tokens: torch.Tensor | None, tokens: int, read_kv: ReadKV | None) -> torch.Tensor:
         """Latents ``(B, tokens, D)`` after the read (``read_kv``, when given, stands in for ``input_tokens``)."""
