@@ -67,6 +67,61 @@ def flops_grid(config: AdaPerceiverConfig) -> torch.Tensor:
     )
 
 
+def _resolve(config: AdaPerceiverConfig, tokens: int | None, depth: int | None, width: float | None) -> tuple[int, int, int]:
+    """``(tokens, depth, FFN hidden units)`` of a configuration, ``None`` meaning the largest."""
+    c = config
+    g = c.max_tokens if tokens is None else tokens
+    depth = c.depth if depth is None else depth
+    c.token_index(g)
+    c.check_depth(depth)
+    return g, depth, c.ffn_hidden_units(1.0 if width is None else width)
+
+
+def extension_flops(
+    config: AdaPerceiverConfig,
+    glance: tuple[int | None, int | None, float | None],
+    target: tuple[int | None, int | None, float | None],
+) -> int:
+    """FLOPs one image pays in ``AdaPerceiver.extend`` from ``glance`` to ``target``, beyond the glance.
+
+    0 when ``target == glance`` (the caller answers with the glance's logits). Otherwise, with
+    glance ``(g0, l0, w0)`` and target ``(g, l, w)``: the read's new rows ``g0:g`` (their queries
+    over the shared keys and values), then for blocks ``1..min(l, l0)`` at the same FFN width the
+    new rows only (queries, output projection and FFN of ``g - g0`` rows, keys and values of all
+    ``g``; nothing when ``g <= g0``), full blocks over ``g`` rows for the rest, and the write and
+    head. Same convention as ``flops``.
+    """
+    c = config
+    g0, l0, h0 = _resolve(c, *glance)
+    g, l, h = _resolve(c, *target)
+    if (g, l, h) == (g0, l0, h0):
+        return 0
+    d = c.embed_dim
+    new = max(0, g - g0)
+    read = _attention(new, c.num_patches, d, kv_rows=0)
+    reused = min(l, l0) if h == h0 else 0
+    new_rows_block = _attention(new, g, d, kv_rows=g) + 2 * (2 * new * d * h) if new else 0
+    full_block = _attention(g, g, d) + 2 * (2 * g * d * h)
+    return read + reused * new_rows_block + (l - reused) * full_block + readout_flops(c, g)
+
+
+def cascade_flops(config: AdaPerceiverConfig, glance: tuple[int | None, int | None, float | None]) -> torch.Tensor:
+    """FLOPs of a glance then every grid configuration, ``(K, L, M)`` int64 (tokens x depth x width).
+
+    ``flops(config, *glance)`` (input adapter included) plus ``extension_flops`` to each target;
+    at the glance's own grid point it is the glance alone.
+    """
+    c = config
+    first = flops(c, *glance)
+    return torch.tensor(
+        [
+            [[first + extension_flops(c, glance, (g, l, w)) for w in c.ffn_widths] for l in range(1, c.depth + 1)]
+            for g in c.token_grans
+        ],
+        dtype=torch.int64,
+    )
+
+
 def readout_flops(config: AdaPerceiverConfig, tokens: int | None = None) -> int:
     """FLOPs of one extra write + head over ``tokens`` latents (what early exit pays per block it passes)."""
     c = config

@@ -132,6 +132,30 @@ class LatentBlock(nn.Module):
         y = self.ffn(self.norm2(x), hidden_units=hidden_units, hidden_mask=hidden_mask)
         return x + self.drop_path(self.ls2(y))
 
+    def forward_rows(
+        self,
+        x: torch.Tensor,
+        start: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        hidden_units: int | None = None,
+    ) -> torch.Tensor:
+        """Rows ``start:`` of ``forward(x, ...)``, ``(B, N - start, D)``, computed for those rows only.
+
+        Rows ``:start`` of ``x`` ``(B, N, D)`` serve only as keys and values: their queries,
+        output projection and FFN are not computed. ``rope`` and ``mask`` cover at least the
+        ``N`` positions, as for ``forward``.
+        """
+        n = x.shape[1]
+        cos, sin = rope
+        y = self.norm1(x)
+        attended = self.attn(
+            y[:, start:], y, rope_q=(cos[start:n], sin[start:n]), rope_k=(cos[:n], sin[:n]), mask=mask[start:n, :n]
+        )
+        x = x[:, start:] + self.drop_path(self.ls1(attended))
+        y = self.ffn(self.norm2(x), hidden_units=hidden_units)
+        return x + self.drop_path(self.ls2(y))
+
     def forward_packed(
         self,
         x: torch.Tensor,

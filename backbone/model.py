@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from timm.layers import HybridEmbed, PatchEmbed, trunc_normal_
@@ -14,6 +15,22 @@ from backbone.layers import Attention, LatentBlock, init_weights, rope_tables
 
 Width = float | Sequence[float] | torch.Tensor
 ReadKV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class GlanceState:
+    """What a glance pass leaves for ``AdaPerceiver.extend`` to continue from.
+
+    The glance is a stage of every larger configuration, not an overhead: the read's output and
+    (at the same width) the first blocks' latents of its rows are those of any larger pass.
+    """
+
+    config: tuple[int, int, float]
+    """``(tokens, depth, width)`` of the glance, resolved."""
+    latents: list[torch.Tensor]
+    """``latents[b]``: ``(B, tokens, D)`` after the read (``b = 0``) and after block ``b`` (``1..depth``)."""
+    read_kv: ReadKV
+    """The read's keys and values of the input tokens, shared by every configuration."""
 
 
 def patch_embedding(config: AdaPerceiverConfig) -> nn.Module:
@@ -107,11 +124,18 @@ class AdaPerceiver(nn.Module):
         # contiguous once here: each use of the permuted views would otherwise copy them again
         return k.contiguous(), v.contiguous()
 
-    def _read(self, input_tokens: torch.Tensor | None, tokens: int, read_kv: ReadKV | None) -> torch.Tensor:
-        """Latents ``(B, tokens, D)`` after the read (``read_kv``, when given, stands in for ``input_tokens``)."""
+    def _read(
+        self, input_tokens: torch.Tensor | None, tokens: int, read_kv: ReadKV | None, start: int = 0
+    ) -> torch.Tensor:
+        """Latents ``start..tokens-1`` ``(B, tokens - start, D)`` after the read.
+
+        ``read_kv``, when given, stands in for ``input_tokens``. Each latent query reads on its
+        own, so rows ``start:`` are those of the full read.
+        """
         kv = self.read_kv(input_tokens) if read_kv is None else read_kv
-        latents = self.latent.expand(kv[0].shape[0], tokens, -1)
-        return latents + self.read(self.read_norm_q(latents), kv=kv, rope_q=self._rope(tokens))
+        latents = self.latent.expand(kv[0].shape[0], tokens - start, -1)
+        cos, sin = self._rope(tokens)
+        return latents + self.read(self.read_norm_q(latents), kv=kv, rope_q=(cos[start:], sin[start:]))
 
     def _write(self, latents: torch.Tensor, grans: Sequence[int]) -> torch.Tensor:
         """Logits ``(B, len(grans), C)``, the write over the first ``g`` latents for each ``g``."""
@@ -149,13 +173,93 @@ class AdaPerceiver(nn.Module):
 
         ``read_kv`` (from ``read_kv(input_tokens)``) skips recomputing the read's keys and values.
         """
-        tokens, depth, width = self.resolve(tokens, depth, width)
+        return self._pass(input_tokens, self.resolve(tokens, depth, width), read_kv, keep=False)[0]
+
+    def glance(
+        self,
+        input_tokens: torch.Tensor | None,
+        tokens: int | None = None,
+        depth: int | None = None,
+        width: float | None = None,
+        read_kv: ReadKV | None = None,
+    ) -> tuple[torch.Tensor, GlanceState]:
+        """Logits ``(B, C)`` at the glance configuration, and the state ``extend()`` continues from.
+
+        The same pass, numbers and FLOPs as ``run``; it also keeps the latents after the read
+        and after each block (``None`` means the largest value, as for ``run``; callers name the
+        glance's configuration, typically the smallest grid point).
+        """
+        config = self.resolve(tokens, depth, width)
+        logits, latents, kv = self._pass(input_tokens, config, read_kv, keep=True)
+        return logits, GlanceState(config, latents, kv)
+
+    def extend(
+        self,
+        state: GlanceState,
+        tokens: int | None = None,
+        depth: int | None = None,
+        width: float | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B', C)`` at ``(tokens, depth, width)`` for the inputs ``rows`` of the glance's batch (all if None).
+
+        Equal to ``run(input_tokens, tokens, depth, width)`` up to float noise, reusing the glance
+        wherever the block mask's prefix property allows (glance ``(g0, l0, w0)``, target ``(g, l, w)``):
+
+        - the read: the glance's rows ``:g0`` serve every target; only rows ``g0:g`` are read;
+        - blocks ``1..min(l, l0)`` at the same FFN width: rows ``:g0`` are the glance's latents, and
+          only the new rows ``g0:g`` are computed (their queries, output projection and FFN; the
+          keys and values of all ``g`` rows, recomputed from the glance's block inputs). With
+          ``g <= g0`` nothing is computed there;
+        - later blocks, or every block at another width: the full block over all ``g`` rows;
+        - the write and head over the final ``g`` latents.
+
+        ``backbone.flops.extension_flops`` counts exactly this. At the glance's own configuration
+        this reruns the write over the stored latents, but a caller answers with the glance's
+        logits there instead, so ``extension_flops`` is 0 for that point.
+        """
+        g, depth, width = self.resolve(tokens, depth, width)
+        g0, l0, w0 = state.config
+        hidden = self.config.ffn_hidden_units(width)
+        # rows :g0 after block b are the glance's only at the same FFN width
+        reused = min(depth, l0) if hidden == self.config.ffn_hidden_units(w0) else 0
+        stored = state.latents[: reused + 1]
+        kv = state.read_kv
+        if rows is not None:
+            stored = [z[rows] for z in stored]
+            kv = (kv[0][rows], kv[1][rows])
+        rope, mask = self._rope(g), self.block_mask[:g, :g]
+        if g <= g0:
+            latents = stored[reused][:, :g]
+        else:
+            new = self._read(None, g, kv, start=g0)
+            for b in range(reused):
+                new = self.blocks[b].forward_rows(torch.cat([stored[b], new], dim=1), g0, rope, mask, hidden)
+            latents = torch.cat([stored[reused], new], dim=1)
+        for block in self.blocks[reused:depth]:
+            latents = block(latents, rope, mask, hidden_units=hidden)
+        return self._write(latents, (g,))[:, 0]
+
+    def _pass(
+        self,
+        input_tokens: torch.Tensor | None,
+        config: tuple[int, int, float],
+        read_kv: ReadKV | None,
+        keep: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, ReadKV]:
+        """One pass at a resolved ``config``: logits ``(B, C)``, the latents after the read and after
+        each block (when ``keep``, else ``None``), and the read's keys and values."""
+        tokens, depth, width = config
         hidden = self.config.ffn_hidden_units(width)
         rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
-        latents = self._read(input_tokens, tokens, read_kv)
+        kv = self.read_kv(input_tokens) if read_kv is None else read_kv
+        latents = self._read(None, tokens, kv)
+        kept = [latents] if keep else None
         for block in self.blocks[:depth]:
             latents = block(latents, rope, mask, hidden_units=hidden)
-        return self._write(latents, (tokens,))[:, 0]
+            if keep:
+                kept.append(latents)
+        return self._write(latents, (tokens,))[:, 0], kept, kv
 
     def run_mixed(
         self,

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from backbone import AdaPerceiver, flops_grid
-from envs.features import FeatureSpec, compute_features
+from backbone import AdaPerceiver, flops
+from envs.features import FeatureSpec, compute_features, staged_flops
 from envs.outcome_table import OutcomeTable
+from envs.reward import check_reward, draw_lam, lam_feature, lam_range, reward
 
 
 @dataclass
@@ -33,79 +34,91 @@ class AdaptiveComputeEnv(gym.Env):
     ``step`` runs it at the chosen configuration and the episode terminates.
 
     **Observation**: ``Box(-inf, inf, (F,), float32)``, the policy features of the input
-    (see ``envs.features.FeatureSpec``).
+    (see ``envs.features.FeatureSpec``), plus one column for the price when ``lam`` is a range.
 
     **Action**: ``MultiDiscrete([K, L, M])``: index of the token granularity, exit depth
-    minus one, and index of the FFN width.
+    minus one, and index of the FFN width. The glance's own grid point means "answer with
+    the glance"; every other point extends the glance.
 
-    **Reward**: ``correct - lam * FLOPs(action) / FLOPs(full)``; ``correct`` is 1 when the
-    top-1 prediction is the true class, else 0 (``reward="logprob"`` uses the true
-    class's log-probability instead).
+    **Reward**: ``accuracy - lam * staged_FLOPs(action) / FLOPs(full)`` (``envs.reward``);
+    the accuracy term is ``reward='correct'`` (top-1 is the true class), ``'agree'`` (top-1
+    is the full configuration's) or ``'logprob'`` (true class's log-probability).
 
-    **Info**: ``correct`` (bool), ``flops`` (backbone FLOPs of the action),
-    ``config`` ((tokens, depth, width)), ``index`` (row of the input).
+    **Info**: ``correct`` (bool), ``flops`` (staged backbone FLOPs of the action),
+    ``config`` ((tokens, depth, width)), ``index`` (row of the input), ``lam``.
 
     **Arguments**: ``table`` (an ``OutcomeTable``) or ``live`` (a ``LiveBackend``), one of
-    them; ``lam`` >= 0; ``reward`` 'correct' or 'logprob'.
+    them; ``lam`` >= 0, or ``(low, high)`` to draw it per episode (log-uniform); ``reward``.
 
-    **Version history**: v0, first version.
+    **Version history**: v0, first version. v1: staged costs, the agree reward, price ranges.
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium convention)
 
     def __init__(
-        self, table: OutcomeTable | None = None, live: LiveBackend | None = None, lam: float = 0.1, reward: str = "correct"
+        self, table: OutcomeTable | None = None, live: LiveBackend | None = None,
+        lam: float | tuple[float, float] = 0.1, reward: str = "correct",
     ) -> None:
         if (table is None) == (live is None):
             raise ValueError("give exactly one of table= (an OutcomeTable) or live= (a LiveBackend)")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        if reward not in ("correct", "logprob"):
-            raise ValueError(f"reward must be 'correct' or 'logprob', got {reward!r}")
-        self.table, self.live, self.lam, self.reward_kind = table, live, float(lam), reward
+        self.lam_range, self.reward_kind = lam_range(lam), check_reward(reward)
+        self.table, self.live = table, live
+        self.lam = None if self.lam_range else float(lam)
         if table is not None:
-            self.flops = table.flops
+            self.flops, full = table.staged_flops, table.full_flops
             self.token_grans, self.ffn_widths = table.token_grans, table.ffn_widths
             self.n_inputs, n_features = len(table), table.features.shape[1]
         else:
             config = live.model.config
-            self.flops = flops_grid(config).numpy()
+            self.flops, full = staged_flops(live.spec, config), flops(config)
             self.token_grans, self.ffn_widths = config.token_grans, config.ffn_widths
             self.n_inputs, n_features = len(live.labels), live.spec.dim(config)
-        self.full_flops = float(self.flops[-1, -1, -1])
+        self.full_flops = float(full)  # costs are fractions of a fresh full pass
+        n_features += self.lam_range is not None
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(n_features,), dtype=np.float32)
         self.action_space = spaces.MultiDiscrete(list(self.flops.shape))
-        self.index = 0
+        self.index, self.episode_lam = 0, self.lam
 
     def _observe(self) -> np.ndarray:
         if self.table is not None:
-            return self.table.features[self.index]
-        model = self.live.model
-        tokens = model.embed(self.live.images[self.index : self.index + 1])
-        return compute_features(model, tokens, self.live.spec)[0].numpy()
+            features = self.table.features[self.index]
+        else:
+            model = self.live.model
+            tokens = model.embed(self.live.images[self.index : self.index + 1])
+            features = compute_features(model, tokens, self.live.spec)[0].numpy()
+        if self.lam_range is not None:
+            features = np.append(features, lam_feature(self.episode_lam, *self.lam_range))
+        return features.astype(np.float32)
 
-    def _outcome(self, k: int, l: int, m: int) -> tuple[bool, float]:
+    def _outcome(self, k: int, l: int, m: int) -> tuple[bool, bool, float]:
+        """(correct, agrees with the full configuration, true-class log-probability) of the current input."""
         if self.table is not None:
-            return bool(self.table.correct[self.index, k, l, m]), float(self.table.true_logprob[self.index, k, l, m])
+            i = self.index
+            return bool(self.table.correct[i, k, l, m]), bool(self.table.agree[i, k, l, m]), float(self.table.true_logprob[i, k, l, m])
         model, label = self.live.model, int(self.live.labels[self.index])
+        image = self.live.images[self.index : self.index + 1]
         with torch.inference_mode():
-            logits = model(self.live.images[self.index : self.index + 1], self.token_grans[k], l + 1, self.ffn_widths[m])
+            logits = model(image, self.token_grans[k], l + 1, self.ffn_widths[m])
+            full_class = int(model(image).argmax(-1))
         logprobs = logits[0].float().log_softmax(-1)
-        return bool(logprobs.argmax().item() == label), float(logprobs[label])
+        predicted = int(logprobs.argmax())
+        return predicted == label, predicted == full_class, float(logprobs[label])
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.index = int(self.np_random.integers(self.n_inputs))
         if options and "index" in options:
             self.index = int(options["index"])
-        return self._observe().astype(np.float32), {"index": self.index}
+        if self.lam_range is not None:
+            self.episode_lam = float(options["lam"]) if options and "lam" in options else float(draw_lam(self.np_random, *self.lam_range))
+        return self._observe(), {"index": self.index}
 
     def step(self, action):
         k, l, m = (int(a) for a in action)
-        correct, logprob = self._outcome(k, l, m)
+        correct, agree, logprob = self._outcome(k, l, m)
         cost = float(self.flops[k, l, m])
-        accuracy_term = float(correct) if self.reward_kind == "correct" else logprob
-        reward = accuracy_term - self.lam * cost / self.full_flops
-        info = {"correct": correct, "flops": cost, "config": (self.token_grans[k], l + 1, self.ffn_widths[m]), "index": self.index}
-        return self._observe().astype(np.float32), reward, True, False, info
-
+        term = {"correct": float(correct), "agree": float(agree), "logprob": logprob}[self.reward_kind]
+        value = float(reward(term, cost / self.full_flops, self.episode_lam))
+        info = {"correct": correct, "flops": cost, "config": (self.token_grans[k], l + 1, self.ffn_widths[m]),
+                "index": self.index, "lam": self.episode_lam}
+        return self._observe(), value, True, False, info

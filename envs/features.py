@@ -1,16 +1,19 @@
 """Policy features: what the policy sees of an input before it picks a configuration.
 
-Features are computed from the frozen backbone's public API, and their FLOPs are
-charged to the policy in every number the project reports.
+Features are computed from the frozen backbone's public API. The glance is a real grid
+point: a policy that picks it answers with the glance's own prediction, and any other
+configuration extends the glance (``AdaPerceiver.extend``), so the glance's FLOPs are part
+of every configuration's staged cost (``staged_flops``), never an overhead paid twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
-from backbone import AdaPerceiver, AdaPerceiverConfig, flops, input_adapter_flops
+from backbone import AdaPerceiver, AdaPerceiverConfig, cascade_flops, flops_grid
 
 
 @dataclass(frozen=True)
@@ -18,9 +21,9 @@ class FeatureSpec:
     """Which features the policy gets (default: the glance only; pooled tokens let the policy memorise inputs).
 
     ``pooled``: the mean of the input tokens ``(D,)`` (the input adapter is paid
-    by every configuration anyway). ``glance``: the softmax ``(C,)`` and max
-    probability of a short pass at ``glance_config`` (its read, blocks and write
-    are charged to the policy).
+    by every configuration anyway). ``glance``: the softmax ``(C,)`` of a short pass at
+    ``glance_config`` and its confidence statistics (max probability, margin between the
+    two largest probabilities, entropy in nats).
     """
 
     pooled: bool = False
@@ -37,21 +40,40 @@ class FeatureSpec:
         return tokens, self.glance_depth, width
 
     def dim(self, config: AdaPerceiverConfig) -> int:
-        return (config.embed_dim if self.pooled else 0) + ((config.num_classes + 1) if self.glance else 0)
+        return (config.embed_dim if self.pooled else 0) + ((config.num_classes + 3) if self.glance else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def feature_flops(spec: FeatureSpec, config: AdaPerceiverConfig) -> int:
-    """FLOPs per image of the features beyond what the chosen configuration's pass shares with them.
+def staged_flops(spec: FeatureSpec, config: AdaPerceiverConfig) -> np.ndarray:
+    """Backbone FLOPs per image ``(K, L, M)`` of the features and then each configuration, as paid.
 
-    The glance reuses the patch embedding and the read's keys and values (``read_kv``), so it
-    pays only its latents' read, its blocks and its write.
+    With a glance, the glance's grid point costs the glance alone (its prediction is the
+    answer) and every other point costs the glance plus its extension; without one, each
+    point is a fresh pass (pooled input tokens are shared with it).
     """
-    if not spec.glance:
-        return 0
-    return flops(config, *spec.glance_config(config)) - input_adapter_flops(config)
+    grid = cascade_flops(config, spec.glance_config(config)) if spec.glance else flops_grid(config)
+    return grid.numpy().astype(np.int64)
+
+
+def glance_features(probs: torch.Tensor) -> torch.Tensor:
+    """Glance features ``(B, C + 3)`` from its softmax ``(B, C)``: probabilities, max, margin, entropy."""
+    top2 = probs.topk(2, dim=-1).values
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1, keepdim=True)
+    return torch.cat([probs, top2[:, :1], top2[:, :1] - top2[:, 1:], entropy], dim=-1)
+
+
+def features_from(input_tokens: torch.Tensor, glance_logits: torch.Tensor | None, spec: FeatureSpec) -> torch.Tensor:
+    """Features ``(B, F)`` float32 from input tokens ``(B, P, D)`` and the glance's logits ``(B, C)``."""
+    parts = []
+    if spec.pooled:
+        parts.append(input_tokens.float().mean(dim=1))
+    if spec.glance:
+        parts.append(glance_features(glance_logits.float().softmax(-1)))
+    if not parts:
+        raise ValueError("FeatureSpec selects no features; enable pooled and/or glance")
+    return torch.cat(parts, dim=-1)
 
 
 @torch.inference_mode()
@@ -59,13 +81,5 @@ def compute_features(
     model: AdaPerceiver, input_tokens: torch.Tensor, spec: FeatureSpec, read_kv: tuple | None = None
 ) -> torch.Tensor:
     """Features ``(B, F)`` float32 from the input tokens ``(B, P, D)`` of ``model.embed`` (and their ``read_kv``)."""
-    parts = []
-    if spec.pooled:
-        parts.append(input_tokens.float().mean(dim=1))
-    if spec.glance:
-        probs = model.run(input_tokens, *spec.glance_config(model.config), read_kv=read_kv).float().softmax(-1)
-        parts.append(probs)
-        parts.append(probs.amax(-1, keepdim=True))
-    if not parts:
-        raise ValueError("FeatureSpec selects no features; enable pooled and/or glance")
-    return torch.cat(parts, dim=-1)
+    logits = model.run(input_tokens, *spec.glance_config(model.config), read_kv=read_kv) if spec.glance else None
+    return features_from(input_tokens, logits, spec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,9 @@ import torch.distributed as dist
 from backbone import AdaPerceiver, flops_grid
 from backbone.checkpoint import atomic_write
 from backbone.distributed import current_context
-from envs.features import FeatureSpec, compute_features, feature_flops
+from envs.features import FeatureSpec, features_from, staged_flops
 
-FORMAT_VERSION = 2  # 2: feature_flops no longer charge the shared read keys/values
+FORMAT_VERSION = 3  # 3: predicted classes (agreement with the full model), staged FLOPs of the glance cascade
 
 
 @dataclass
@@ -30,8 +31,8 @@ class OutcomeTable:
 
     features: np.ndarray
     """Policy features ``(n, F)`` float32."""
-    correct: np.ndarray
-    """Top-1 correctness ``(n, K, L, M)`` bool."""
+    predicted: np.ndarray
+    """Top-1 predicted class ``(n, K, L, M)`` int16."""
     true_logprob: np.ndarray
     """Log-probability of the true class ``(n, K, L, M)`` float32."""
     confidence: np.ndarray
@@ -39,9 +40,10 @@ class OutcomeTable:
     labels: np.ndarray
     """True classes ``(n,)`` int64."""
     flops: np.ndarray
-    """Backbone FLOPs per image of every configuration ``(K, L, M)`` int64."""
-    feature_flops: int
-    """FLOPs per image of the policy features beyond the shared input adapter."""
+    """Backbone FLOPs per image of a fresh pass at every configuration ``(K, L, M)`` int64."""
+    staged_flops: np.ndarray
+    """Backbone FLOPs per image ``(K, L, M)`` int64 of the policy's features and then each configuration,
+    as a policy pays them (the glance's own point costs the glance alone; see ``envs.features.staged_flops``)."""
     token_grans: tuple[int, ...]
     ffn_widths: tuple[float, ...]
     meta: dict
@@ -50,9 +52,24 @@ class OutcomeTable:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @cached_property
+    def correct(self) -> np.ndarray:
+        """Top-1 correctness ``(n, K, L, M)`` bool."""
+        return self.predicted == self.labels[:, None, None, None]
+
+    @cached_property
+    def agree(self) -> np.ndarray:
+        """``(n, K, L, M)`` bool: the configuration predicts what the full configuration predicts."""
+        return self.predicted == self.predicted[:, -1:, -1:, -1:]
+
+    def subset(self, rows: np.ndarray) -> OutcomeTable:
+        """The table of the inputs ``rows`` only (e.g. one half of a split, for cross-fitting)."""
+        per_input = {key: getattr(self, key)[rows] for key in PER_INPUT}
+        return OutcomeTable(**per_input, **{key: getattr(self, key) for key in SHARED})
+
     @property
     def grid_shape(self) -> tuple[int, int, int]:
-        return tuple(self.correct.shape[1:])
+        return tuple(self.predicted.shape[1:])
 
     @property
     def full_flops(self) -> int:
@@ -62,6 +79,10 @@ class OutcomeTable:
         """``(tokens, depth, width)`` of an action ``(k, l, m)`` (depth is 1-based)."""
         k, l, m = (int(a) for a in action)
         return self.token_grans[k], l + 1, self.ffn_widths[m]
+
+
+PER_INPUT = ("features", "predicted", "true_logprob", "confidence", "labels")
+SHARED = ("flops", "staged_flops", "token_grans", "ffn_widths", "meta")
 
 
 def _split_key(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -76,7 +97,8 @@ def build_outcome_table(
     """Run the backbone once per width (a grid pass) over ``images`` ``(n, C, H, W)``."""
     model.eval()
     device = next(model.parameters()).device
-    parts: dict[str, list] = {"features": [], "correct": [], "true_logprob": [], "confidence": []}
+    glance = spec.glance_config(model.config)
+    parts: dict[str, list] = {"features": [], "predicted": [], "true_logprob": [], "confidence": []}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
@@ -85,20 +107,21 @@ def build_outcome_table(
             kv = model.read_kv(input_tokens)
             logits = torch.stack([model.run_grid(input_tokens, w, kv) for w in model.config.ffn_widths], dim=3).float()
             logprobs = logits.log_softmax(-1)  # (B, K, L, M, C)
-            parts["features"].append(compute_features(model, input_tokens, spec, kv).cpu())
-            parts["correct"].append((logits.argmax(-1) == y[:, None, None, None]).cpu())
+            k, l, m = model.config.token_index(glance[0]), glance[1] - 1, model.config.width_index(glance[2])
+            parts["features"].append(features_from(input_tokens, logits[:, k, l, m] if spec.glance else None, spec).cpu())
+            parts["predicted"].append(logits.argmax(-1).to(torch.int16).cpu())
             parts["true_logprob"].append(logprobs.gather(-1, y[:, None, None, None, None].expand(*logprobs.shape[:-1], 1))[..., 0].cpu())
             parts["confidence"].append(logprobs.amax(-1).exp().cpu())
     arrays = {key: torch.cat(value).numpy() for key, value in parts.items()}
     c = model.config
     return OutcomeTable(
         features=arrays["features"].astype(np.float32),
-        correct=arrays["correct"].astype(bool),
+        predicted=arrays["predicted"].astype(np.int16),
         true_logprob=arrays["true_logprob"].astype(np.float32),
         confidence=arrays["confidence"].astype(np.float32),
         labels=labels.numpy().astype(np.int64),
         flops=flops_grid(c).numpy(),
-        feature_flops=feature_flops(spec, c),
+        staged_flops=staged_flops(spec, c),
         token_grans=c.token_grans,
         ffn_widths=c.ffn_widths,
         meta=meta or {},
@@ -108,15 +131,9 @@ def build_outcome_table(
 def save_table(table: OutcomeTable, path: str | Path) -> None:
     """Write ``table`` to an ``.npz`` (plain arrays, metadata as JSON text), atomically."""
     arrays = {
-        "features": table.features,
-        "correct": table.correct,
-        "true_logprob": table.true_logprob,
-        "confidence": table.confidence,
-        "labels": table.labels,
-        "flops": table.flops,
+        **{key: getattr(table, key) for key in (*PER_INPUT, "flops", "staged_flops")},
         "header": np.array(json.dumps({
             "format": FORMAT_VERSION,
-            "feature_flops": table.feature_flops,
             "token_grans": list(table.token_grans),
             "ffn_widths": list(table.ffn_widths),
             "meta": table.meta,
@@ -137,13 +154,7 @@ def load_table(path: str | Path) -> OutcomeTable:
         if header.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: outcome table format {header.get('format')}, expected {FORMAT_VERSION}")
         return OutcomeTable(
-            features=f["features"],
-            correct=f["correct"],
-            true_logprob=f["true_logprob"],
-            confidence=f["confidence"],
-            labels=f["labels"],
-            flops=f["flops"],
-            feature_flops=int(header["feature_flops"]),
+            **{key: f[key] for key in (*PER_INPUT, "flops", "staged_flops")},
             token_grans=tuple(header["token_grans"]),
             ffn_widths=tuple(header["ffn_widths"]),
             meta=header["meta"],
@@ -188,7 +199,5 @@ def cached_outcome_table(
 def concat_tables(parts: list[OutcomeTable]) -> OutcomeTable:
     """One table from row slices of the same split, in order."""
     first = parts[0]
-    rows = {key: np.concatenate([getattr(p, key) for p in parts])
-            for key in ("features", "correct", "true_logprob", "confidence", "labels")}
-    return OutcomeTable(**rows, flops=first.flops, feature_flops=first.feature_flops, token_grans=first.token_grans,
-                        ffn_widths=first.ffn_widths, meta=first.meta)
+    rows = {key: np.concatenate([getattr(p, key) for p in parts]) for key in PER_INPUT}
+    return OutcomeTable(**rows, **{key: getattr(first, key) for key in SHARED})

@@ -9,10 +9,14 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from envs.adaptive_env import AdaptiveComputeEnv, LiveBackend
 from envs.outcome_table import OutcomeTable
+from envs.reward import check_reward, draw_lam, lam_feature, lam_range, reward
 
 
 class TableVecEnv(VecEnv):
     """``num_envs`` copies of ``AdaptiveComputeEnv`` over one table, stepped with numpy indexing.
+
+    ``lam`` is one price, or a range ``(low, high)``: each episode then draws its own price
+    (log-uniform), shown as the observation's last column (``envs.reward.lam_feature``).
 
     Same spaces, reward and info keys as ``AdaptiveComputeEnv``; every step ends every
     episode, so the returned observation is the next input's and the finished one is
@@ -21,16 +25,19 @@ class TableVecEnv(VecEnv):
     """
 
     def __init__(
-        self, table: OutcomeTable, num_envs: int = 256, lam: float = 0.1, seed: int = 0, reward: str = "correct"
+        self, table: OutcomeTable, num_envs: int = 256, lam: float | tuple[float, float] = 0.1, seed: int = 0,
+        reward: str = "correct",
     ) -> None:
-        if reward not in ("correct", "logprob"):
-            raise ValueError(f"reward must be 'correct' or 'logprob', got {reward!r}")
-        observation_space = spaces.Box(-np.inf, np.inf, shape=(table.features.shape[1],), dtype=np.float32)
+        self.lam_range, self.reward_kind = lam_range(lam), check_reward(reward)
+        n_features = table.features.shape[1] + (self.lam_range is not None)
+        observation_space = spaces.Box(-np.inf, np.inf, shape=(n_features,), dtype=np.float32)
         action_space = spaces.MultiDiscrete(list(table.flops.shape))
         self.render_mode = None
         super().__init__(num_envs, observation_space, action_space)
-        self.table, self.lam, self.reward_kind = table, float(lam), reward
-        self.cost = (table.flops / table.flops[-1, -1, -1]).astype(np.float64)
+        self.table = table
+        self.lam = np.full(num_envs, 0.0 if self.lam_range else float(lam))
+        self.cost = (table.staged_flops / table.full_flops).astype(np.float64)
+        self.accuracy_term = {"correct": table.correct, "agree": table.agree, "logprob": table.true_logprob}[reward]
         self.rng = np.random.default_rng(seed)
         self.index = np.zeros(num_envs, dtype=np.int64)
         self.actions: np.ndarray | None = None
@@ -38,7 +45,16 @@ class TableVecEnv(VecEnv):
 
     def _draw(self) -> np.ndarray:
         self.index = self.rng.integers(len(self.table), size=self.num_envs)
-        return self.table.features[self.index]
+        if self.lam_range is not None:
+            self.lam = draw_lam(self.rng, *self.lam_range, size=self.num_envs)
+        return self._observe()
+
+    def _observe(self) -> np.ndarray:
+        """Observations of the current inputs (and prices)."""
+        features = self.table.features[self.index]
+        if self.lam_range is None:
+            return features
+        return np.concatenate([features, lam_feature(self.lam, *self.lam_range)[:, None]], axis=1)
 
     def reset(self) -> np.ndarray:
         return self._draw()
@@ -49,10 +65,9 @@ class TableVecEnv(VecEnv):
     def step_wait(self):
         k, l, m = self.actions.T
         correct = self.table.correct[self.index, k, l, m]
-        accuracy_term = correct if self.reward_kind == "correct" else self.table.true_logprob[self.index, k, l, m]
-        rewards = (accuracy_term - self.lam * self.cost[k, l, m]).astype(np.float32)
-        flops = self.table.flops[k, l, m]
-        terminal = self.table.features[self.index]
+        rewards = reward(self.accuracy_term[self.index, k, l, m], self.cost[k, l, m], self.lam).astype(np.float32)
+        flops = self.table.staged_flops[k, l, m]
+        terminal = self._observe()
         infos = [
             {"terminal_observation": terminal[i], "correct": bool(correct[i]), "flops": float(flops[i])}
             for i in range(self.num_envs)

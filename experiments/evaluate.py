@@ -1,4 +1,6 @@
-"""Compare a policy with fixed configurations, early exit, random and the oracle on the test split.
+"""Compare a policy with fixed configurations, early exit, random, a glance threshold, a supervised router
+and the oracle on the test split; every family's knob is chosen by the same selection rule, once with the
+empirical rule on the calibration split and once with the certified rule cross-fitted on the test halves.
 
     python experiments/evaluate.py                                   # digits, policies/digits
     python experiments/evaluate.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist \\
@@ -16,7 +18,8 @@ from envs import FeatureSpec
 from policy.artifact import load_policy
 from policy.pipeline import PolicyJob, job_dataset, load_tables
 from policy.plots import markdown_table, pareto_plot
-from policy.report import build_report
+from policy.report import SelectionRun, build_report
+from policy.selection import SelectionRule
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,26 +31,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--plot", default=None)
-    parser.add_argument("--tolerance-pp", type=float, default=0.1)
+    rule = SelectionRule()
+    parser.add_argument("--tolerance-pp", type=float, default=rule.tolerance_pp,
+                        help="accuracy drop (empirical) or disagreement (certified) allowed, pp")
+    parser.add_argument("--margin-pp", type=float, default=rule.margin_pp, help="empirical rule's safety margin, pp")
+    parser.add_argument("--delta", type=float, default=rule.delta, help="certified rule's failure probability")
     parser.add_argument("--no-throughput", action="store_true", help="skip the images/s measurements")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     name = args.dataset if args.dataset in ("digits", "fashion-mnist") else Path(args.dataset).stem
     backbone_dir = args.backbone or f"checkpoints/{name}"
     policy_dirs = args.policy if args.policy is not None else [f"policies/{name}"]
     if policy_dirs and (Path(policy_dirs[0]) / "sweep").is_dir():  # the lambda sweep saved beside the policy
-        policy_dirs += sorted(str(p) for p in (Path(policy_dirs[0]) / "sweep").iterdir())
+        policy_dirs += sorted(str(p) for p in (Path(policy_dirs[0]) / "sweep").iterdir() if p.is_dir())
     digest = backbone_hash(backbone_dir)
     policies = [load_policy(p, digest) for p in policy_dirs]
     spec = policies[0].feature_spec if policies else FeatureSpec()
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone_dir, cache_dir=args.cache_dir, features=spec)
-    tables, _ = load_tables(job, ("calibration", "test"))
+    tables, _ = load_tables(job, ("policy_train", "calibration", "test"))
     model = load_checkpoint(backbone_dir)
     images = None
     if not args.no_throughput:
         images = job_dataset(job).splits["test"].x
-    report = build_report(tables["test"], tables["calibration"], model, policies, images, args.tolerance_pp)
+    runs = (SelectionRun(SelectionRule("empirical", args.tolerance_pp, args.margin_pp, args.delta)),
+            SelectionRun(SelectionRule("certified", args.tolerance_pp, args.margin_pp, args.delta), "test_halves"))
+    report = build_report(tables["test"], tables["calibration"], model, policies, images, tables["policy_train"], runs,
+                          quiet=args.quiet)
     report["dataset"] = args.dataset
     table = markdown_table(report)
     print(table)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from backbone.checkpoint import write_json
 from envs import FeatureSpec
+from envs.reward import REWARDS
 from policy.pipeline import PolicyJob, format_summary, run_policy_job
+from policy.selection import MODES, SelectionRule
 from policy.train import PolicyTrainConfig
 
 
@@ -22,12 +24,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", default=None, help="checkpoint directory (default checkpoints/<dataset>)")
     parser.add_argument("--out", default=None, help="artifact directory (default policies/<dataset>)")
     parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
-    parser.add_argument("--lambdas", type=lambda s: tuple(float(v) for v in s.split(",")), default=PolicyTrainConfig.lambdas)
-    parser.add_argument("--timesteps", type=int, default=PolicyTrainConfig.total_timesteps, help="PPO steps per lambda")
-    parser.add_argument("--tolerance-pp", type=float, default=PolicyTrainConfig.tolerance_pp)
-    parser.add_argument("--margin-pp", type=float, default=PolicyTrainConfig.calibration_margin_pp,
-                        help="calibration safety margin (pp) subtracted from the tolerance")
+    floats = lambda s: tuple(float(v) for v in s.split(","))
+    defaults, rule = PolicyTrainConfig(), SelectionRule()
+    parser.add_argument("--lam-range", type=floats, default=defaults.lam_range,
+                        help="low,high: one policy conditioned on its FLOP price (default %(default)s)")
+    parser.add_argument("--lambdas", type=floats, default=None,
+                        help="comma-separated prices: one policy per price instead of a conditioned one")
+    parser.add_argument("--timesteps", type=int, default=defaults.total_timesteps,
+                        help="PPO steps (per price with --lambdas)")
+    parser.add_argument("--reward", choices=REWARDS, default=defaults.reward)
+    parser.add_argument("--net-arch", type=lambda s: [int(v) for v in s.split(",")], default=defaults.net_arch,
+                        help="hidden layers of the policy and value networks, e.g. 64,64")
+    parser.add_argument("--selection", choices=MODES, default=rule.mode,
+                        help="empirical: calibration accuracy drop <= tolerance - margin; certified: the "
+                        "(1 - delta) upper bound on disagreement with the full model <= tolerance")
+    parser.add_argument("--tolerance-pp", type=float, default=rule.tolerance_pp)
+    parser.add_argument("--margin-pp", type=float, default=rule.margin_pp,
+                        help="empirical rule: safety margin (pp) subtracted from the tolerance")
+    parser.add_argument("--delta", type=float, default=rule.delta, help="certified rule: the bound's failure probability")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for PPO")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
@@ -42,8 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
         cache_dir=args.cache_dir,
         log_dir=args.log_dir,
         features=FeatureSpec(pooled=args.pooled),
-        train=PolicyTrainConfig(lambdas=args.lambdas, total_timesteps=args.timesteps, tolerance_pp=args.tolerance_pp,
-                                calibration_margin_pp=args.margin_pp, seed=args.seed),
+        train=PolicyTrainConfig(
+            lam_range=None if args.lambdas else args.lam_range, lambdas=args.lambdas or defaults.lambdas,
+            total_timesteps=args.timesteps, reward=args.reward, net_arch=args.net_arch, seed=args.seed,
+            threads=args.threads, quiet=args.quiet,
+            selection=SelectionRule(args.selection, args.tolerance_pp, args.margin_pp, args.delta),
+        ),
     )
     summary = run_policy_job(job)
     print(format_summary(summary))

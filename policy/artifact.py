@@ -20,6 +20,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from backbone import measure_flops
 from backbone.checkpoint import atomic_write, write_json
 from envs import FeatureSpec
+from envs.reward import lam_feature
 
 WEIGHTS = "policy.safetensors"
 SIDECAR = "policy.json"
@@ -47,11 +48,25 @@ class PolicyArtifact:
     def normalize(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.feature_mean) / self.feature_std).astype(np.float32)
 
+    @property
+    def lam_range(self) -> tuple[float, float] | None:
+        """``(low, high)`` of a price-conditioned policy (the price is an input), else None."""
+        found = self.meta.get("lam_range")
+        return None if found is None else (float(found[0]), float(found[1]))
+
     @torch.inference_mode()
-    def act(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Deterministic actions ``(n, 3)`` (token index, depth - 1, width index) for raw features ``(n, F)``."""
+    def act(self, features: np.ndarray | torch.Tensor, lam: float | None = None) -> np.ndarray:
+        """Deterministic actions ``(n, 3)`` (token index, depth - 1, width index) for raw features ``(n, F)``.
+
+        A price-conditioned policy acts at ``lam`` (default: the calibrated ``meta["lam"]``).
+        """
         features = features.cpu().numpy() if isinstance(features, torch.Tensor) else features
-        obs = torch.as_tensor(self.normalize(np.asarray(features, dtype=np.float32)))
+        features = np.asarray(features, dtype=np.float32)
+        if self.lam_range is not None:
+            lam = float(self.meta["lam"] if lam is None else lam)
+            column = np.full((len(features), 1), lam_feature(lam, *self.lam_range), dtype=np.float32)
+            features = np.concatenate([features, column], axis=1)
+        obs = torch.as_tensor(self.normalize(features))
         self.policy.set_training_mode(False)
         return self.policy._predict(obs, deterministic=True).cpu().numpy().reshape(-1, 3)
 

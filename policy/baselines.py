@@ -42,9 +42,10 @@ def early_exit(table: OutcomeTable, tau: float, width_index: int, readout_flops:
     confident = conf >= tau
     exit_index = np.where(confident.any(axis=1), confident.argmax(axis=1), depth - 1)
     rows = np.arange(len(table))
-    correct = table.correct[rows, -1, exit_index, width_index]
+    predicted = table.predicted[rows, -1, exit_index, width_index]
     flops = table.flops[-1, exit_index, width_index] + exit_index * readout_flops
-    return {"tau": float(tau), "width": table.ffn_widths[width_index], "correct": correct, "flops_per_input": flops}
+    return {"tau": float(tau), "width": table.ffn_widths[width_index], "predicted": predicted,
+            "correct": predicted == table.labels, "flops_per_input": flops}
 
 
 def matched_random_actions(table: OutcomeTable, target_flops: float, seed: int = 0) -> np.ndarray:

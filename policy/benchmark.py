@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from backbone import flops
+from backbone import flops, input_adapter_flops
 from policy.classifier import AdaptiveClassifier, Config
 
 KEYS = ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flop_speedup", "realized_speedup",
@@ -71,7 +71,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     def naive(x: torch.Tensor) -> torch.Tensor:
         input_tokens = model.embed(x)
         read_kv = model.read_kv(input_tokens)
-        return model.run(input_tokens, *largest_in_batch(classifier.choose(input_tokens, read_kv)), read_kv=read_kv)
+        return model.run(input_tokens, *largest_in_batch(classifier.choose(input_tokens, read_kv)[0]), read_kv=read_kv)
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -81,10 +81,12 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         for name, fn in variants.items():
             measured[name].append(images_per_second(fn, batches, warmup, min_seconds))
     speed = {name: float(np.median(values)) for name, values in measured.items()}
-    chosen = [classifier.predict(batch).configs for batch in batches]
-    adaptive_flops = float(np.mean([flops(c, *cfg) for configs in chosen for cfg in configs])) + classifier.policy_flops
-    naive_flops = float(np.average([flops(c, *largest_in_batch(configs)) for configs in chosen],
-                                   weights=[len(configs) for configs in chosen])) + classifier.policy_flops
+    predictions = [classifier.predict(batch) for batch in batches]
+    adaptive_flops = float(np.mean(np.concatenate([p.flops for p in predictions])))
+    # the naive variant pays the glance and the policy, then a fresh pass at the batch's largest configuration
+    glance = flops(c, *classifier.spec.glance_config(c)) - input_adapter_flops(c) if classifier.spec.glance else 0
+    naive_flops = float(np.average([flops(c, *largest_in_batch(p.configs)) for p in predictions],
+                                   weights=[len(p.configs) for p in predictions])) + glance + classifier.network_flops
     full_flops = flops(c)
     flop_speedup = full_flops / adaptive_flops
     realized = speed["adaptive"] / speed["full"]

@@ -1,4 +1,4 @@
-"""Adaptive inference: features -> policy -> the batch at each input's configuration (``run_mixed``)."""
+"""Adaptive inference: glance -> features -> policy -> each input answered by the glance or extended to its configuration."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from backbone import AdaPerceiver, flops
 from backbone.checkpoint import backbone_hash, load_checkpoint
-from backbone.model import ReadKV
-from envs import compute_features
+from backbone.model import GlanceState
+from envs import features_from, staged_flops
 from policy.artifact import PolicyArtifact, PolicyArtifactError, load_policy
 
 Config = tuple[int, int, float]
@@ -31,7 +31,8 @@ class Prediction:
     configs: list[Config]
     """``(tokens, depth, width)`` each input ran at."""
     flops: np.ndarray
-    """``(B,)`` float64 FLOPs per input: its configuration plus the policy's features and network."""
+    """``(B,)`` float64 FLOPs per input as paid: the glance, its extension to the input's configuration (none
+    when the glance answers) and the policy network."""
 
     @classmethod
     def cat(cls, parts: list[Prediction]) -> Prediction:
@@ -44,8 +45,12 @@ class Prediction:
 class AdaptiveClassifier:
     """A frozen backbone with a policy that picks each input's configuration."""
 
-    def __init__(self, backbone: AdaPerceiver, artifact: PolicyArtifact, backbone_hash: str | None = None) -> None:
-        """Check the policy's action grid is the backbone's and, given ``backbone_hash``, that it was made for it."""
+    def __init__(self, backbone: AdaPerceiver, artifact: PolicyArtifact, backbone_hash: str | None = None,
+                 lam: float | None = None) -> None:
+        """Check the policy's action grid is the backbone's and, given ``backbone_hash``, that it was made for it.
+
+        ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price).
+        """
         c = backbone.config
         expected = {"token_grans": list(c.token_grans), "depths": list(range(1, c.depth + 1)),
                     "ffn_widths": list(c.ffn_widths)}
@@ -60,22 +65,16 @@ class AdaptiveClassifier:
                 f"({backbone_hash[:12]}...); train a policy for this backbone with experiments/train_policy.py"
             )
         self.backbone = backbone.eval()
-        self.artifact = artifact
+        self.artifact, self.lam, self.spec = artifact, lam, artifact.feature_spec
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
-        self.policy_flops = float(artifact.meta["feature_flops"] + artifact.network_flops())
+        self.network_flops = float(artifact.network_flops())
+        self.staged_flops = staged_flops(self.spec, c)
 
     @classmethod
     def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu") -> AdaptiveClassifier:
         """Load a checkpoint and a policy artifact; refuses a policy made for another backbone."""
         digest = backbone_hash(backbone_dir)
         return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir), digest)  # __init__ checks the hash
-
-    def choose(self, input_tokens: torch.Tensor, read_kv: ReadKV | None = None) -> list[Config]:
-        """The policy's configuration for each input, from its input tokens ``(B, P, D)`` (and their read K/V)."""
-        c = self.backbone.config
-        features = compute_features(self.backbone, input_tokens, self.artifact.feature_spec, read_kv).cpu().numpy()
-        # actions are (token index, depth - 1, width index)
-        return [(c.token_grans[k], int(d) + 1, c.ffn_widths[w]) for k, d, w in self.artifact.act(features)]
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, config: Config | None = None) -> Prediction:
@@ -91,16 +90,47 @@ class AdaptiveClassifier:
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values; clean them before inference")
         input_tokens = model.embed(images)
-        read_kv = model.read_kv(input_tokens)  # shared by the glance and the packed pass
+        read_kv = model.read_kv(input_tokens)  # shared by the glance and every configuration
         if config is not None:
-            configs, overhead = [config] * len(images), 0.0
+            configs = [config] * len(images)
+            logits = model.run_mixed(input_tokens, configs, read_kv)
+            per_input = np.full(len(images), float(flops(model.config, *config)))
         else:
-            configs, overhead = self.choose(input_tokens, read_kv), self.policy_flops
-        logits = model.run_mixed(input_tokens, configs, read_kv)
+            logits, configs, per_input = self._adaptive(input_tokens, read_kv)
         probs = logits.softmax(-1)
-        cost = {cfg: flops(model.config, *cfg) for cfg in set(configs)}
-        per_input = np.array([cost[cfg] for cfg in configs], dtype=np.float64) + overhead
         return Prediction(logits.cpu(), probs.argmax(-1).cpu(), probs.amax(-1).cpu(), configs, per_input)
+
+    @torch.inference_mode()
+    def choose(self, input_tokens: torch.Tensor, read_kv) -> tuple[list[Config], np.ndarray, torch.Tensor | None, GlanceState | None]:
+        """The glance and the policy's choice for input tokens ``(B, P, D)``: each input's configuration, its FLOPs
+        as paid ``(B,)``, and the glance's logits and state (None without a glance)."""
+        model, c = self.backbone, self.backbone.config
+        glance_logits, state = None, None
+        if self.spec.glance:
+            glance_logits, state = model.glance(input_tokens, *self.spec.glance_config(c), read_kv=read_kv)
+        features = features_from(input_tokens, glance_logits, self.spec).cpu().numpy()
+        actions = self.artifact.act(features, lam=self.lam)  # (token index, depth - 1, width index)
+        configs = [(c.token_grans[k], int(d) + 1, c.ffn_widths[w]) for k, d, w in actions]
+        per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
+        return configs, per_input, glance_logits, state
+
+    def _adaptive(self, input_tokens: torch.Tensor, read_kv) -> tuple[torch.Tensor, list[Config], np.ndarray]:
+        """The glance, the policy's actions, then each group of inputs answered by the glance or extended."""
+        model = self.backbone
+        configs, per_input, glance_logits, state = self.choose(input_tokens, read_kv)
+        if state is None:  # no glance to continue from: fresh passes, packed
+            return model.run_mixed(input_tokens, configs, read_kv).float(), configs, per_input
+        logits = torch.empty_like(glance_logits, dtype=torch.float32)
+        groups: dict[Config, list[int]] = {}
+        for i, cfg in enumerate(configs):
+            groups.setdefault(cfg, []).append(i)
+        for cfg, members in groups.items():
+            rows = torch.tensor(members, device=input_tokens.device)
+            if cfg == state.config:  # the glance answers
+                logits[rows] = glance_logits[rows].float()
+            else:
+                logits[rows] = model.extend(state, *cfg, rows=rows).float()
+        return logits, configs, per_input
 
     def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: Config | None = None) -> Prediction:
         """``predict`` over ``images`` ``(N, C, H, W)`` in chunks of ``batch_size`` (bounds memory), in input order."""

@@ -11,80 +11,104 @@ import matplotlib.pyplot as plt
 
 from backbone.checkpoint import atomic_write
 
-FAMILIES = ("reference", "fixed", "early_exit", "random", "oracle", "ppo")
+FAMILIES = ("fixed", "early_exit", "random", "glance_threshold", "router", "ppo")
 
 
 def _what(name: str, e: dict) -> str:
-    if name in ("reference", "fixed"):
+    """The knob(s) the rule chose, one per calibration fold."""
+    if name in ("reference",):
         return "config " + "/".join(f"{v:g}" for v in e["config"])
-    if name == "early_exit":
-        return f"tau {e['tau']:g}"
-    if name == "ppo":
-        return f"lambda {e['lam']:g}"
-    if name == "random":
-        return f"matched to {1e3 * e['target_gflops']:.3f} MFLOPs"
-    return ""
+    if name == "oracle":
+        return "hindsight, per input"
+    parts = []
+    for fold in e["selection"]["folds"]:
+        if name == "fixed":
+            parts.append("config " + "/".join(f"{v:g}" for v in fold["config"]))
+        elif name in ("early_exit", "glance_threshold"):
+            parts.append(f"tau {fold['tau']:.4g}")
+        elif name == "ppo":
+            parts.append(f"lambda {fold['lam']:.3g}")
+        elif name == "random":
+            parts.append(f"{100 * fold['target_flop_fraction']:.0f}% of full")
+        elif name == "router":
+            parts.append(f"eps {fold['epsilon']:.2g}")
+    return ", ".join(parts)
+
+
+def _row(name: str, e: dict, tolerance_pp: float) -> str:
+    speed = "–" if e.get("images_per_s") is None else f"{e['images_per_s']:,.0f}"
+    ratio = "–" if e.get("front_ratio") is None else f"{e['front_ratio']:.2f}"
+    kept = "" if name in ("reference", "oracle") else (" yes" if e["delta_pp"] >= -tolerance_pp - 1e-9 else " **no**")
+    return (f"| {name} | {_what(name, e)} | {100 * e['accuracy']:.2f}% | {e['delta_pp']:+.2f} "
+            f"[{e['delta_pp_ci'][0]:+.2f}, {e['delta_pp_ci'][1]:+.2f}] |{kept} | {100 * e['disagreement']:.2f}% | "
+            f"{1e3 * e['gflops']:.3f} | {100 * e['flop_reduction']:.1f}% | {ratio} | {100 * e['oracle_capture']:.1f}% | {speed} |")
 
 
 def markdown_table(report: dict) -> str:
-    """One row per family: accuracy, delta with 95% CI, McNemar p, MFLOPs, reduction, oracle capture, images/s."""
-    lines = [
-        "| family | what | accuracy | Δ pp [95% CI] | McNemar p | MFLOPs/image | FLOP reduction | oracle capture | images/s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    """One table per selection run: each family's test accuracy, Δ with 95% CI, disagreement with the full model,
+    MFLOPs, reduction, front ratio, oracle capture and images/s; then the verdict."""
+    tol = report["tolerance_pp"]
+    header = [
+        (f"| family | chosen | accuracy | Δ pp [95% CI] | kept ±{tol:g} pp | disagreement | MFLOPs/image | FLOP reduction "
+        "| front ratio | oracle capture | images/s |"),
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in FAMILIES:
-        if name not in report:
-            continue
-        e = report[name]
-        speed = "–" if e.get("images_per_s") is None else f"{e['images_per_s']:,.0f}"
-        lines.append(
-            f"| {name} | {_what(name, e)} | {100 * e['accuracy']:.2f}% | {e['delta_pp']:+.2f} "
-            f"[{e['delta_pp_ci'][0]:+.2f}, {e['delta_pp_ci'][1]:+.2f}] | {e['mcnemar_p']:.3g} | "
-            f"{1e3 * e['gflops']:.3f} | {100 * e['flop_reduction']:.1f}% | {100 * e['oracle_capture']:.1f}% | {speed} |"
-        )
-    if "ppo" in report:
-        lines += ["", verdict(report)]
-    return "\n".join(lines)
+    lines = []
+    for run in report["selections"]:
+        rule = (f"margin {run['margin_pp']:g} pp" if run["mode"] == "empirical" else f"delta {run['delta']:g}")
+        lines += [(f"**{run['mode']} rule** (tolerance {run['tolerance_pp']:g} pp, {rule}), calibrated on "
+                  f"{run['calibrated_on'].replace('_', ' ')}:"), "", *header]
+        lines.append(_row("reference", report["reference"], tol))
+        lines += [_row(name, run["families"][name], tol) for name in FAMILIES if name in run["families"]]
+        lines.append(_row("oracle", report["oracle"], tol))
+        lines += ["", verdict(run["families"], tol), ""]
+    return "\n".join(lines).rstrip()
 
 
-def verdict(report: dict) -> str:
-    """One plain sentence: does the policy keep the tolerance and beat the best fixed config and early exit?"""
-    ppo, tol = report["ppo"], report["tolerance_pp"]
-    within = ppo["delta_pp"] >= -tol
-    parts = [f"PPO is {'within' if within else 'NOT within'} {tol:g} pp of the reference on test ({ppo['delta_pp']:+.2f} pp)"]
-    for name, label in (("fixed", "the best fixed configuration"), ("early_exit", "the best early-exit tau")):
-        gain = 100 * (ppo["flop_reduction"] - report[name]["flop_reduction"])
-        parts.append(f"{'saves more' if gain > 0 else 'does NOT save more'} than {label} chosen on calibration "
-                     f"({gain:+.1f} pp of FLOP reduction)")
-    return "; ".join(parts) + "."
+def verdict(families: dict, tolerance_pp: float) -> str:
+    """One plain sentence: which families kept the tolerance on test, and which of them saved the most FLOPs."""
+    kept = {n: e for n, e in families.items() if e["delta_pp"] >= -tolerance_pp - 1e-9}
+    missed = [n for n in families if n not in kept]
+    if not kept:
+        return f"No family kept ±{tolerance_pp:g} pp on test."
+    best = max(kept, key=lambda n: kept[n]["flop_reduction"])
+    ranking = ", ".join(f"{n} {100 * kept[n]['flop_reduction']:.1f}%" for n in sorted(kept, key=lambda n: -kept[n]["flop_reduction"]))
+    text = (f"Kept ±{tolerance_pp:g} pp on test: {ranking} (FLOP reduction); {best} saves the most"
+            f" (front ratio {kept[best]['front_ratio']:.2f}).")
+    if missed:
+        text += " Missed it: " + ", ".join(f"{n} ({families[n]['delta_pp']:+.2f} pp)" for n in missed) + "."
+    return text
 
 
 def pareto_plot(report: dict, path: str | Path, title: str = "") -> None:
     """PNG of accuracy against MFLOPs/image with every family drawn."""
     fig, ax = plt.subplots(figsize=(9.5, 5))
-    fixed = report["fixed"]
+    fixed = report["hindsight_fixed_front"]
     ax.scatter([1e3 * p["gflops"] for p in fixed["points"]], [100 * p["accuracy"] for p in fixed["points"]],
-               s=10, color="0.75", label="fixed configurations")
+               s=10, color="0.75", label="fixed configurations (scored on test)")
     ax.plot([1e3 * p["gflops"] for p in fixed["front"]], [100 * p["accuracy"] for p in fixed["front"]],
-            color="0.4", lw=1.2, label="fixed: Pareto front")
-    for width, curve in report["early_exit"]["curves"].items():
+            color="0.4", lw=1.2, label="hindsight fixed front")
+    for width, curve in report["early_exit_curves"].items():
         ax.plot([1e3 * p["gflops"] for p in curve], [100 * p["accuracy"] for p in curve], lw=1.2,
                 ls="-" if float(width) == 1.0 else ":", label=f"early exit, width {width}")
-    for name, marker, color in (("random", "s", "tab:brown"), ("oracle", "*", "tab:green"), ("reference", "D", "black")):
+    markers = {"fixed": ("P", "tab:gray"), "early_exit": ("v", "tab:blue"), "random": ("s", "tab:brown"),
+               "glance_threshold": ("^", "tab:purple"), "router": ("X", "tab:orange"), "ppo": ("o", "tab:red"),
+               "oracle": ("*", "tab:green"), "reference": ("D", "black")}
+    for run, fill in zip(report["selections"], ("full", "none"), strict=False):
+        for name, e in run["families"].items():
+            marker, color = markers[name]
+            ax.scatter([1e3 * e["gflops"]], [100 * e["accuracy"]], marker=marker, s=90, zorder=6,
+                       facecolors=color if fill == "full" else "none", edgecolors=color, lw=1.5,
+                       label=f"{name} ({run['mode']})")
+    for name in ("oracle", "reference"):
+        marker, color = markers[name]
         e = report[name]
         ax.scatter([1e3 * e["gflops"]], [100 * e["accuracy"]], marker=marker, s=90, color=color, label=name, zorder=5)
-    if "ppo" in report:
-        front = sorted(report["ppo"]["front"], key=lambda p: p["gflops"])
-        ax.plot([1e3 * p["gflops"] for p in front], [100 * p["accuracy"] for p in front], "o-", color="tab:red",
-                label="PPO policies (λ sweep)" if len(front) > 1 else "PPO policy", zorder=6)
-        e = report["ppo"]
-        ax.scatter([1e3 * e["gflops"]], [100 * e["accuracy"]], marker="o", s=120, facecolors="none",
-                   edgecolors="tab:red", lw=2, zorder=7, label="PPO (calibrated)")
     ref = report["reference"]
     ax.axhspan(100 * ref["accuracy"] - 0.1, 100 * ref["accuracy"] + 0.1, color="tab:blue", alpha=0.1, label="reference ±0.1 pp")
-    lowest = min(100 * p["accuracy"] for p in fixed["front"])
-    ax.set_ylim(max(lowest, 100 * ref["accuracy"] - 8), 100 * max(report["oracle"]["accuracy"], ref["accuracy"]) + 0.5)
-    ax.set_xlabel("MFLOPs per image (policy and readout costs included)")
+    ax.set_ylim(100 * ref["accuracy"] - 3, 100 * max(report["oracle"]["accuracy"], ref["accuracy"]) + 0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("MFLOPs per image, log scale (glance, policy and readout costs included)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -1,28 +1,48 @@
 """The evaluation report: every family on the test split against the full configuration.
 
-Statistics come from scipy (paired bootstrap, exact binomial test for McNemar),
-the plot from matplotlib. Everything is computed from outcome tables; only the
-throughput column runs the backbone.
+Every deployable family is chosen by one selection rule (``policy.selection``), in each of
+the report's selection runs: the empirical rule on the calibration split, and the certified
+rule cross-fitted on the two halves of the test split (calibrate on one half without its
+labels, measure on the other, swap, pool). The hindsight fixed front, each configuration
+scored on test itself, is the optimistic static bound; a family's ``front_ratio`` is its
+test FLOPs over that front's FLOPs at its test accuracy (< 1: it beats every fixed
+configuration, even one picked on test). Statistics come from scipy; only the throughput
+column runs the backbone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.stats import binomtest
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
 from backbone import AdaPerceiver, readout_flops
 from backbone.compare import paired_interval_pp
 from envs import OutcomeTable
 from policy.artifact import PolicyArtifact
-from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
+from policy.baselines import early_exit, oracle_actions, pareto_front
 from policy.benchmark import batches_of, images_per_second
 from policy.classifier import AdaptiveClassifier
-from policy.evaluation import cheapest_fixed_within, evaluate_actions, fixed_accuracy, full_actions
+from policy.families import (
+    TAUS,
+    EarlyExitFamily,
+    Family,
+    FixedFamily,
+    GlanceThresholdFamily,
+    Outcome,
+    PolicyFamily,
+    RandomFamily,
+    RouterFamily,
+    choose_and_apply,
+)
+from policy.selection import SelectionRule
 
-TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
+FAMILY_NAMES = ("fixed", "early_exit", "random", "glance_threshold", "router", "ppo")
 
 
 def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:
@@ -34,19 +54,75 @@ def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> d
     return {"delta_pp": 100 * diff.mean(), "delta_pp_ci": [float(ci[0]), float(ci[1])], "mcnemar_p": float(p)}
 
 
+def front_flops(front: list[dict], accuracy: float) -> float:
+    """FLOPs of the cheapest point of a Pareto ``front`` at least as accurate as ``accuracy``
+    (the most accurate point's FLOPs when none is)."""
+    reaching = [p["flops"] for p in front if p["accuracy"] >= accuracy - 1e-12]
+    return min(reaching) if reaching else max(front, key=lambda p: p["accuracy"])["flops"]
+
+
 def entry(correct: np.ndarray, flops_per_input: np.ndarray | float, reference: np.ndarray, full_flops: float,
-          oracle_flops: float, **extra) -> dict:
-    """One report row: accuracy, paired statistics against the reference, FLOPs, oracle capture."""
+          oracle_flops: float, front: list[dict] | None = None, **extra) -> dict:
+    """One report row: accuracy, paired statistics against the reference, FLOPs, oracle capture, front ratio."""
     mean_flops = float(np.mean(flops_per_input))
     saving = full_flops - mean_flops
+    accuracy = float(correct.mean())
     return {
-        "accuracy": float(correct.mean()),
+        "accuracy": accuracy,
         **paired_stats(correct, reference),
         "gflops": mean_flops / 1e9,
         "flop_reduction": saving / full_flops,
         "oracle_capture": saving / (full_flops - oracle_flops) if full_flops > oracle_flops else 0.0,
+        "front_ratio": None if front is None else mean_flops / front_flops(front, accuracy),
         **extra,
     }
+
+
+@dataclass(frozen=True)
+class SelectionRun:
+    """One way of choosing every family's knob: a rule, and where it is calibrated."""
+
+    rule: SelectionRule
+    calibrate_on: str = "calibration"
+    """'calibration' (the calibration split) or 'test_halves' (cross-fitted on the test split's halves)."""
+
+    def name(self) -> str:
+        return f"{self.rule.mode}_on_{self.calibrate_on}"
+
+
+DEFAULT_RUNS = (
+    SelectionRun(SelectionRule("empirical")),
+    SelectionRun(SelectionRule("certified"), "test_halves"),
+)
+
+
+def split_halves(test: OutcomeTable, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two stratified, seeded halves of the test rows (scikit-learn's split)."""
+    rows = np.arange(len(test))
+    first, second = train_test_split(rows, test_size=0.5, random_state=seed, stratify=test.labels)
+    return np.sort(first), np.sort(second)
+
+
+def run_family(family: Family, run: SelectionRun, calibration: OutcomeTable, test: OutcomeTable,
+               halves: tuple[np.ndarray, np.ndarray]) -> tuple[Outcome, list[dict]]:
+    """``family`` chosen by ``run`` and applied to every test input; the selection record of each fold."""
+    if run.calibrate_on == "calibration":
+        folds = [(calibration, np.arange(len(test)))]
+    elif run.calibrate_on == "test_halves":
+        folds = [(test.subset(halves[0]), halves[1]), (test.subset(halves[1]), halves[0])]
+    else:
+        raise ValueError(f"calibrate_on must be 'calibration' or 'test_halves', got {run.calibrate_on!r}")
+    predicted, flops = np.empty(len(test), test.predicted.dtype), np.empty(len(test))
+    records = []
+    for calibrate, rows in folds:
+        evaluation = test if len(rows) == len(test) else test.subset(rows)
+        knob, selection, outcome = choose_and_apply(family, calibrate, evaluation, run.rule)
+        predicted[rows], flops[rows] = outcome.predicted, outcome.flops
+        chosen = selection.scores[selection.index]
+        records.append({**family.describe(knob), "meets_target": selection.meets_target,
+                        "calibration": {k: v for k, v in chosen.items() if k != "passes"},
+                        "evaluated_on": len(rows)})
+    return Outcome(predicted, flops), records
 
 
 def build_report(
@@ -55,91 +131,95 @@ def build_report(
     model: AdaPerceiver,
     policies: list[PolicyArtifact],
     images: torch.Tensor | None = None,
-    tolerance_pp: float = 0.1,
+    policy_train: OutcomeTable | None = None,
+    runs: tuple[SelectionRun, ...] = DEFAULT_RUNS,
     seed: int = 0,
+    quiet: bool = False,
 ) -> dict:
-    """Every family on ``test``; the best fixed configuration and early-exit tau are chosen on ``calibration``.
+    """Every family on ``test``, its knob chosen by each selection run.
 
-    ``images`` (the test images) turns on measured throughput; without it ``images_per_s`` is None.
+    ``policy_train`` (its table) trains the router family; without it there is no router.
+    ``images`` (the test images) turns on measured throughput for the first run's families.
     """
     c = model.config
-    full = full_actions(test)
-    reference = evaluate_actions(test, full)
-    ref_correct = reference["correct"]
-    oracle = evaluate_actions(test, oracle_actions(test))
-    row = lambda correct, flops, **extra: entry(correct, flops, ref_correct, test.full_flops, oracle["flops"], **extra)
+    full_predicted = test.predicted[:, -1, -1, -1]
+    ref_correct = test.correct[:, -1, -1, -1]
+    oracle_acts = oracle_actions(test)
+    oracle_flops = float(test.flops[tuple(oracle_acts.T)].mean())
 
-    # batches of row indices, so that a family can look up each input's configuration by row
+    # the hindsight fixed front: every configuration scored on test itself (an optimistic bound)
+    accuracy = test.correct.mean(axis=0)
+    points = [{"config": list(test.configuration(idx)), "accuracy": float(accuracy[idx]), "flops": float(test.flops[idx]),
+               "gflops": float(test.flops[idx]) / 1e9} for idx in np.ndindex(*test.grid_shape)]
+    hindsight = pareto_front(points)
+
+    def row(predicted, flops, **extra) -> dict:
+        correct = predicted == test.labels
+        return {**entry(correct, flops, ref_correct, test.full_flops, oracle_flops, hindsight, **extra),
+                "disagreement": float(np.mean(predicted != full_predicted))}
+
     index_batches = None if images is None else batches_of(torch.arange(len(images)), 256)
 
     def speed(fn: Callable[[torch.Tensor], object]) -> float | None:
-        """Measured images/s of ``fn(rows)`` over the test images."""
+        """Measured images/s of ``fn(rows)`` over the test images (None without images)."""
         return None if images is None else images_per_second(fn, index_batches, min_seconds=1.0)
 
-    def throughput(assign: Callable[[torch.Tensor, tuple, torch.Tensor], list]) -> float | None:
-        """Measured images/s when ``assign(input_tokens, read_kv, rows)`` picks each input's configuration."""
-
+    def fresh_speed(configs_of_rows: Callable[[torch.Tensor], list]) -> float | None:
         def run(rows: torch.Tensor) -> None:
             input_tokens = model.embed(images[rows])
-            read_kv = model.read_kv(input_tokens)
-            model.run_mixed(input_tokens, assign(input_tokens, read_kv, rows), read_kv)
-
+            model.run_mixed(input_tokens, configs_of_rows(rows), model.read_kv(input_tokens))
         return speed(run)
 
-    report: dict = {"n_test": len(test), "tolerance_pp": tolerance_pp}
-    report["reference"] = row(ref_correct, test.full_flops, config=list(test.configuration(full[0])),
-                              images_per_s=throughput(lambda t, kv, rows: [test.configuration(full[0])] * len(t)))
-
-    # fixed: every grid point; the cheapest within tolerance on calibration is the named baseline
-    acc_test = fixed_accuracy(test)
-    points = []
-    for idx in np.ndindex(*test.grid_shape):
-        points.append({"config": list(test.configuration(idx)), "accuracy": float(acc_test[idx]),
-                       "flops": float(test.flops[idx]), "gflops": float(test.flops[idx]) / 1e9})
-    best = cheapest_fixed_within(calibration, tolerance_pp)
-    best_config = test.configuration(best)
-    report["fixed"] = row(test.correct[:, best[0], best[1], best[2]], test.flops[best], config=list(best_config),
-                          images_per_s=throughput(lambda t, kv, rows: [best_config] * len(t)),
-                          points=points, front=pareto_front(points))
-
-    # early exit: full tokens, every width, tau swept; the named one is full width, chosen on calibration
+    report: dict = {"n_test": len(test), "tolerance_pp": runs[0].rule.tolerance_pp}
+    full_config = test.configuration(np.array(test.grid_shape) - 1)
+    report["reference"] = row(full_predicted, test.full_flops, config=list(full_config))
+    report["oracle"] = row(test.predicted[np.arange(len(test)), *oracle_acts.T], test.flops[tuple(oracle_acts.T)])
+    report["hindsight_fixed_front"] = {
+        "note": "each configuration scored on the test split itself: an optimistic bound no deployable method has",
+        "front": hindsight, "points": points,
+    }
     readout = readout_flops(c)
-    curves = {}
-    for m, width in enumerate(test.ffn_widths):
-        curves[str(width)] = [
-            {"tau": float(tau), "accuracy": float(r["correct"].mean()), "gflops": float(r["flops_per_input"].mean()) / 1e9}
-            for tau in TAUS for r in [early_exit(test, tau, m, readout)]
-        ]
-    cal_ref = calibration.correct[:, -1, -1, -1].mean()
-    on_calibration = {tau: early_exit(calibration, tau, len(test.ffn_widths) - 1, readout) for tau in TAUS}
-    feasible = [tau for tau, r in on_calibration.items() if r["correct"].mean() >= cal_ref - tolerance_pp / 100 - 1e-12]
-    best_tau = min(feasible, key=lambda tau: on_calibration[tau]["flops_per_input"].mean())
-    ee = early_exit(test, best_tau, len(test.ffn_widths) - 1, readout)
-    ee_speed = speed(lambda rows: model.forward_early_exit(images[rows], best_tau))
-    report["early_exit"] = row(ee["correct"], ee["flops_per_input"], tau=float(best_tau), images_per_s=ee_speed, curves=curves)
+    report["early_exit_curves"] = {
+        str(width): [{"tau": float(tau), "accuracy": float(r["correct"].mean()), "gflops": float(r["flops_per_input"].mean()) / 1e9}
+                     for tau in TAUS for r in [early_exit(test, tau, m, readout)]]
+        for m, width in enumerate(test.ffn_widths)
+    }
 
-    # oracle
-    oracle_configs = [test.configuration(a) for a in oracle_actions(test)]
-    report["oracle"] = row(oracle["correct"], oracle["flops"], images_per_s=throughput(lambda t, kv, rows: [oracle_configs[i] for i in rows]))
+    spec = policies[0].feature_spec if policies else None
+    families: list[Family] = [FixedFamily(test), EarlyExitFamily(len(test.ffn_widths) - 1, readout),
+                              RandomFamily(seed)]
+    if spec is not None and spec.glance:
+        glance = spec.glance_config(c)
+        families.append(GlanceThresholdFamily((c.token_index(glance[0]), glance[1] - 1, c.width_index(glance[2]))))
+    if policy_train is not None:
+        families.append(RouterFamily(policy_train, seed=seed))
+    if policies:
+        families.append(PolicyFamily(policies))
 
-    # ppo (the first policy is the named one; all of them form the front), and random matched to it
-    ppo_rows = []
-    for artifact in policies:
-        overhead = test.feature_flops + artifact.network_flops()
-        actions = artifact.act(test.features)
-        result = evaluate_actions(test, actions, overhead)
-        ppo_rows.append(row(result["correct"], result["flops"], lam=artifact.meta.get("lam"), overhead_gflops=overhead / 1e9))
-    if ppo_rows:
-        classifier = AdaptiveClassifier(model, policies[0])
-        report["ppo"] = {**ppo_rows[0], "images_per_s": throughput(lambda t, kv, rows: classifier.choose(t, kv)),
-                         "front": [dict(t) for t in dict.fromkeys(
-                             tuple((k, r[k]) for k in ("lam", "accuracy", "gflops", "delta_pp")) for r in ppo_rows)]}
-        target = ppo_rows[0]["gflops"] * 1e9
-    else:
-        target = report["fixed"]["gflops"] * 1e9
-    random_actions = matched_random_actions(test, target, seed)
-    random_eval = evaluate_actions(test, random_actions)
-    random_configs = [test.configuration(a) for a in random_actions]
-    report["random"] = row(random_eval["correct"], random_eval["flops"], target_gflops=target / 1e9,
-                           images_per_s=throughput(lambda t, kv, rows: [random_configs[i] for i in rows]))
+    halves = split_halves(test, seed)
+    report["selections"] = []
+    work = [(run, family) for run in runs for family in families]
+    results: dict[str, dict] = {run.name(): {} for run in runs}
+    for run, family in tqdm(work, desc="families x selection rules", disable=quiet):
+        outcome, records = run_family(family, run, calibration, test, halves)
+        results[run.name()][family.name] = row(outcome.predicted, outcome.flops, selection={
+            **run.rule.to_dict(), "calibrated_on": run.calibrate_on, "folds": records})
+    for run in runs:
+        report["selections"].append({"name": run.name(), **run.rule.to_dict(), "calibrated_on": run.calibrate_on,
+                                     "families": results[run.name()]})
+    report.update(results[runs[0].name()])  # the first run's families at the top level
+
+    if images is not None:
+        first = results[runs[0].name()]
+        report["reference"]["images_per_s"] = fresh_speed(lambda rows: [full_config] * len(rows))
+        fixed_config = tuple(first["fixed"]["selection"]["folds"][0]["index"])
+        fixed_config = test.configuration(fixed_config)
+        first["fixed"]["images_per_s"] = fresh_speed(lambda rows: [fixed_config] * len(rows))
+        tau = first["early_exit"]["selection"]["folds"][0]["tau"]
+        first["early_exit"]["images_per_s"] = speed(lambda rows: model.forward_early_exit(images[rows], tau))
+        if policies and "ppo" in first:
+            knob = first["ppo"]["selection"]["folds"][0]
+            artifact = policies[knob["artifact"]]
+            classifier = AdaptiveClassifier(model, artifact, lam=knob["lam"])
+            first["ppo"]["images_per_s"] = speed(lambda rows: classifier.predict(images[rows]))
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,24 +16,24 @@ from tqdm import tqdm
 
 from envs import OutcomeTable, TableVecEnv
 from policy.artifact import PolicyArtifact, make_policy
-from policy.evaluation import evaluate_actions, full_actions
+from policy.families import PolicyFamily, candidates
+from policy.selection import SelectionRule, select
 
 
 @dataclass
 class PolicyTrainConfig:
     """Hyperparameters, named as stable-baselines3's ``PPO`` arguments where they are its."""
 
+    lam_range: tuple[float, float] | None = (1e-3, 0.3)
+    """One price-conditioned policy: each episode draws its FLOP price log-uniformly from this range and the
+    policy sees it, so calibration scans a fine grid of prices without retraining. None: one policy per
+    price of ``lambdas``."""
     lambdas: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
-    """FLOP prices swept; the cheapest policy within ``tolerance_pp`` on calibration wins."""
-    tolerance_pp: float = 0.1
-    """Largest accuracy drop against the full configuration allowed, in pp."""
-    calibration_margin_pp: float = 0.1
-    """Safety margin for calibration noise: a policy must be within ``tolerance_pp - margin`` on calibration.
-
-    The standard error of a paired accuracy difference on a few thousand inputs is ~0.1 pp,
-    so the default asks for no drop at all on calibration to keep test within 0.1 pp."""
-    total_timesteps: int = 200_000
-    """Env steps (inputs seen) per lambda."""
+    """FLOP prices swept when ``lam_range`` is None."""
+    selection: SelectionRule = field(default_factory=SelectionRule)
+    """How the price is chosen on calibration: the cheapest policy that keeps the promise (``policy.selection``)."""
+    total_timesteps: int = 1_000_000
+    """Env steps (inputs seen) of the conditioned policy, or per price of a sweep."""
     num_envs: int = 256
     """Inputs stepped at once by the batched table env."""
     n_steps: int = 8
@@ -43,33 +44,41 @@ class PolicyTrainConfig:
     """Entropy bonus; accuracy gaps between configurations are ~0.01, so any bonus of that size swamps them."""
     gamma: float = 0.0
     """One-step episodes: nothing to discount."""
-    reward: str = "correct"
-    """Accuracy term of the reward: 'correct' (0/1) or 'logprob' (true-class log-probability)."""
+    reward: str = "agree"
+    """Accuracy term of the reward: 'agree' (prediction is the full configuration's), 'correct' or 'logprob'."""
     net_arch: list[int] = field(default_factory=lambda: [64])
     """Hidden layers of the actor and of the critic; small, since a big one memorises the policy-train inputs."""
     seed: int = 0
     threads: int = 1
     """torch threads for PPO; one beat two for this small network."""
+    quiet: bool = False
+    """No progress bars."""
 
 
 class RolloutStatsCallback(BaseCallback):
     """Logs accuracy, mean FLOPs, lambda and reward of each rollout to SB3's logger (TensorBoard)."""
 
-    def __init__(self, table_env: TableVecEnv, full_flops: float, lam: float):
+    def __init__(self, table_env: TableVecEnv, full_flops: float, lam: float | tuple[float, float]):
         super().__init__()
         self.table_env, self.full_flops, self.lam = table_env, full_flops, lam
 
     def _on_step(self) -> bool:
         return True
 
+    bar: tqdm | None = None
+    """Progress bar advanced by each rollout (stable-baselines3's own needs the 'rich' package)."""
+
     def _on_rollout_end(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.num_timesteps - self.bar.n)
         stats = self.table_env.pop_stats()
         if stats:
             self.logger.record("adaptive/accuracy", stats["accuracy"])
             self.logger.record("adaptive/mean_flops", stats["flops"])
             self.logger.record("adaptive/flop_fraction", stats["flops"] / self.full_flops)
             self.logger.record("adaptive/reward", stats["reward"])
-            self.logger.record("adaptive/lambda", self.lam)
+            if not isinstance(self.lam, tuple):
+                self.logger.record("adaptive/lambda", self.lam)
 
 
 def feature_scaler(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,11 +88,15 @@ def feature_scaler(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_one(
-    table: OutcomeTable, lam: float, config: PolicyTrainConfig, scaler, log_dir: str | None, meta: dict
+    table: OutcomeTable, lam: float | tuple[float, float], config: PolicyTrainConfig, scaler, log_dir: str | None,
+    meta: dict,
 ) -> PolicyArtifact:
-    """Train one PPO policy at FLOP price ``lam`` on ``table`` (the policy-train split)."""
+    """Train one PPO policy at FLOP price ``lam`` (or conditioned on a price range) on ``table`` (policy-train)."""
     mean, std = scaler
-    scaled = OutcomeTable(**{**table.__dict__, "features": ((table.features - mean) / std).astype(np.float32)})
+    scaled = dataclasses.replace(table, features=((table.features - mean) / std).astype(np.float32))
+    conditioned = isinstance(lam, tuple)
+    if conditioned:  # the price column is already in [-1, 1]
+        mean, std = np.append(mean, np.float32(0)), np.append(std, np.float32(1))
     table_env = TableVecEnv(scaled, num_envs=config.num_envs, lam=lam, seed=config.seed, reward=config.reward)
     ppo = PPO(
         "MlpPolicy",
@@ -101,10 +114,14 @@ def train_one(
         verbose=0,
     )
     callback = RolloutStatsCallback(table_env, table.full_flops, lam)
-    ppo.learn(config.total_timesteps, callback=callback, tb_log_name=f"lambda_{lam:g}")
-    policy = make_policy(table.features.shape[1], list(table.grid_shape), config.net_arch)
+    name = "lambda_conditioned" if conditioned else f"lambda_{lam:g}"
+    with tqdm(total=config.total_timesteps, desc=f"PPO {name}", unit="step", disable=config.quiet) as bar:
+        callback.bar = bar
+        ppo.learn(config.total_timesteps, callback=callback, tb_log_name=name)
+    policy = make_policy(len(mean), list(table.grid_shape), config.net_arch)
     policy.load_state_dict(ppo.policy.state_dict())
-    return PolicyArtifact(policy, mean, std, {**meta, "lam": lam})
+    extra = {"lam_range": list(lam), "lam": None} if conditioned else {"lam": lam}
+    return PolicyArtifact(policy, mean, std, {**meta, **extra})
 
 
 def train_and_calibrate(
@@ -114,45 +131,43 @@ def train_and_calibrate(
     meta: dict,
     log_dir: str | Path | None = None,
 ) -> tuple[PolicyArtifact, list[PolicyArtifact]]:
-    """Train one policy per lambda, measure each on calibration, keep the cheapest within tolerance.
+    """Train the policy (conditioned on a price range, or one per price), then pick its price on calibration.
 
-    Returns the chosen artifact and every artifact of the sweep (each with its calibration record
-    in ``meta["calibration"]``).
-    Falls back to the most accurate policy when none meets the tolerance (``meets_target`` False).
+    The price is chosen by ``config.selection`` (the rule every family is judged by): the cheapest
+    candidate that keeps the promise, or the safest one when none does (``meets_target`` False).
+    Returns the chosen artifact (``meta["lam"]`` set, ``meta["calibration"]`` every candidate's
+    statistic) and every trained artifact.
     """
     torch.set_num_threads(config.threads)
     scaler = feature_scaler(train_table.features)
-    reference = evaluate_actions(calibration_table, full_actions(calibration_table))["accuracy"]
     meta = {**meta, "train_config": asdict(config)}
-    records, artifacts = [], []
-    for lam in tqdm(config.lambdas, desc="lambda sweep"):
-        start = time.time()
-        artifact = train_one(train_table, lam, config, scaler, str(log_dir) if log_dir else None, meta)
-        overhead = calibration_table.feature_flops + artifact.network_flops()
-        result = evaluate_actions(calibration_table, artifact.act(calibration_table.features), overhead)
-        delta_pp = 100 * (result["accuracy"] - reference)
-        records.append({
-            "lambda": lam,
-            "calibration_accuracy": result["accuracy"],
-            "calibration_delta_pp": delta_pp,
-            "calibration_flop_reduction": result["flop_reduction"],
-            "meets_target": delta_pp >= -(config.tolerance_pp - config.calibration_margin_pp) - 1e-9,
-            "train_s": round(time.time() - start, 1),
-        })
-        artifacts.append(artifact)
-        tqdm.write(f"lambda {lam:g}: calibration delta {delta_pp:+.2f} pp, FLOP reduction {100 * result['flop_reduction']:.1f}%")
-    feasible = [i for i, r in enumerate(records) if r["meets_target"]]
-    if feasible:
-        best = max(feasible, key=lambda i: records[i]["calibration_flop_reduction"])
+    log = str(log_dir) if log_dir else None
+    start = time.time()
+    if config.lam_range is not None:
+        artifacts = [train_one(train_table, tuple(config.lam_range), config, scaler, log, meta)]
     else:
-        best = max(range(len(records)), key=lambda i: (records[i]["calibration_delta_pp"], records[i]["calibration_flop_reduction"]))
-    chosen = artifacts[best]
-    for artifact, record in zip(artifacts, records, strict=True):
-        artifact.meta["calibration"] = record
+        artifacts = [train_one(train_table, lam, config, scaler, log, meta)
+                     for lam in tqdm(config.lambdas, desc="lambda sweep")]
+    family = PolicyFamily(artifacts)
+    scored = candidates(family, calibration_table)
+    selection = select(scored, calibration_table.correct[:, -1, -1, -1], config.selection)
+    artifact_index, lam = scored[selection.index].knob
+    chosen = dataclasses.replace(artifacts[artifact_index], meta={**artifacts[artifact_index].meta, "lam": lam})
+    reference_flops = calibration_table.full_flops
+    records = [{"lambda": knob[1], "artifact": knob[0], **stats,
+                "flop_reduction": 1 - stats["flops"] / reference_flops}
+               for (knob, stats) in zip((c.knob for c in scored), selection.scores, strict=True)]
+    best = records[selection.index]
     chosen.meta.update(
-        calibration_delta_pp=records[best]["calibration_delta_pp"],
-        calibration_flop_reduction=records[best]["calibration_flop_reduction"],
-        meets_target=records[best]["meets_target"],
-        sweep=records,
+        selection=config.selection.to_dict(),
+        calibration_delta_pp=best.get("delta_pp", None),
+        calibration_disagreement=best["disagreement"],
+        calibration_flop_reduction=best["flop_reduction"],
+        meets_target=selection.meets_target,
+        calibration=records,
+        train_s=round(time.time() - start, 1),
     )
+    tqdm.write(f"chosen lambda {lam:.4g}: calibration disagreement {100 * best['disagreement']:.2f}%, "
+               f"FLOP reduction {100 * best['flop_reduction']:.1f}% (meets target: {selection.meets_target})")
     return chosen, artifacts
+

@@ -1,9 +1,11 @@
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from backbone import AdaPerceiver, AdaPerceiverConfig
+from envs import OutcomeTable
 
 torch.set_num_threads(1)
 
@@ -50,7 +52,26 @@ def tiny_run(tmp_path_factory):
     save_checkpoint(AdaPerceiver(config), root / "backbone", {"dataset": "digits", "split_seed": 0})
     argv = [
         "--backbone", str(root / "backbone"), "--out", str(root / "policy"), "--json", str(root / "summary.json"),
-        "--timesteps", "2048", "--lambdas", "0.05,0.5", "--cache-dir", str(root / "cache"), "--log-dir", str(root / "tb"),
+        "--timesteps", "4096", "--lam-range", "0.01,1", "--quiet", "--cache-dir", str(root / "cache"), "--log-dir", str(root / "tb"),
     ]
     summary = train_policy.main(argv)
     return root, summary
+
+
+def synthetic_table(correct: np.ndarray, confidence: np.ndarray | None = None, agree: np.ndarray | None = None,
+                    staged: np.ndarray | None = None) -> OutcomeTable:
+    """A table with a known answer: ``correct`` ``(n, K, L, M)`` (true class 0; a wrong prediction is class 1, or
+    class 2 where ``agree`` says it agrees with a wrong full configuration), FLOPs ``100 * (k+1)(l+1)(m+1)``."""
+    n, k, l, m = correct.shape
+    flops = (np.arange(1, k + 1)[:, None, None] * np.arange(1, l + 1)[None, :, None] * np.arange(1, m + 1)[None, None, :]) * 100
+    predicted = np.where(correct, 0, 1).astype(np.int16)
+    if agree is not None:  # make predictions agree (or not) with the full configuration's
+        full = predicted[:, -1:, -1:, -1:]
+        predicted = np.where(agree, full, np.where(full == 0, 1, 0)).astype(np.int16)
+    return OutcomeTable(
+        features=np.zeros((n, 2), np.float32), predicted=predicted, true_logprob=np.zeros(correct.shape, np.float32),
+        confidence=np.ones(correct.shape, np.float32) if confidence is None else confidence,
+        labels=np.zeros(n, np.int64), flops=flops.astype(np.int64),
+        staged_flops=(flops if staged is None else staged).astype(np.int64),
+        token_grans=tuple(range(1, k + 1)), ffn_widths=tuple(np.linspace(1 / m, 1, m)), meta={},
+    )

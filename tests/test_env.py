@@ -31,12 +31,19 @@ def table(tiny_model, digits_subset):
 
 def test_table_shapes_and_consistency(table, tiny_model, digits_subset):
     x, y = digits_subset
-    assert table.features.shape == (48, tiny_model.config.embed_dim + 11)
+    assert table.features.shape == (48, tiny_model.config.embed_dim + 13)
     assert table.correct.shape == table.true_logprob.shape == table.confidence.shape == (48, 3, 3, 3)
     assert table.flops.shape == (3, 3, 3) and table.full_flops == table.flops.max()
+    assert table.predicted.shape == (48, 3, 3, 3)
+    assert np.array_equal(table.agree, table.predicted == table.predicted[:, 2:, 2:, 2:])
+    # staged costs: the glance's own point costs the glance alone, every other point at least its fresh pass
+    glance = (0, 0, 0)
+    assert table.staged_flops[glance] == table.flops[glance]
+    assert (np.delete(table.staged_flops.ravel(), 0) > np.delete(table.flops.ravel(), 0) * 0.9).all()
     with torch.no_grad():
         logits = tiny_model(x[:5], tokens=4, depth=2, width=0.5)
     assert np.array_equal(table.correct[:5, 1, 1, 1], (logits.argmax(-1) == y[:5]).numpy())
+    assert np.array_equal(table.predicted[:5, 1, 1, 1], logits.argmax(-1).numpy())
     assert np.allclose(table.true_logprob[:5, 1, 1, 1], logits.log_softmax(-1)[torch.arange(5), y[:5]].numpy(), atol=1e-5)
 
 
@@ -51,16 +58,39 @@ def test_env_is_registered(table):
     assert obs.shape == (table.features.shape[1],)
     _, reward, terminated, truncated, info = env.step(np.array([2, 2, 2]))
     assert terminated and not truncated
-    assert reward == pytest.approx(float(info["correct"]) - 0.2)
+    assert reward == pytest.approx(float(info["correct"]) - 0.2 * table.staged_flops[2, 2, 2] / table.full_flops)
 
 
 def test_reward_is_accuracy_minus_priced_flops(table):
     env = AdaptiveComputeEnv(table=table, lam=0.5)
     env.reset(seed=0, options={"index": 7})
     _, reward, _, _, info = env.step(np.array([0, 1, 2]))
-    expected = float(table.correct[7, 0, 1, 2]) - 0.5 * table.flops[0, 1, 2] / table.full_flops
+    expected = float(table.correct[7, 0, 1, 2]) - 0.5 * table.staged_flops[0, 1, 2] / table.full_flops
     assert reward == pytest.approx(expected)
-    assert info["config"] == (2, 2, 1.0) and info["flops"] == table.flops[0, 1, 2]
+    assert info["config"] == (2, 2, 1.0) and info["flops"] == table.staged_flops[0, 1, 2]
+    agree_env = AdaptiveComputeEnv(table=table, lam=0.5, reward="agree")
+    agree_env.reset(options={"index": 7})
+    expected = float(table.agree[7, 0, 1, 2]) - 0.5 * table.staged_flops[0, 1, 2] / table.full_flops
+    assert agree_env.step(np.array([0, 1, 2]))[1] == pytest.approx(expected)
+
+
+def test_price_conditioned_envs_show_and_charge_the_episode_price(table):
+    from envs.reward import lam_feature
+
+    env = AdaptiveComputeEnv(table=table, lam=(0.01, 1.0))
+    obs, _ = env.reset(seed=0, options={"index": 4, "lam": 0.1})
+    assert obs.shape == (table.features.shape[1] + 1,) and obs[-1] == pytest.approx(0.0)  # log-midpoint -> 0
+    _, reward, *_ = env.step(np.array([1, 1, 1]))
+    assert reward == pytest.approx(float(table.correct[4, 1, 1, 1]) - 0.1 * table.staged_flops[1, 1, 1] / table.full_flops)
+    vec = TableVecEnv(table, num_envs=64, lam=(0.01, 1.0), seed=0)
+    obs = vec.reset()
+    assert obs.shape == (64, table.features.shape[1] + 1)
+    assert np.allclose(obs[:, -1], lam_feature(vec.lam, 0.01, 1.0)) and 0.01 <= vec.lam.min() < vec.lam.max() <= 1.0
+    lam, index = vec.lam.copy(), vec.index.copy()
+    _, rewards, _, infos = vec.step(np.ones((64, 3), np.int64))
+    cost = table.staged_flops[1, 1, 1] / table.full_flops
+    assert np.allclose(rewards, table.correct[index, 1, 1, 1] - lam * cost, atol=1e-6)
+    assert np.allclose(infos[0]["terminal_observation"][-1], lam_feature(lam[0], 0.01, 1.0))
 
 
 def test_live_and_table_modes_give_identical_rewards(table, tiny_model, digits_subset):
@@ -149,7 +179,7 @@ def test_live_mode_in_subprocesses_matches_the_table(table, tiny_model, digits_s
         assert [info["index"] for info in infos] == index
         for i in range(2):
             k, l, m = actions[i]
-            expected = float(table.correct[index[i], k, l, m]) - 0.3 * table.flops[k, l, m] / table.full_flops
+            expected = float(table.correct[index[i], k, l, m]) - 0.3 * table.staged_flops[k, l, m] / table.full_flops
             assert rewards[i] == pytest.approx(expected, abs=1e-6)
         assert dones.all()
     finally:

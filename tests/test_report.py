@@ -4,23 +4,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from envs import OutcomeTable
+from conftest import synthetic_table
 from experiments import evaluate
 from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
 from policy.report import paired_stats
 
-KEYS = ("accuracy", "delta_pp", "delta_pp_ci", "mcnemar_p", "gflops", "flop_reduction", "oracle_capture", "images_per_s")
-
-
-def synthetic_table(correct: np.ndarray, confidence: np.ndarray | None = None) -> OutcomeTable:
-    n, k, l, m = correct.shape
-    flops = (np.arange(1, k + 1)[:, None, None] * np.arange(1, l + 1)[None, :, None] * np.arange(1, m + 1)[None, None, :]) * 100
-    return OutcomeTable(
-        features=np.zeros((n, 2), np.float32), correct=correct, true_logprob=np.zeros(correct.shape, np.float32),
-        confidence=np.ones(correct.shape, np.float32) if confidence is None else confidence,
-        labels=np.zeros(n, np.int64), flops=flops.astype(np.int64), feature_flops=0,
-        token_grans=tuple(range(1, k + 1)), ffn_widths=tuple(np.linspace(1 / m, 1, m)), meta={},
-    )
+KEYS = ("accuracy", "delta_pp", "delta_pp_ci", "mcnemar_p", "gflops", "flop_reduction", "oracle_capture", "front_ratio",
+        "disagreement", "selection")
+FAMILIES = ("fixed", "early_exit", "random", "glance_threshold", "router", "ppo")
 
 
 def test_oracle_picks_cheapest_correct_or_full():
@@ -79,32 +70,48 @@ def digits_report(tiny_run, tmp_path_factory):
 def test_report_json_has_every_family_and_key(digits_report):
     out, _ = digits_report
     report = json.loads((out / "r.json").read_text())
-    for family in ("reference", "fixed", "early_exit", "random", "oracle", "ppo"):
-        for key in KEYS:
-            assert key in report[family], (family, key)
-        assert report[family]["images_per_s"] > 0
-    assert isinstance(report["fixed"]["front"], list) and report["fixed"]["front"]
-    assert isinstance(report["ppo"]["front"], list)
-    assert all(isinstance(c, list) and c for c in report["early_exit"]["curves"].values())
+    for run in report["selections"]:
+        assert set(run["families"]) == set(FAMILIES)
+        for name, family in run["families"].items():
+            for key in KEYS:
+                assert key in family, (run["name"], name, key)
+            assert family["selection"]["mode"] == run["mode"] and family["selection"]["tolerance_pp"] == 0.1
+            folds = family["selection"]["folds"]
+            assert sum(f["evaluated_on"] for f in folds) == report["n_test"]
+    modes = [(run["mode"], run["calibrated_on"]) for run in report["selections"]]
+    assert modes == [("empirical", "calibration"), ("certified", "test_halves")]
+    assert report["selections"][1]["families"]["ppo"]["selection"]["delta"] == 0.1
+    for name in FAMILIES:  # the first run's families at the top level
+        assert report[name] == report["selections"][0]["families"][name]
+    for name in ("reference", "fixed", "early_exit", "ppo"):
+        assert report[name]["images_per_s"] > 0, name
+    assert report["hindsight_fixed_front"]["front"] and "optimistic" in report["hindsight_fixed_front"]["note"]
+    assert all(isinstance(c, list) and c for c in report["early_exit_curves"].values())
     markdown = (out / "r.md").read_text()
-    assert "| oracle |" in markdown and "PPO is" in markdown and "best fixed configuration" in markdown
+    assert "| oracle |" in markdown and "certified rule" in markdown and "Kept ±0.1 pp on test" in markdown
+
+
+def test_no_fixed_configuration_beats_the_hindsight_front(digits_report):
+    _, report = digits_report
+    front = report["hindsight_fixed_front"]["front"]
+    for point in report["hindsight_fixed_front"]["points"]:
+        on_front = [p for p in front if p["flops"] <= point["flops"]]
+        assert max(p["accuracy"] for p in on_front) >= point["accuracy"]
+    # a fixed configuration, whichever rule chose it, is never below the front it belongs to
+    for run in report["selections"]:
+        assert run["families"]["fixed"]["front_ratio"] >= 1 - 1e-9
 
 
 def test_oracle_is_never_beaten(digits_report):
     _, report = digits_report
     oracle = report["oracle"]
-    points = [(p["accuracy"], p["gflops"]) for p in report["fixed"]["points"]]
-    points += [(p["accuracy"], p["gflops"]) for curve in report["early_exit"]["curves"].values() for p in curve]
-    points += [(report[f]["accuracy"], report[f]["gflops"]) for f in ("reference", "fixed", "early_exit", "random", "ppo")]
+    points = [(p["accuracy"], p["gflops"]) for p in report["hindsight_fixed_front"]["points"]]
+    points += [(p["accuracy"], p["gflops"]) for curve in report["early_exit_curves"].values() for p in curve]
+    points += [(report["reference"]["accuracy"], report["reference"]["gflops"])]
     for accuracy, gflops in points:
         assert accuracy <= oracle["accuracy"] + 1e-12
         if gflops <= oracle["gflops"]:
             assert accuracy <= oracle["accuracy"]
-
-
-def test_random_matches_policy_flops(digits_report):
-    _, report = digits_report
-    assert abs(report["random"]["gflops"] - report["ppo"]["gflops"]) / report["ppo"]["gflops"] <= 0.02
 
 
 def test_plot_is_a_valid_png(digits_report):

@@ -1,0 +1,241 @@
+"""The families compared in the report, each a set of candidates judged by one selection rule.
+
+A family maps an outcome table and one of its knobs to an ``Outcome``: each input's
+predicted class and its FLOPs, every cost counted where it is paid. ``choose_and_apply``
+picks the knob on calibration inputs with ``policy.selection.select`` and applies it to
+evaluation inputs: the same code for every family and both selection modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from envs import OutcomeTable
+from policy.artifact import PolicyArtifact
+from policy.baselines import early_exit, matched_random_actions
+from policy.selection import Candidate, Selection, SelectionRule, select
+
+TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
+GLANCE_TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), 1 - np.geomspace(0.08, 1e-5, 25), [1.0]]), 6))
+EPSILONS = tuple(np.round(np.geomspace(1e-4, 0.3, 40), 6))
+RANDOM_FRACTIONS = tuple(np.round(np.linspace(0.02, 1.0, 50), 3))
+
+
+@dataclass
+class Outcome:
+    """What one candidate does on the inputs of a table."""
+
+    predicted: np.ndarray
+    """``(n,)`` predicted classes."""
+    flops: np.ndarray
+    """``(n,)`` float64 FLOPs per input, every cost counted."""
+
+
+def predictions(table: OutcomeTable, actions: np.ndarray) -> np.ndarray:
+    """Predicted classes ``(n,)`` of per-input actions ``(n, 3)``."""
+    k, l, m = np.asarray(actions, dtype=np.int64).T
+    return table.predicted[np.arange(len(table)), k, l, m]
+
+
+class Family(Protocol):
+    name: str
+
+    def knobs(self) -> list: ...
+
+    def outcome(self, table: OutcomeTable, knob: Any) -> Outcome: ...
+
+    def describe(self, knob: Any) -> dict: ...
+
+
+class FixedFamily:
+    """One configuration for every input (a fresh pass; no glance)."""
+
+    name = "fixed"
+
+    def __init__(self, table: OutcomeTable) -> None:
+        self.grid_shape, self.configuration = table.grid_shape, table.configuration
+
+    def knobs(self) -> list:
+        return list(np.ndindex(*self.grid_shape))
+
+    def outcome(self, table: OutcomeTable, knob) -> Outcome:
+        return Outcome(table.predicted[:, knob[0], knob[1], knob[2]], np.full(len(table), float(table.flops[knob])))
+
+    def describe(self, knob) -> dict:
+        return {"index": [int(i) for i in knob], "config": list(self.configuration(knob))}
+
+
+class EarlyExitFamily:
+    """Full tokens at one width; exit at the first depth whose max softmax >= tau (readouts charged)."""
+
+    name = "early_exit"
+
+    def __init__(self, width_index: int, readout_flops: float, taus: tuple[float, ...] = TAUS) -> None:
+        self.width_index, self.readout_flops, self.taus = width_index, readout_flops, taus
+
+    def knobs(self) -> list:
+        return list(self.taus)
+
+    def outcome(self, table: OutcomeTable, knob) -> Outcome:
+        result = early_exit(table, knob, self.width_index, self.readout_flops)
+        return Outcome(result["predicted"], result["flops_per_input"].astype(np.float64))
+
+    def describe(self, knob) -> dict:
+        return {"tau": float(knob)}
+
+
+class RandomFamily:
+    """Random configurations (maximum entropy at a mean FLOP target, a share of the full configuration's)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, fractions: tuple[float, ...] = RANDOM_FRACTIONS) -> None:
+        self.seed, self.fractions = seed, fractions
+
+    def knobs(self) -> list:
+        return list(self.fractions)
+
+    def outcome(self, table: OutcomeTable, knob) -> Outcome:
+        actions = matched_random_actions(table, knob * table.full_flops, self.seed)
+        return Outcome(predictions(table, actions), table.flops[tuple(actions.T)].astype(np.float64))
+
+    def describe(self, knob) -> dict:
+        return {"target_flop_fraction": float(knob)}
+
+
+class _StagedFamily:
+    """A family that picks per-input actions after the glance: costs are the table's staged FLOPs."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[int, Any], np.ndarray] = {}
+
+    def actions(self, table: OutcomeTable, knob) -> np.ndarray:
+        raise NotImplementedError
+
+    def overhead_flops(self, knob) -> float:
+        """FLOPs per input of the chooser itself (beyond the glance, which staged FLOPs include)."""
+        return 0.0
+
+    def outcome(self, table: OutcomeTable, knob) -> Outcome:
+        key = (id(table), knob)
+        if key not in self._memo:
+            self._memo[key] = self.actions(table, knob)
+        actions = self._memo[key]
+        return Outcome(predictions(table, actions), table.staged_flops[tuple(actions.T)] + self.overhead_flops(knob))
+
+
+class GlanceThresholdFamily(_StagedFamily):
+    """Answer with the glance when its max probability >= tau, else run the full configuration."""
+
+    name = "glance_threshold"
+
+    def __init__(self, glance_index: tuple[int, int, int], taus: tuple[float, ...] = GLANCE_TAUS) -> None:
+        super().__init__()
+        self.glance_index, self.taus = glance_index, taus
+
+    def knobs(self) -> list:
+        return list(self.taus)
+
+    def actions(self, table: OutcomeTable, knob) -> np.ndarray:
+        confident = table.confidence[(slice(None), *self.glance_index)] >= knob
+        full = np.array(table.grid_shape) - 1
+        return np.where(confident[:, None], np.array(self.glance_index), full)
+
+    def describe(self, knob) -> dict:
+        return {"tau": float(knob)}
+
+
+class RouterFamily(_StagedFamily):
+    """Supervised router: predict each configuration's agreement with the full one from the policy features,
+    then take the cheapest (staged FLOPs) predicted to agree with probability >= 1 - epsilon.
+
+    A scikit-learn ``MLPClassifier`` (multi-label, one output per configuration) trained on the
+    policy-train table; its FLOPs per input are charged.
+    """
+
+    name = "router"
+
+    def __init__(self, train: OutcomeTable, hidden: int = 64, seed: int = 0,
+                 epsilons: tuple[float, ...] = EPSILONS) -> None:
+        super().__init__()
+        self.epsilons = epsilons
+        self.grid_shape = train.grid_shape
+        order = np.argsort(train.staged_flops.reshape(-1), kind="stable")
+        self.order = order[order != train.staged_flops.size - 1]  # the full configuration is the fallback
+        targets = train.agree.reshape(len(train), -1)[:, self.order]
+        self.model = make_pipeline(StandardScaler(), MLPClassifier((hidden,), max_iter=300, random_state=seed,
+                                                                   early_stopping=True))
+        self.model.fit(train.features, targets)
+        n_features, n_out = train.features.shape[1], len(self.order)
+        self.network_flops = float(2 * (n_features * hidden + hidden * n_out))
+        self._proba: dict[int, np.ndarray] = {}
+
+    def overhead_flops(self, knob) -> float:
+        return self.network_flops
+
+    def knobs(self) -> list:
+        return list(self.epsilons)
+
+    def actions(self, table: OutcomeTable, knob) -> np.ndarray:
+        if id(table) not in self._proba:
+            self._proba[id(table)] = np.asarray(self.model.predict_proba(table.features))
+        ok = self._proba[id(table)] >= 1 - knob  # (n, candidates), cheapest first
+        first = np.where(ok.any(axis=1), ok.argmax(axis=1), -1)
+        flat = np.where(first >= 0, self.order[np.maximum(first, 0)], int(np.prod(self.grid_shape)) - 1)
+        return np.stack(np.unravel_index(flat, self.grid_shape), axis=1)
+
+    def describe(self, knob) -> dict:
+        return {"epsilon": float(knob)}
+
+
+class PolicyFamily(_StagedFamily):
+    """PPO policies: each artifact of a sweep, or one price-conditioned artifact at each price of a grid."""
+
+    name = "ppo"
+
+    def __init__(self, artifacts: list[PolicyArtifact], lam_grid: int = 61) -> None:
+        super().__init__()
+        self.artifacts = artifacts
+        self._knobs = []
+        for i, artifact in enumerate(artifacts):
+            low_high = artifact.meta.get("lam_range")
+            lams = np.geomspace(*low_high, lam_grid) if low_high else [artifact.meta["lam"]]
+            self._knobs += [(i, float(lam)) for lam in lams]
+        self.network_flops = [artifact.network_flops() for artifact in artifacts]
+
+    def knobs(self) -> list:
+        return list(self._knobs)
+
+    def actions(self, table: OutcomeTable, knob) -> np.ndarray:
+        return self.artifacts[knob[0]].act(table.features, lam=knob[1])
+
+    def overhead_flops(self, knob) -> float:
+        return self.network_flops[knob[0]]
+
+    def describe(self, knob) -> dict:
+        return {"artifact": knob[0], "lam": knob[1]}
+
+
+def candidates(family: Family, table: OutcomeTable) -> list[Candidate]:
+    """Every knob of ``family`` scored on ``table``."""
+    full_predicted = table.predicted[:, -1, -1, -1]
+    out = []
+    for knob in family.knobs():
+        o = family.outcome(table, knob)
+        out.append(Candidate(knob, o.predicted == table.labels, o.predicted == full_predicted, float(o.flops.mean())))
+    return out
+
+
+def choose_and_apply(family: Family, calibration: OutcomeTable, evaluation: OutcomeTable,
+                     rule: SelectionRule) -> tuple[Any, Selection, Outcome]:
+    """The knob ``rule`` picks on ``calibration``, its selection record, and its outcome on ``evaluation``."""
+    scored = candidates(family, calibration)
+    selection = select(scored, calibration.correct[:, -1, -1, -1], rule)
+    knob = scored[selection.index].knob
+    return knob, selection, family.outcome(evaluation, knob)

@@ -1,0 +1,108 @@
+"""The glance is a stage, not an overhead: extend() reuses its latents and costs extension_flops."""
+
+import itertools
+
+import pytest
+import torch
+
+from backbone import cascade_flops, extension_flops, flops, flops_grid, input_adapter_flops, measure_flops
+
+
+def grid_points(config):
+    return list(itertools.product(config.token_grans, range(1, config.depth + 1), config.ffn_widths))
+
+
+@pytest.fixture
+def inputs(tiny_model):
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        input_tokens = tiny_model.embed(torch.rand(5, 1, 8, 8))
+    return input_tokens
+
+
+@pytest.mark.parametrize("glance", [(2, 1, 0.25), (2, 2, 0.25), (4, 2, 0.5)])
+def test_extend_equals_run_everywhere(tiny_model, tiny_config, inputs, glance):
+    rows = torch.tensor([4, 1, 3])
+    with torch.inference_mode():
+        glance_logits, state = tiny_model.glance(inputs, *glance)
+        assert state.config == glance and len(state.latents) == glance[1] + 1
+        assert (glance_logits - tiny_model.run(inputs, *glance)).abs().max().item() <= 1e-5
+        for target in grid_points(tiny_config):
+            full = tiny_model.run(inputs, *target)
+            assert (tiny_model.extend(state, *target) - full).abs().max().item() <= 1e-5, target
+            assert (tiny_model.extend(state, *target, rows=rows) - full[rows]).abs().max().item() <= 1e-5, target
+        mask = torch.tensor([True, False, True, True, False])
+        full = tiny_model.run(inputs, 8, 3, 1.0)
+        assert (tiny_model.extend(state, rows=mask) - full[mask]).abs().max().item() <= 1e-5
+
+
+def test_glance_shares_the_input_adapter(tiny_model, tiny_config, inputs):
+    # with the read's keys and values passed in, the glance pays exactly flops() less the input adapter
+    with torch.inference_mode():
+        read_kv = tiny_model.read_kv(inputs)
+        for glance in [(2, 1, 0.25), (4, 2, 0.5), (8, 3, 1.0)]:
+            counted = measure_flops(lambda glance=glance: tiny_model.glance(inputs, *glance, read_kv=read_kv))
+            assert counted == len(inputs) * (flops(tiny_config, *glance) - input_adapter_flops(tiny_config))
+            # and run() counts the same as glance()
+            assert counted == measure_flops(lambda glance=glance: tiny_model.run(inputs, *glance, read_kv=read_kv))
+
+
+TARGETS = [
+    (4, 1, 0.25),  # same width, more tokens, within the glance's depth
+    (8, 3, 0.25),  # same width, more tokens and deeper
+    (2, 3, 0.25),  # deeper only
+    (8, 3, 1.0),  # another width
+    (4, 2, 0.5),  # another width, more tokens
+    (2, 1, 0.25),  # fewer tokens, shallower, same width: the write alone
+    (2, 2, 1.0),  # fewer tokens, another width
+]
+
+
+@pytest.mark.parametrize("glance", [(2, 1, 0.25), (2, 2, 0.25), (4, 2, 0.25)])
+@pytest.mark.parametrize("target", TARGETS)
+def test_extension_flops_are_what_extend_computes(tiny_model, tiny_config, inputs, glance, target):
+    if target == glance:  # answered by the glance's logits
+        assert extension_flops(tiny_config, glance, target) == 0
+        return
+    with torch.inference_mode():
+        _, state = tiny_model.glance(inputs, *glance)
+        counted = measure_flops(lambda: tiny_model.extend(state, *target))
+        assert counted == len(inputs) * extension_flops(tiny_config, glance, target)
+        rows = torch.tensor([0, 2])
+        counted = measure_flops(lambda: tiny_model.extend(state, *target, rows=rows))
+        assert counted == len(rows) * extension_flops(tiny_config, glance, target)
+
+
+@pytest.mark.parametrize("glance", [(2, 1, 0.25), (2, 2, 0.25)])
+def test_extension_reuses_the_glance(tiny_model, tiny_config, inputs, glance):
+    g0, l0, w0 = glance
+    c, shared = tiny_config, input_adapter_flops(tiny_config)
+
+    def read_rows(n):  # the read's query and output projections and attention for n latents
+        return 4 * n * c.embed_dim**2 + 4 * n * c.num_patches * c.embed_dim
+
+    with torch.inference_mode():
+        _, state = tiny_model.glance(inputs, *glance)
+        for target in [(g0, l0 + 1, w0), (4, l0, w0), (8, 3, w0)]:
+            counted = measure_flops(lambda target=target: tiny_model.extend(state, *target)) // len(inputs)
+            # less than the target alone even after reusing the glance's read: the blocks are reused too
+            assert counted < flops(c, *target) - shared - read_rows(min(g0, target[0])), target
+    # same width reuses the glance's blocks, another width only its read
+    for g, l in [(2, 3), (4, l0), (8, 3)]:
+        same = extension_flops(tiny_config, glance, (g, l, w0))
+        other = extension_flops(tiny_config, glance, (g, l, 0.5))
+        assert same < other < flops(tiny_config, g, l, 0.5) - shared, (g, l)
+    assert extension_flops(tiny_config, glance, glance) == 0
+
+
+def test_cascade_flops(tiny_config):
+    glance = (2, 1, 0.25)
+    cascade = cascade_flops(tiny_config, glance)
+    assert cascade.shape == flops_grid(tiny_config).shape and cascade.dtype == torch.int64
+    assert cascade[0, 0, 0] == flops(tiny_config, *glance)
+    for k, l, m in itertools.product(*map(range, cascade.shape)):
+        target = (tiny_config.token_grans[k], l + 1, tiny_config.ffn_widths[m])
+        assert cascade[k, l, m] == flops(tiny_config, *glance) + extension_flops(tiny_config, glance, target)
+    # a cascade costs no more than the glance plus the target alone, minus the shared input adapter
+    alone = flops_grid(tiny_config) + flops(tiny_config, *glance) - input_adapter_flops(tiny_config)
+    assert (cascade <= alone).all()
