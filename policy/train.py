@@ -24,7 +24,7 @@ from policy.selection import SelectionRule, select
 class PolicyTrainConfig:
     """Hyperparameters, named as stable-baselines3's ``PPO`` arguments where they are its."""
 
-    lam_range: tuple[float, float] | None = (1e-3, 0.3)
+    lam_range: tuple[float, float] | None = (1e-3, 1.0)
     """One price-conditioned policy: each episode draws its FLOP price log-uniformly from this range and the
     policy sees it, so calibration scans a fine grid of prices without retraining. None: one policy per
     price of ``lambdas``."""
@@ -32,7 +32,7 @@ class PolicyTrainConfig:
     """FLOP prices swept when ``lam_range`` is None."""
     selection: SelectionRule = field(default_factory=SelectionRule)
     """How the price is chosen on calibration: the cheapest policy that keeps the promise (``policy.selection``)."""
-    total_timesteps: int = 1_000_000
+    total_timesteps: int = 3_000_000
     """Env steps (inputs seen) of the conditioned policy, or per price of a sweep."""
     num_envs: int = 256
     """Inputs stepped at once by the batched table env."""
@@ -46,8 +46,8 @@ class PolicyTrainConfig:
     """One-step episodes: nothing to discount."""
     reward: str = "agree"
     """Accuracy term of the reward: 'agree' (prediction is the full configuration's), 'correct' or 'logprob'."""
-    net_arch: list[int] = field(default_factory=lambda: [64])
-    """Hidden layers of the actor and of the critic; small, since a big one memorises the policy-train inputs."""
+    net_arch: list[int] = field(default_factory=lambda: [128, 128])
+    """Hidden layers of the actor and of the critic (the price is an input too; [64] was measurably worse)."""
     seed: int = 0
     threads: int = 1
     """torch threads for PPO; one beat two for this small network."""

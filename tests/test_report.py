@@ -3,8 +3,8 @@ import json
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-
 from conftest import synthetic_table
+
 from experiments import evaluate
 from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
 from policy.report import paired_stats

@@ -5,7 +5,15 @@ from safetensors.torch import load_file
 import backbone.train as train_module
 from backbone import AdaPerceiver
 from backbone.data import load_dataset
-from backbone.train import TrainConfig, TrainingForward, augment, grid_loss_weights, mixup, train_backbone, training_loss
+from backbone.train import (
+    TrainConfig,
+    TrainingForward,
+    augment,
+    grid_loss_weights,
+    mixup,
+    train_backbone,
+    training_loss,
+)
 
 
 @pytest.fixture(scope="module")
