@@ -137,6 +137,8 @@ def format_summary(summary: dict) -> str:
         (f"  fixed config, same rule  {tuple(fixed['config'])}: {fixed['delta_pp']:+.2f} pp, "
          f"FLOP reduction {100 * fixed['flop_reduction']:.1f}%"),
     ]
+    if not summary["meets_calibration_target"]:
+        lines.append("  note: no price kept the promise on calibration, so the rule took the safest one")
     if high - low > 2 * tol:
         lines.append(f"  note: the 95% interval is {high - low:.2f} pp wide, wider than ±{tol:g} pp: {summary['n_test']} "
                      "test images alone cannot confirm the tolerance (docs/results.md: how it is certified)")

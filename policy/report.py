@@ -42,7 +42,6 @@ from policy.families import (
 )
 from policy.selection import SelectionRule
 
-FAMILY_NAMES = ("fixed", "early_exit", "random", "glance_threshold", "router", "ppo")
 
 
 def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:
