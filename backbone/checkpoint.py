@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from backbone.config import AdaPerceiverConfig
+from backbone.io import atomic_write, write_json
 from backbone.model import AdaPerceiver
 
 WEIGHTS = "model.safetensors"
@@ -21,23 +20,6 @@ CONFIG = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, truncated, or does not match its config."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def save_checkpoint(model: AdaPerceiver, directory: str | Path, metadata: dict | None = None) -> Path:

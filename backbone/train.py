@@ -20,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from backbone.checkpoint import atomic_write, save_checkpoint, write_json
+from backbone.checkpoint import save_checkpoint
 from backbone.config import AdaPerceiverConfig
 from backbone.data import Dataset
 from backbone.distributed import init_distributed
 from backbone.grid import format_grid, grid_accuracy
+from backbone.io import atomic_write, write_json
 from backbone.model import AdaPerceiver
 
 STATE = "train_state.pt"

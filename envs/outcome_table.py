@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from backbone import AdaPerceiver, flops_grid
-from backbone.checkpoint import atomic_write
 from backbone.distributed import current_context
+from backbone.io import atomic_write
 from envs.features import FeatureSpec, features_from, staged_flops
 
 FORMAT_VERSION = 3  # 3: predicted classes (agreement with the full model), staged FLOPs of the glance cascade
@@ -74,6 +74,11 @@ class OutcomeTable:
     @property
     def full_flops(self) -> int:
         return int(self.flops[-1, -1, -1])
+
+    def predictions(self, actions: np.ndarray) -> np.ndarray:
+        """Predicted classes ``(n,)`` of one action ``(k, l, m)`` per input, ``actions`` ``(n, 3)``."""
+        k, l, m = np.asarray(actions, dtype=np.int64).T
+        return self.predicted[np.arange(len(self)), k, l, m]
 
     def configuration(self, action) -> tuple[int, int, float]:
         """``(tokens, depth, width)`` of an action ``(k, l, m)`` (depth is 1-based)."""

@@ -11,9 +11,9 @@ import time
 import torch
 
 from backbone import AdaPerceiver
-from backbone.checkpoint import write_json
 from backbone.config import preset
 from backbone.data import load_dataset
+from backbone.io import write_json
 from backbone.train import TrainConfig, TrainingForward, grid_loss_weights, sample_widths, training_loss
 
 

@@ -12,9 +12,9 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from backbone.checkpoint import write_json
+from backbone.io import write_json
 from envs import AdaptiveComputeEnv, TableVecEnv
-from policy.pipeline import PolicyJob, load_tables
+from evaluation.pipeline import PolicyJob, load_tables
 
 
 def ppo_steps_per_s(env, timesteps: int, n_steps: int, batch_size: int) -> float:

@@ -13,14 +13,14 @@ import platform
 
 import torch
 
-from backbone.checkpoint import write_json
-from policy.benchmark import benchmark_inference, format_table
+from backbone.io import write_json
+from evaluation.benchmark import benchmark_inference, format_table
+from evaluation.pipeline import PolicyJob, job_dataset
 from policy.classifier import AdaptiveClassifier
-from policy.pipeline import PolicyJob, job_dataset
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the benchmark; returns one result dict per batch size (see ``policy.benchmark.benchmark_inference``)."""
+    """Run the benchmark; returns one result dict per batch size (see ``evaluation.benchmark.benchmark_inference``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default=None)

@@ -11,7 +11,7 @@ import argparse
 from backbone.distributed import init_distributed
 from backbone.train import resolve_device
 from envs import FeatureSpec
-from policy.pipeline import PolicyJob, load_tables
+from evaluation.pipeline import PolicyJob, load_tables
 
 
 def main(argv: list[str] | None = None) -> None:

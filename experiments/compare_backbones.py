@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backbone.checkpoint import atomic_write, write_json
 from backbone.compare import HELD_OUT_SPLITS, compare_backbones, format_comparison
 from backbone.data import SplitConfig, load_dataset
+from backbone.io import atomic_write, write_json
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backbone.checkpoint import atomic_write, backbone_hash, load_checkpoint, write_json
+from backbone.checkpoint import backbone_hash, load_checkpoint
+from backbone.io import atomic_write, write_json
 from envs import FeatureSpec
+from evaluation.pipeline import PolicyJob, job_dataset, load_tables
+from evaluation.plots import markdown_table, pareto_plot
+from evaluation.report import SelectionRun, build_report
 from policy.artifact import load_policy
-from policy.pipeline import PolicyJob, job_dataset, load_tables
-from policy.plots import markdown_table, pareto_plot
-from policy.report import SelectionRun, build_report
 from policy.selection import SelectionRule
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from backbone import flops
-from backbone.checkpoint import write_json
+from backbone.io import write_json
 from policy.classifier import AdaptiveClassifier, Config
 from policy.inputs import load_images
 

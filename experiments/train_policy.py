@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backbone.checkpoint import write_json
+from backbone.io import write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
-from policy.pipeline import PolicyJob, format_summary, run_policy_job
+from evaluation.pipeline import PolicyJob, format_summary, run_policy_job
 from policy.selection import MODES, SelectionRule
 from policy.train import PolicyTrainConfig
 

@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from backbone import measure_flops
-from backbone.checkpoint import atomic_write, write_json
-from envs import FeatureSpec
+from backbone.io import atomic_write, write_json
+from envs import FeatureSpec, OutcomeTable
 from envs.reward import lam_feature
+from policy.selection import Outcome
 
 WEIGHTS = "policy.safetensors"
 SIDECAR = "policy.json"
@@ -74,6 +75,15 @@ class PolicyArtifact:
         """FLOPs per input of the policy network's deterministic forward (actor only), counted by torch."""
         obs = torch.zeros(1, self.feature_mean.shape[0])
         return measure_flops(lambda: self.policy._predict(obs, deterministic=True))
+
+
+def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | None = None,
+                   network_flops: float | None = None) -> Outcome:
+    """The policy's predictions and per-input FLOPs on ``table`` at price ``lam``: the staged cost of each
+    chosen configuration (glance included) plus the policy network."""
+    actions = artifact.act(table.features, lam=lam)
+    network = artifact.network_flops() if network_flops is None else network_flops
+    return Outcome(table.predictions(actions), table.staged_flops[tuple(actions.T)] + network)
 
 
 def make_policy(n_features: int, nvec: list[int], net_arch: list[int]) -> ActorCriticPolicy:

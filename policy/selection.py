@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta
 
+from envs import OutcomeTable
+
 MODES = ("empirical", "certified")
 
 
@@ -62,6 +64,22 @@ class Candidate:
     """``(n,)`` bool: the candidate predicts what the full configuration predicts."""
     flops: float
     """Mean FLOPs per input, every cost counted."""
+
+
+@dataclass
+class Outcome:
+    """What one candidate does on the inputs of a table."""
+
+    predicted: np.ndarray
+    """``(n,)`` predicted classes."""
+    flops: np.ndarray
+    """``(n,)`` float64 FLOPs per input, every cost counted."""
+
+
+def candidate(knob: Any, outcome: Outcome, table: OutcomeTable) -> Candidate:
+    """A candidate's calibration results from its outcome on ``table``."""
+    return Candidate(knob, outcome.predicted == table.labels, outcome.predicted == table.predicted[:, -1, -1, -1],
+                     float(outcome.flops.mean()))
 
 
 def disagreement_upper_bound(disagreements: int, n: int, delta: float) -> float:

@@ -15,9 +15,11 @@ from stable_baselines3.common.vec_env import VecMonitor
 from tqdm import tqdm
 
 from envs import OutcomeTable, TableVecEnv
-from policy.artifact import PolicyArtifact, make_policy
-from policy.families import PolicyFamily, candidates
-from policy.selection import SelectionRule, select
+from policy.artifact import PolicyArtifact, make_policy, policy_outcome
+from policy.selection import SelectionRule, candidate, select
+
+LAM_GRID = 61
+"""Prices of a conditioned policy scanned on calibration (log-spaced over its range)."""
 
 
 @dataclass
@@ -148,8 +150,12 @@ def train_and_calibrate(
     else:
         artifacts = [train_one(train_table, lam, config, scaler, log, meta)
                      for lam in tqdm(config.lambdas, desc="lambda sweep")]
-    family = PolicyFamily(artifacts)
-    scored = candidates(family, calibration_table)
+    scored = []
+    for i, artifact in enumerate(artifacts):  # every price of a conditioned policy, or each policy at its own
+        network = artifact.network_flops()
+        lams = np.geomspace(*config.lam_range, LAM_GRID) if config.lam_range is not None else [artifact.meta["lam"]]
+        scored += [candidate((i, float(lam)), policy_outcome(artifact, calibration_table, lam, network), calibration_table)
+                   for lam in lams]
     selection = select(scored, calibration_table.correct[:, -1, -1, -1], config.selection)
     artifact_index, lam = scored[selection.index].knob
     chosen = dataclasses.replace(artifacts[artifact_index], meta={**artifacts[artifact_index].meta, "lam": lam})

@@ -9,10 +9,10 @@ from backbone import flops
 from backbone.checkpoint import backbone_hash, save_checkpoint
 from backbone.data import DataError, load_dataset
 from envs import FeatureSpec, compute_features, staged_flops
+from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
 from experiments import bench_inference, infer
 from policy import AdaptiveClassifier, PolicyArtifact, PolicyArtifactError, save_policy
 from policy.artifact import make_policy
-from policy.benchmark import KEYS, benchmark_inference, largest_in_batch
 from policy.inputs import load_images
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import synthetic_table
 
+from evaluation.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
+from evaluation.report import paired_stats
 from experiments import evaluate
-from policy.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
-from policy.report import paired_stats
 
 KEYS = ("accuracy", "delta_pp", "delta_pp_ci", "mcnemar_p", "gflops", "flop_reduction", "oracle_capture", "front_ratio",
         "disagreement", "selection")

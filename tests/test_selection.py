@@ -9,8 +9,8 @@ import pytest
 from conftest import synthetic_table
 from scipy.stats import binom
 
-from policy.families import EarlyExitFamily, FixedFamily, GlanceThresholdFamily, choose_and_apply
-from policy.report import SelectionRun, run_family, split_halves
+from evaluation.families import EarlyExitFamily, FixedFamily, GlanceThresholdFamily, choose_and_apply
+from evaluation.report import SelectionRun, run_family, split_halves
 from policy.selection import Candidate, SelectionRule, disagreement_upper_bound, select
 
 

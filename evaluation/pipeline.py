@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backbone.checkpoint import backbone_hash, load_checkpoint, read_config, write_json
+from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import Dataset, SplitConfig, load_dataset
+from backbone.io import write_json
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
+from evaluation.families import FixedFamily, PolicyFamily, choose_and_apply
+from evaluation.report import paired_stats
 from policy.artifact import PolicyArtifact, save_policy
-from policy.families import FixedFamily, PolicyFamily, choose_and_apply
-from policy.report import paired_stats
 from policy.train import PolicyTrainConfig, train_and_calibrate
 
 

@@ -24,11 +24,9 @@ from tqdm import tqdm
 from backbone import AdaPerceiver, readout_flops
 from backbone.compare import paired_interval_pp
 from envs import OutcomeTable
-from policy.artifact import PolicyArtifact
-from policy.baselines import early_exit, oracle_actions, pareto_front
-from policy.benchmark import batches_of, images_per_second
-from policy.classifier import AdaptiveClassifier
-from policy.families import (
+from evaluation.baselines import early_exit, oracle_actions, pareto_front
+from evaluation.benchmark import batches_of, images_per_second
+from evaluation.families import (
     TAUS,
     EarlyExitFamily,
     Family,
@@ -40,8 +38,9 @@ from policy.families import (
     RouterFamily,
     choose_and_apply,
 )
+from policy.artifact import PolicyArtifact
+from policy.classifier import AdaptiveClassifier
 from policy.selection import SelectionRule
-
 
 
 def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:

@@ -8,7 +8,6 @@ evaluation inputs: the same code for every family and both selection modes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,30 +16,15 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from envs import OutcomeTable
-from policy.artifact import PolicyArtifact
-from policy.baselines import early_exit, matched_random_actions
-from policy.selection import Candidate, Selection, SelectionRule, select
+from evaluation.baselines import early_exit, matched_random_actions
+from policy.artifact import PolicyArtifact, policy_outcome
+from policy.selection import Candidate, Outcome, Selection, SelectionRule, candidate, select
+from policy.train import LAM_GRID
 
 TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
 GLANCE_TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), 1 - np.geomspace(0.08, 1e-5, 25), [1.0]]), 6))
 EPSILONS = tuple(np.round(np.geomspace(1e-4, 0.3, 40), 6))
 RANDOM_FRACTIONS = tuple(np.round(np.linspace(0.02, 1.0, 50), 3))
-
-
-@dataclass
-class Outcome:
-    """What one candidate does on the inputs of a table."""
-
-    predicted: np.ndarray
-    """``(n,)`` predicted classes."""
-    flops: np.ndarray
-    """``(n,)`` float64 FLOPs per input, every cost counted."""
-
-
-def predictions(table: OutcomeTable, actions: np.ndarray) -> np.ndarray:
-    """Predicted classes ``(n,)`` of per-input actions ``(n, 3)``."""
-    k, l, m = np.asarray(actions, dtype=np.int64).T
-    return table.predicted[np.arange(len(table)), k, l, m]
 
 
 class Family(Protocol):
@@ -103,7 +87,7 @@ class RandomFamily:
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         actions = matched_random_actions(table, knob * table.full_flops, self.seed)
-        return Outcome(predictions(table, actions), table.flops[tuple(actions.T)].astype(np.float64))
+        return Outcome(table.predictions(actions), table.flops[tuple(actions.T)].astype(np.float64))
 
     def describe(self, knob) -> dict:
         return {"target_flop_fraction": float(knob)}
@@ -127,7 +111,7 @@ class _StagedFamily:
         if key not in self._memo:
             self._memo[key] = self.actions(table, knob)
         actions = self._memo[key]
-        return Outcome(predictions(table, actions), table.staged_flops[tuple(actions.T)] + self.overhead_flops(knob))
+        return Outcome(table.predictions(actions), table.staged_flops[tuple(actions.T)] + self.overhead_flops(knob))
 
 
 class GlanceThresholdFamily(_StagedFamily):
@@ -199,7 +183,7 @@ class PolicyFamily(_StagedFamily):
 
     name = "ppo"
 
-    def __init__(self, artifacts: list[PolicyArtifact], lam_grid: int = 61) -> None:
+    def __init__(self, artifacts: list[PolicyArtifact], lam_grid: int = LAM_GRID) -> None:
         super().__init__()
         self.artifacts = artifacts
         self._knobs = []
@@ -212,11 +196,11 @@ class PolicyFamily(_StagedFamily):
     def knobs(self) -> list:
         return list(self._knobs)
 
-    def actions(self, table: OutcomeTable, knob) -> np.ndarray:
-        return self.artifacts[knob[0]].act(table.features, lam=knob[1])
-
-    def overhead_flops(self, knob) -> float:
-        return self.network_flops[knob[0]]
+    def outcome(self, table: OutcomeTable, knob) -> Outcome:
+        key = (id(table), knob)
+        if key not in self._memo:
+            self._memo[key] = policy_outcome(self.artifacts[knob[0]], table, knob[1], self.network_flops[knob[0]])
+        return self._memo[key]
 
     def describe(self, knob) -> dict:
         return {"artifact": knob[0], "lam": knob[1]}
@@ -224,12 +208,7 @@ class PolicyFamily(_StagedFamily):
 
 def candidates(family: Family, table: OutcomeTable) -> list[Candidate]:
     """Every knob of ``family`` scored on ``table``."""
-    full_predicted = table.predicted[:, -1, -1, -1]
-    out = []
-    for knob in family.knobs():
-        o = family.outcome(table, knob)
-        out.append(Candidate(knob, o.predicted == table.labels, o.predicted == full_predicted, float(o.flops.mean())))
-    return out
+    return [candidate(knob, family.outcome(table, knob), table) for knob in family.knobs()]
 
 
 def choose_and_apply(family: Family, calibration: OutcomeTable, evaluation: OutcomeTable,

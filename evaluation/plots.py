@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from backbone.checkpoint import atomic_write
+from backbone.io import atomic_write
 
 FAMILIES = ("fixed", "early_exit", "random", "glance_threshold", "router", "ppo")
 
