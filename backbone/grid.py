@@ -1,10 +1,34 @@
-"""Logits and accuracy of every configuration of the grid, batched over a dataset."""
+"""The configuration grid: its points, their action indices, and every point's logits over a dataset."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from backbone.model import AdaPerceiver
+
+
+class GridPoint(NamedTuple):
+    """One configuration of the grid, in the paper's vocabulary (a plain tuple, so it compares equal to one)."""
+
+    tokens: int
+    """Latent tokens: one of the token granularities."""
+    depth: int
+    """Exit depth, 1-based: the number of latent blocks run."""
+    width: float
+    """FFN width: one of the Matryoshka widths, as a fraction of the hidden units."""
+
+    @classmethod
+    def from_action(cls, action: Sequence[int], token_grans: Sequence[int], ffn_widths: Sequence[float]) -> GridPoint:
+        """The point of an action ``(token index, depth - 1, width index)`` (a ``MultiDiscrete([K, L, M])`` sample)."""
+        k, l, m = (int(a) for a in action)
+        return cls(int(token_grans[k]), l + 1, float(ffn_widths[m]))
+
+    def action(self, token_grans: Sequence[int], ffn_widths: Sequence[float]) -> tuple[int, int, int]:
+        """The action indices ``(token index, depth - 1, width index)`` of this point."""
+        return list(token_grans).index(self.tokens), self.depth - 1, [float(w) for w in ffn_widths].index(float(self.width))
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ import torch
 from gymnasium import spaces
 
 from backbone import AdaPerceiver, flops
+from backbone.grid import GridPoint
 from envs.features import FeatureSpec, compute_features, staged_flops
 from envs.outcome_table import OutcomeTable
 from envs.reward import check_reward, draw_lam, lam_feature, lam_range, reward
@@ -98,7 +99,7 @@ class AdaptiveComputeEnv(gym.Env):
         model, label = self.live.model, int(self.live.labels[self.index])
         image = self.live.images[self.index : self.index + 1]
         with torch.inference_mode():
-            logits = model(image, self.token_grans[k], l + 1, self.ffn_widths[m])
+            logits = model(image, *GridPoint.from_action((k, l, m), self.token_grans, self.ffn_widths))
             full_class = int(model(image).argmax(-1))
         logprobs = logits[0].float().log_softmax(-1)
         predicted = int(logprobs.argmax())
@@ -119,6 +120,6 @@ class AdaptiveComputeEnv(gym.Env):
         cost = float(self.flops[k, l, m])
         term = {"correct": float(correct), "agree": float(agree), "logprob": logprob}[self.reward_kind]
         value = float(reward(term, cost / self.full_flops, self.episode_lam))
-        info = {"correct": correct, "flops": cost, "config": (self.token_grans[k], l + 1, self.ffn_widths[m]),
+        info = {"correct": correct, "flops": cost, "config": GridPoint.from_action((k, l, m), self.token_grans, self.ffn_widths),
                 "index": self.index, "lam": self.episode_lam}
         return self._observe(), value, True, False, info

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from backbone import AdaPerceiver, flops_grid
 from backbone.distributed import current_context
+from backbone.grid import GridPoint
 from backbone.io import atomic_write
 from envs.features import FeatureSpec, features_from, staged_flops
 
@@ -80,10 +81,9 @@ class OutcomeTable:
         k, l, m = np.asarray(actions, dtype=np.int64).T
         return self.predicted[np.arange(len(self)), k, l, m]
 
-    def configuration(self, action) -> tuple[int, int, float]:
-        """``(tokens, depth, width)`` of an action ``(k, l, m)`` (depth is 1-based)."""
-        k, l, m = (int(a) for a in action)
-        return self.token_grans[k], l + 1, self.ffn_widths[m]
+    def configuration(self, action) -> GridPoint:
+        """The grid point of an action ``(k, l, m)``."""
+        return GridPoint.from_action(action, self.token_grans, self.ffn_widths)
 
 
 PER_INPUT = ("features", "predicted", "true_logprob", "confidence", "labels")

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from backbone import flops, input_adapter_flops
-from policy.classifier import AdaptiveClassifier, Config
+from backbone.grid import GridPoint
+from policy.classifier import AdaptiveClassifier
 
 KEYS = ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flop_speedup", "realized_speedup",
         "efficiency")
@@ -48,7 +49,7 @@ def images_per_second(fn: Callable[[torch.Tensor], object], batches: list[torch.
                 return done / elapsed
 
 
-def largest_in_batch(configs: list[Config]) -> Config:
+def largest_in_batch(configs: list[GridPoint]) -> GridPoint:
     """The naive choice: each axis at the largest value any input of the batch was given.
 
     The grid's axes are strictly increasing, so the largest value is the one at the largest index.

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from backbone import flops
+from backbone.grid import GridPoint
 from backbone.io import write_json
-from policy.classifier import AdaptiveClassifier, Config
+from policy.classifier import AdaptiveClassifier
 from policy.inputs import load_images
 
 
-def parse_config(text: str) -> Config:
+def parse_config(text: str) -> GridPoint:
     """``"TOKENS,DEPTH,WIDTH"`` -> ``(tokens, depth, width)``; the grid itself is checked by the backbone."""
     try:
         tokens, depth, width = text.split(",")

@@ -101,6 +101,15 @@ def save_policy(artifact: PolicyArtifact, directory: str | Path) -> Path:
     return directory
 
 
+def check_backbone_hash(meta: dict, backbone_hash: str | None, what: str) -> None:
+    """Refuse a policy (its ``meta``) made for another backbone than ``backbone_hash`` (no check when None)."""
+    if backbone_hash is not None and meta.get("backbone_hash") != backbone_hash:
+        raise PolicyArtifactError(
+            f"{what} was trained for backbone {str(meta.get('backbone_hash'))[:12]}..., not this one "
+            f"({backbone_hash[:12]}...); train a policy for this backbone with experiments/train_policy.py"
+        )
+
+
 def load_policy(directory: str | Path, backbone_hash: str | None = None) -> PolicyArtifact:
     """Load an artifact; with ``backbone_hash``, refuse one made for another backbone."""
     directory = Path(directory)
@@ -113,11 +122,7 @@ def load_policy(directory: str | Path, backbone_hash: str | None = None) -> Poli
         tensors = load_file(weights)
     except (json.JSONDecodeError, SafetensorError, OSError) as err:
         raise PolicyArtifactError(f"{directory}: unreadable policy artifact ({err})") from err
-    if backbone_hash is not None and meta.get("backbone_hash") != backbone_hash:
-        raise PolicyArtifactError(
-            f"{directory} was trained for backbone {str(meta.get('backbone_hash'))[:12]}..., "
-            f"not this one ({backbone_hash[:12]}...); train a policy for this backbone with experiments/train_policy.py"
-        )
+    check_backbone_hash(meta, backbone_hash, str(directory))
     nvec = [len(meta["token_grans"]), len(meta["depths"]), len(meta["ffn_widths"])]
     policy = make_policy(int(tensors["feature_mean"].shape[0]), nvec, meta["net_arch"])
     state = {k.removeprefix("policy."): v for k, v in tensors.items() if k.startswith("policy.")}

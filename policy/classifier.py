@@ -10,12 +10,10 @@ import torch
 
 from backbone import AdaPerceiver, flops
 from backbone.checkpoint import backbone_hash, load_checkpoint
+from backbone.grid import GridPoint
 from backbone.model import GlanceState
 from envs import features_from, staged_flops
-from policy.artifact import PolicyArtifact, PolicyArtifactError, load_policy
-
-Config = tuple[int, int, float]
-"""``(tokens, depth, width)``: one point of the backbone's configuration grid."""
+from policy.artifact import PolicyArtifact, check_backbone_hash, load_policy
 
 
 @dataclass
@@ -28,7 +26,7 @@ class Prediction:
     """``(B,)`` int64 predicted classes."""
     confidence: torch.Tensor
     """``(B,)`` max softmax probability."""
-    configs: list[Config]
+    configs: list[GridPoint]
     """``(tokens, depth, width)`` each input ran at."""
     flops: np.ndarray
     """``(B,)`` float64 FLOPs per input as paid: the glance, its extension to the input's configuration (none
@@ -59,11 +57,7 @@ class AdaptiveClassifier:
             if found is None or [float(v) for v in found] != [float(v) for v in value]:
                 raise ValueError(f"policy {key} {found} do not match the backbone's {value}; "
                                  "train a policy for this backbone with experiments/train_policy.py")
-        if backbone_hash is not None and artifact.meta.get("backbone_hash") != backbone_hash:
-            raise PolicyArtifactError(
-                f"the policy was trained for backbone {str(artifact.meta.get('backbone_hash'))[:12]}..., not this one "
-                f"({backbone_hash[:12]}...); train a policy for this backbone with experiments/train_policy.py"
-            )
+        check_backbone_hash(artifact.meta, backbone_hash, "the policy")
         self.backbone = backbone.eval()
         self.artifact, self.lam, self.spec = artifact, lam, artifact.feature_spec
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
@@ -77,11 +71,11 @@ class AdaptiveClassifier:
         return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir), digest)  # __init__ checks the hash
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, config: Config | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, config: GridPoint | None = None) -> Prediction:
         """Classify images ``(B, C, H, W)`` in ``[0, 1]``; ``config`` fixes one configuration (no policy)."""
         model = self.backbone
         model.check_images(images)
-        config = None if config is None else model.resolve(*config)  # fail before any compute
+        config = None if config is None else GridPoint(*model.resolve(*config))  # fail before any compute
         if len(images) == 0:
             raise ValueError("no images to classify (empty batch)")
         if not images.is_floating_point():
@@ -101,7 +95,7 @@ class AdaptiveClassifier:
         return Prediction(logits.cpu(), probs.argmax(-1).cpu(), probs.amax(-1).cpu(), configs, per_input)
 
     @torch.inference_mode()
-    def choose(self, input_tokens: torch.Tensor, read_kv) -> tuple[list[Config], np.ndarray, torch.Tensor | None, GlanceState | None]:
+    def choose(self, input_tokens: torch.Tensor, read_kv) -> tuple[list[GridPoint], np.ndarray, torch.Tensor | None, GlanceState | None]:
         """The glance and the policy's choice for input tokens ``(B, P, D)``: each input's configuration, its FLOPs
         as paid ``(B,)``, and the glance's logits and state (None without a glance)."""
         model, c = self.backbone, self.backbone.config
@@ -110,18 +104,18 @@ class AdaptiveClassifier:
             glance_logits, state = model.glance(input_tokens, *self.spec.glance_config(c), read_kv=read_kv)
         features = features_from(input_tokens, glance_logits, self.spec).cpu().numpy()
         actions = self.artifact.act(features, lam=self.lam)  # (token index, depth - 1, width index)
-        configs = [(c.token_grans[k], int(d) + 1, c.ffn_widths[w]) for k, d, w in actions]
+        configs = [GridPoint.from_action(a, c.token_grans, c.ffn_widths) for a in actions]
         per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
         return configs, per_input, glance_logits, state
 
-    def _adaptive(self, input_tokens: torch.Tensor, read_kv) -> tuple[torch.Tensor, list[Config], np.ndarray]:
+    def _adaptive(self, input_tokens: torch.Tensor, read_kv) -> tuple[torch.Tensor, list[GridPoint], np.ndarray]:
         """The glance, the policy's actions, then each group of inputs answered by the glance or extended."""
         model = self.backbone
         configs, per_input, glance_logits, state = self.choose(input_tokens, read_kv)
         if state is None:  # no glance to continue from: fresh passes, packed
             return model.run_mixed(input_tokens, configs, read_kv).float(), configs, per_input
         logits = torch.empty_like(glance_logits, dtype=torch.float32)
-        groups: dict[Config, list[int]] = {}
+        groups: dict[GridPoint, list[int]] = {}
         for i, cfg in enumerate(configs):
             groups.setdefault(cfg, []).append(i)
         for cfg, members in groups.items():
@@ -132,7 +126,7 @@ class AdaptiveClassifier:
                 logits[rows] = model.extend(state, *cfg, rows=rows).float()
         return logits, configs, per_input
 
-    def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: Config | None = None) -> Prediction:
+    def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: GridPoint | None = None) -> Prediction:
         """``predict`` over ``images`` ``(N, C, H, W)`` in chunks of ``batch_size`` (bounds memory), in input order."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
