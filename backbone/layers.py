@@ -156,41 +156,6 @@ class LatentBlock(nn.Module):
         y = self.ffn(self.norm2(x), hidden_units=hidden_units)
         return x + self.drop_path(self.ls2(y))
 
-    def forward_packed(
-        self,
-        x: torch.Tensor,
-        segments: list[tuple[int, int, int]],
-        ffn_rows: list[tuple[int, int, int]],
-        rope_rows: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """The block (inference) over many inputs' latents packed as rows ``(R, D)``.
-
-        ``segments`` are ``(first row, inputs, tokens)``: consecutive inputs with the same token
-        count, each attending within its own ``tokens`` rows. ``ffn_rows`` are ``(first row, end row,
-        hidden units)``. ``rope_rows`` are the cos and sin ``(R, head_dim)`` of each row's latent
-        position. Every linear layer and the rotary encoding run once over all rows (the FFN once
-        per width), so small groups of inputs cost about what their FLOPs say.
-        """
-        rows, dim = x.shape
-        heads = self.attn.num_heads
-        cos, sin = rope_rows[0][:, None], rope_rows[1][:, None]
-        y = self.norm1(x)
-        q = apply_rope(self.attn.q(y).view(rows, heads, dim // heads), cos, sin)
-        k, v = self.attn.kv(y).view(rows, 2, heads, dim // heads).unbind(1)
-        k = apply_rope(k, cos, sin)
-        mixed = torch.empty_like(x)
-        for start, n, t in segments:
-            part = slice(start, start + n * t)
-            per_input = [z[part].view(n, t, heads, dim // heads).transpose(1, 2) for z in (q, k, v)]
-            mixed[part] = attend(*per_input, mask=mask[:t, :t]).view(n * t, dim)
-        x = x + self.ls1(self.attn.proj(mixed))
-        y = self.norm2(x)
-        out = torch.empty_like(x)
-        for start, stop, hidden in ffn_rows:
-            out[start:stop] = self.ffn(y[start:stop], hidden_units=hidden)
-        return x + self.ls2(out)
-
 
 def init_weights(module: nn.Module) -> None:
     """ViT-style init: truncated-normal linears, zero biases, unit LayerNorms."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from backbone.config import AdaPerceiverConfig
 from backbone.layers import Attention, LatentBlock, init_weights, rope_tables
+from backbone.packed import run_mixed
 
 Width = float | Sequence[float] | torch.Tensor
 ReadKV = tuple[torch.Tensor, torch.Tensor]
@@ -267,68 +268,8 @@ class AdaPerceiver(nn.Module):
         configs: Sequence[tuple[int, int, float]],
         read_kv: ReadKV | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, C)`` of input tokens ``(B, P, D)``, input ``i`` at its own ``configs[i]``, in input order.
-
-        The same numbers and FLOPs as ``run`` on each input alone, with sliced FFN weights. The
-        latents of every input still running are packed as the rows of one matrix, ordered by
-        (width, tokens, deepest first): each block runs its linear layers once over all rows (the
-        FFN once per width) and attention once per (width, tokens) segment, and an input's rows
-        leave the pack once it is written out at its depth. So a mix of small configurations costs
-        about what its FLOPs say, not one small, inefficient pass per configuration.
-        """
-        if len(configs) != input_tokens.shape[0]:
-            raise ValueError(f"need one configuration per input: {input_tokens.shape[0]} inputs, {len(configs)} configs")
-        resolved = {cfg: self.resolve(*cfg) for cfg in set(configs)}
-        configs = [resolved[cfg] for cfg in configs]
-        device, dim = input_tokens.device, self.config.embed_dim
-        logits = torch.empty(len(configs), self.config.num_classes, device=device)
-        members: dict[tuple[float, int], list[int]] = {}
-        for i, (tokens, _, width) in enumerate(configs):
-            members.setdefault((width, tokens), []).append(i)
-        # a segment: (tokens, hidden units, its inputs deepest first, their depths)
-        segments = []
-        for (width, tokens), rows in sorted(members.items()):
-            rows.sort(key=lambda i: -configs[i][1])
-            segments.append((tokens, self.config.ffn_hidden_units(width), torch.tensor(rows, device=device),
-                             [configs[i][1] for i in rows]))
-        if not segments:
-            return logits
-        if len(segments) == 1 and len(set(segments[0][3])) == 1:  # one configuration: nothing to pack
-            logits[segments[0][2]] = self.run(input_tokens, *configs[0], read_kv=read_kv).float()
-            return logits
-        read_kv = self.read_kv(input_tokens) if read_kv is None else read_kv
-        reads = [self._read(None, tokens, (read_kv[0][index], read_kv[1][index])).reshape(-1, dim)
-                 for tokens, _, index, _ in segments]
-        x = torch.cat(reads)
-        positions = torch.cat([torch.arange(t, device=device).repeat(len(index)) for t, _, index, _ in segments])
-        rope_rows = (self.rope_cos[positions], self.rope_sin[positions])  # each row's latent position
-        for depth, block in enumerate(self.blocks, start=1):
-            if not segments:
-                break
-            layout, ffn_rows, start = [], [], 0
-            for tokens, hidden, index, _ in segments:
-                stop = start + len(index) * tokens
-                layout.append((start, len(index), tokens))
-                if ffn_rows and ffn_rows[-1][2] == hidden:  # segments of one width are adjacent
-                    ffn_rows[-1] = (ffn_rows[-1][0], stop, hidden)
-                else:
-                    ffn_rows.append((start, stop, hidden))
-                start = stop
-            x = block.forward_packed(x, layout, ffn_rows, rope_rows, self.block_mask)
-            kept, survivors, shrunk = [], [], False
-            for (start, n, tokens), (_, hidden, index, depths) in zip(layout, segments):
-                stay = sum(d > depth for d in depths)  # deepest first: those leaving are the tail
-                if stay < n:
-                    shrunk = True
-                    leaving = x[start + stay * tokens : start + n * tokens].view(n - stay, tokens, dim)
-                    logits[index[stay:]] = self._write(leaving, (tokens,))[:, 0].float()
-                if stay:
-                    kept.append(slice(start, start + stay * tokens))
-                    survivors.append((tokens, hidden, index[:stay], depths[:stay]))
-            if shrunk:
-                x, *rope_rows = (torch.cat([z[rows] for rows in kept]) if kept else z[:0] for z in (x, *rope_rows))
-            segments = survivors
-        return logits
+        """Logits ``(B, C)`` of input tokens ``(B, P, D)``, input ``i`` at its own ``configs[i]`` (``backbone.packed``)."""
+        return run_mixed(self, input_tokens, configs, read_kv)
 
     def forward(
         self, x: torch.Tensor, tokens: int | None = None, depth: int | None = None, width: float | None = None
