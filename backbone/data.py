@@ -166,6 +166,17 @@ def make_splits(
     return Dataset(name, num_classes, splits)
 
 
+def dataset_name(dataset: str) -> str:
+    """The short name of a dataset argument: 'digits', 'fashion-mnist', or an .npz path's file stem."""
+    return dataset if dataset in ("digits", "fashion-mnist") else Path(dataset).stem
+
+
+def default_paths(dataset: str) -> dict[str, str]:
+    """Where a dataset's artifacts live by default: its backbone checkpoint and its policy."""
+    name = dataset_name(dataset)
+    return {"backbone": f"checkpoints/{name}", "policy": f"policies/{name}"}
+
+
 def load_dataset(name: str = "digits", data_dir: str | Path | None = None, split: SplitConfig | None = None) -> Dataset:
     """Load ``digits``, ``fashion-mnist`` or an ``.npz`` path and cut it into the four splits."""
     split = split or SplitConfig()
@@ -192,4 +203,4 @@ def load_dataset(name: str = "digits", data_dir: str | Path | None = None, split
         if key not in data:
             raise DataError(f"{path}: missing array {key!r}; an .npz needs 'x' (images) and 'y' (labels)")
     test = (data["x_test"], data["y_test"]) if "x_test" in data and "y_test" in data else None
-    return make_splits(path.stem, data["x"], data["y"], split, test)
+    return make_splits(dataset_name(name), data["x"], data["y"], split, test)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from backbone import AdaPerceiver, flops_grid
 from backbone.distributed import current_context
@@ -97,7 +98,8 @@ def _split_key(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def build_outcome_table(
-    model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, spec: FeatureSpec, batch_size: int = 512, meta: dict | None = None
+    model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, spec: FeatureSpec, batch_size: int = 512,
+    meta: dict | None = None, progress: bool = False,
 ) -> OutcomeTable:
     """Run the backbone once per width (a grid pass) over ``images`` ``(n, C, H, W)``."""
     model.eval()
@@ -105,7 +107,9 @@ def build_outcome_table(
     glance = spec.glance_config(model.config)
     parts: dict[str, list] = {"features": [], "predicted": [], "true_logprob": [], "confidence": []}
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
+        grid = len(model.config.token_grans) * model.config.depth * len(model.config.ffn_widths)
+        desc = f"tabulating {(meta or {}).get('split', 'inputs')} ({len(images)} images x {grid} configurations)"
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
             x = images[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
             input_tokens = model.embed(x)
@@ -175,6 +179,7 @@ def cached_outcome_table(
     spec: FeatureSpec,
     cache_dir: str | Path = ".cache/outcome_tables",
     batch_size: int = 512,
+    progress: bool = False,
 ) -> OutcomeTable:
     """The table of ``split``, from the cache when its key matches, else built and cached."""
     meta = {"backbone_hash": backbone_hash, "split": split, "split_key": _split_key(images, labels), "features": spec.to_dict()}
@@ -189,7 +194,7 @@ def cached_outcome_table(
             pass  # unreadable or stale: rebuild below and overwrite
     ctx = current_context()
     rows = np.array_split(np.arange(len(labels)), ctx.world)[ctx.rank]
-    table = build_outcome_table(model, images[rows], labels[rows], spec, batch_size, meta)
+    table = build_outcome_table(model, images[rows], labels[rows], spec, batch_size, meta, progress and ctx.is_main)
     if ctx.enabled:
         # under torchrun each rank tabulates a contiguous slice; every rank gets the whole table
         parts: list = [None] * ctx.world

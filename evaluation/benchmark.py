@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from backbone import flops, input_adapter_flops
 from backbone.grid import GridPoint
@@ -58,7 +59,7 @@ def largest_in_batch(configs: list[GridPoint]) -> GridPoint:
 
 
 def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, batch_size: int,
-                        min_seconds: float = 1.0, warmup: int = 3, rounds: int = 3) -> dict:
+                        min_seconds: float = 1.0, warmup: int = 3, rounds: int = 3, progress: bool = False) -> dict:
     """Images/s of full, adaptive and naive inference on ``images`` ``(N, C, H, W)`` at one batch size.
 
     The three are measured in the same run on the same batches, interleaved over ``rounds`` rounds
@@ -78,9 +79,9 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     variants = {"full": model, "adaptive": classifier.predict, "naive": naive}
     measured = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            measured[name].append(images_per_second(fn, batches, warmup, min_seconds))
+    steps = [(r, name) for r in range(rounds) for name in variants]
+    for r, name in tqdm(steps, desc=f"batch {batch_size}: rounds x variants", disable=not progress):
+        measured[name].append(images_per_second(variants[name], batches, warmup, min_seconds))
     speed = {name: float(np.median(values)) for name, values in measured.items()}
     predictions = [classifier.predict(batch) for batch in batches]
     adaptive_flops = float(np.mean(np.concatenate([p.flops for p in predictions])))

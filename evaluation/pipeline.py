@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
-from backbone.data import Dataset, SplitConfig, load_dataset
+from backbone.data import Dataset, SplitConfig, dataset_name, load_dataset
 from backbone.io import write_json
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
 from evaluation.families import FixedFamily, PolicyFamily, choose_and_apply
@@ -31,6 +31,8 @@ class PolicyJob:
     log_dir: str = "runs"
     features: FeatureSpec = field(default_factory=FeatureSpec)
     train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
+    quiet: bool = False
+    """No progress bars."""
 
 
 def job_dataset(job: PolicyJob) -> Dataset:
@@ -52,7 +54,8 @@ def load_tables(
     model = load_checkpoint(job.backbone, device)
     digest = backbone_hash(job.backbone)
     tables = {
-        name: cached_outcome_table(model, digest, name, data.splits[name].x, data.splits[name].y, job.features, job.cache_dir)
+        name: cached_outcome_table(model, digest, name, data.splits[name].x, data.splits[name].y, job.features,
+                                   job.cache_dir, progress=not job.quiet)
         for name in splits
     }
     return tables, digest
@@ -109,7 +112,7 @@ def run_policy_job(job: PolicyJob) -> dict:
         "action_space": {"type": "MultiDiscrete", "nvec": list(tables["test"].grid_shape),
                          "axes": ["token_gran_index", "exit_depth_minus_1", "ffn_width_index"]},
     }
-    run_name = f"policy_{Path(job.dataset).stem}__{job.train.seed}__{int(time.time())}"
+    run_name = f"policy_{dataset_name(job.dataset)}__{job.train.seed}__{int(time.time())}"
     artifact, sweep = train_and_calibrate(
         tables["policy_train"], tables["calibration"], job.train, meta, Path(job.log_dir) / run_name
     )

@@ -12,6 +12,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from backbone.data import default_paths
 from backbone.io import write_json
 from envs import AdaptiveComputeEnv, TableVecEnv
 from evaluation.pipeline import PolicyJob, load_tables
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    job = PolicyJob(dataset=args.dataset, backbone=args.backbone or f"checkpoints/{args.dataset}")
+    job = PolicyJob(dataset=args.dataset, backbone=args.backbone or default_paths(args.dataset)["backbone"])
     table = load_tables(job, ("policy_train",))[0]["policy_train"]
     n_steps = max(1, 2048 // args.num_envs)
     batched = ppo_steps_per_s(TableVecEnv(table, args.num_envs, lam=0.1), args.timesteps, n_steps, 512)

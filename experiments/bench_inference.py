@@ -13,6 +13,7 @@ import platform
 
 import torch
 
+from backbone.data import default_paths
 from backbone.io import write_json
 from evaluation.benchmark import benchmark_inference, format_table
 from evaluation.pipeline import PolicyJob, job_dataset
@@ -35,17 +36,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    backbone = args.backbone or f"checkpoints/{args.dataset}"
-    classifier = AdaptiveClassifier.from_dirs(backbone, args.policy or f"policies/{args.dataset}", args.device)
+    defaults = default_paths(args.dataset)
+    backbone = args.backbone or defaults["backbone"]
+    classifier = AdaptiveClassifier.from_dirs(backbone, args.policy or defaults["policy"], args.device)
     test = job_dataset(PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone)).splits["test"]
     images = torch.as_tensor(test.x)
     results = [
         benchmark_inference(classifier, images[: args.limit_batch1 if b == 1 else args.limit], b,
-                            args.min_seconds, args.warmup, args.rounds)
+                            args.min_seconds, args.warmup, args.rounds, progress=not args.quiet)
         for b in args.batch_sizes
     ]
     print(format_table(results))

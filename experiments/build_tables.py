@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from backbone.data import default_paths
 from backbone.distributed import init_distributed
 from backbone.train import resolve_device
 from envs import FeatureSpec
@@ -23,11 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pooled", action="store_true", help="features include the mean input token")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     ctx = init_distributed(resolve_device(args.device))
-    job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone or f"checkpoints/{args.dataset}",
-                    cache_dir=args.cache_dir, features=FeatureSpec(pooled=args.pooled))
+    job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone or default_paths(args.dataset)["backbone"],
+                    cache_dir=args.cache_dir, features=FeatureSpec(pooled=args.pooled), quiet=args.quiet)
     tables, digest = load_tables(job, tuple(args.splits.split(",")), device=ctx.device)
     if ctx.is_main:
         for name, table in tables.items():

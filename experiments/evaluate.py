@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
+from backbone.data import default_paths
 from backbone.io import atomic_write, write_json
 from envs import FeatureSpec
 from evaluation.pipeline import PolicyJob, job_dataset, load_tables
@@ -42,15 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    name = args.dataset if args.dataset in ("digits", "fashion-mnist") else Path(args.dataset).stem
-    backbone_dir = args.backbone or f"checkpoints/{name}"
-    policy_dirs = args.policy if args.policy is not None else [f"policies/{name}"]
+    defaults = default_paths(args.dataset)
+    backbone_dir = args.backbone or defaults["backbone"]
+    policy_dirs = args.policy if args.policy is not None else [defaults["policy"]]
     if policy_dirs and (Path(policy_dirs[0]) / "sweep").is_dir():  # the lambda sweep saved beside the policy
         policy_dirs += sorted(str(p) for p in (Path(policy_dirs[0]) / "sweep").iterdir() if p.is_dir())
     digest = backbone_hash(backbone_dir)
     policies = [load_policy(p, digest) for p in policy_dirs]
     spec = policies[0].feature_spec if policies else FeatureSpec()
-    job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone_dir, cache_dir=args.cache_dir, features=spec)
+    job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone_dir, cache_dir=args.cache_dir, features=spec,
+                    quiet=args.quiet)
     tables, _ = load_tables(job, ("policy_train", "calibration", "test"))
     model = load_checkpoint(backbone_dir)
     images = None

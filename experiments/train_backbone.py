@@ -14,7 +14,7 @@ import sys
 import torch
 
 from backbone.config import AdaPerceiverConfig, preset
-from backbone.data import SplitConfig, load_dataset
+from backbone.data import SplitConfig, default_paths, load_dataset
 from backbone.train import TrainConfig, train_backbone
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         "split_seed": args.split_seed,
         "command": shlex.join(["python", "experiments/train_backbone.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    out = args.out or f"checkpoints/{data.name}"
+    out = args.out or default_paths(args.dataset)["backbone"]
     return train_backbone(model_config, train, data, out, metadata, resume=not args.fresh)
 
 

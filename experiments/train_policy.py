@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from backbone.data import default_paths
 from backbone.io import write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
     args = parser.parse_args(argv)
 
-    name = args.dataset if args.dataset in ("digits", "fashion-mnist") else Path(args.dataset).stem
+    paths = default_paths(args.dataset)
     job = PolicyJob(
+        quiet=args.quiet,
         dataset=args.dataset,
         data_dir=args.data_dir,
-        backbone=args.backbone or f"checkpoints/{name}",
-        out=args.out or f"policies/{name}",
+        backbone=args.backbone or paths["backbone"],
+        out=args.out or paths["policy"],
         cache_dir=args.cache_dir,
         log_dir=args.log_dir,
         features=FeatureSpec(pooled=args.pooled),
