@@ -14,6 +14,8 @@ from backbone import AdaPerceiver
 from backbone.checkpoint import read_config, save_checkpoint
 from envs import load_table
 
+pytestmark = pytest.mark.slow  # each test starts Python processes (torchrun)
+
 ROOT = Path(__file__).resolve().parents[1]
 # a linear patch embedding: BatchNorm statistics are per rank on CPU, so a conv stem breaks exactness
 TINY = ["--embed-dim", "16", "--depth", "2", "--num-heads", "2", "--token-grans", "2,4,8,16", "--stem-channels", ""]

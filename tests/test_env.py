@@ -165,6 +165,7 @@ def test_env_rejects_bad_arguments(table):
         AdaptiveComputeEnv(table=table, lam=-1)
 
 
+@pytest.mark.slow
 def test_live_mode_in_subprocesses_matches_the_table(table, tiny_model, digits_subset):
     from envs import make_live_vec_env
 
