@@ -14,7 +14,10 @@ Formats:
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from backbone.errors import ProjectError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -33,7 +38,7 @@ FASHION_MNIST_FILES = {
 SPLIT_NAMES = ("backbone_train", "policy_train", "calibration", "test")
 
 
-class DataError(ValueError):
+class DataError(ProjectError):
     """Malformed or missing data; the message names the problem and the fix."""
 
 
@@ -82,6 +87,8 @@ def to_images(x: np.ndarray, source: str) -> np.ndarray:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"{source}: images must be (n, H, W) or (n, C, H, W), got shape {x.shape}")
+    if x.size == 0:
+        raise DataError(f"{source}: no images (shape {x.shape}); give at least one image of at least one pixel")
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating):
@@ -99,6 +106,8 @@ def check_labels(y: np.ndarray, n: int, source: str, num_classes: int | None = N
         raise DataError(f"{source}: labels must have shape ({n},) to match the images, got {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    if y.size == 0:
+        raise DataError(f"{source}: no labels; give one integer label per image")
     upper = num_classes if num_classes is not None else int(y.max()) + 1
     if y.min() < 0 or y.max() >= upper:
         raise DataError(f"{source}: labels must lie in 0..{upper - 1}, got {y.min()}..{y.max()}")
@@ -127,32 +136,120 @@ def read_idx_gz(path: Path) -> np.ndarray:
         raise DataError(f"{path}: unreadable idx.gz file ({err}); download it again") from err
 
 
-def _stratified_split(y: np.ndarray, index: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rest, taken = train_test_split(index, test_size=frac, stratify=y[index], random_state=seed)
+NPZ_ARRAYS = {"x": "images", "y": "labels", "x_test": "test images", "y_test": "test labels"}
+NPZ_HOW = "write it with np.savez(path, x=images, y=labels) from plain numeric arrays"
+_NPZ_FAILURES = (OSError, EOFError, ValueError, KeyError, RuntimeError, NotImplementedError,
+                 zipfile.BadZipFile, zlib.error, struct.error)
+
+
+def read_npz(
+    path: str | Path, required: tuple[str, ...], optional: tuple[str, ...] = (),
+    paired: tuple[tuple[str, str], ...] = (),
+) -> dict[str, np.ndarray]:
+    """The ``required`` and (those present of) the ``optional`` arrays of an ``.npz``, read without pickle.
+
+    The one reader of the project's ``.npz`` inputs: every malformed file is a ``DataError`` naming the file
+    and the fix: a missing file, something that is not an ``.npz`` (random bytes, a pickle, an ``.npy``
+    renamed ``.npz``), a truncated or corrupt archive, object arrays, empty arrays, a missing ``required``
+    array, and one array of a ``paired`` couple without the other. Other arrays in the file are not read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err}); check the path and its permissions") from err
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataError(f"{path}: a single .npy array (renamed .npz?), not an .npz archive; {NPZ_HOW}")
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        kind = "an empty file" if not magic else "not an .npz (zip) archive"
+        raise DataError(f"{path}: {kind}; {NPZ_HOW}")
+    arrays: dict[str, np.ndarray] = {}
+    key = None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            found = list(npz.files)
+            for key in (*required, *optional):
+                if key in found:
+                    arrays[key] = npz[key]
+    except _NPZ_FAILURES as err:
+        where = f"array {key!r} of {path}" if key is not None else str(path)
+        if isinstance(err, ValueError) and "allow_pickle" in str(err):
+            raise DataError(f"{where} holds Python objects (dtype object), which are never unpickled; {NPZ_HOW}") from err
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{where}: truncated or corrupt .npz ({reason}); {NPZ_HOW}") from err
+    for key in required:
+        if key not in arrays:
+            role = f" ({NPZ_ARRAYS[key]})" if key in NPZ_ARRAYS else ""
+            raise DataError(f"{path}: missing array {key!r}{role}; found {found or 'no arrays'}; {NPZ_HOW}")
+    for a, b in paired:
+        if (a in arrays) != (b in arrays):
+            have, lack = (a, b) if a in arrays else (b, a)
+            raise DataError(f"{path}: has {have!r} but no {lack!r}; save both or neither")
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise DataError(f"{path}: {key!r} is not a numpy array; {NPZ_HOW}")
+        if value.dtype.hasobject:
+            raise DataError(f"{path}: array {key!r} holds Python objects (dtype object); {NPZ_HOW}")
+        if value.ndim == 0 or value.size == 0:
+            raise DataError(f"{path}: array {key!r} is {'a scalar' if value.ndim == 0 else 'empty'} "
+                            f"(shape {value.shape}); it needs one row per image")
+    return arrays
+
+
+def _stratified_split(y: np.ndarray, index: np.ndarray, frac: float, seed: int, source: str,
+                      min_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        rest, taken = train_test_split(index, test_size=frac, stratify=y[index], random_state=seed)
+    except ValueError as err:
+        classes, counts = np.unique(y, return_counts=True)
+        smallest = int(classes[counts.argmin()])
+        raise DataError(
+            f"{source}: too few images per class for the four stratified splits ({len(y)} images; class {smallest} "
+            f"has {counts.min()}); give every class at least {min_per_class} images"
+        ) from err
     return np.sort(rest), np.sort(taken)
 
 
 def make_splits(
-    name: str, x: np.ndarray, y: np.ndarray, split: SplitConfig, test: tuple[np.ndarray, np.ndarray] | None = None
+    name: str, x: np.ndarray, y: np.ndarray, split: SplitConfig, test: tuple[np.ndarray, np.ndarray] | None = None,
+    source: str | None = None,
 ) -> Dataset:
-    """Cut ``x, y`` into the four splits; ``test`` (an official test set) replaces the held-out one."""
-    x = to_images(x, name)
-    num_classes = int(max(y.max(), test[1].max() if test is not None else 0)) + 1
-    y = check_labels(y, len(x), name, num_classes)
+    """Cut ``x, y`` into the four splits; ``test`` (an official test set) replaces the held-out one.
+
+    ``source`` (default ``name``) is what error messages call the data, e.g. the ``.npz`` path.
+    """
+    source = source or name
+    x = to_images(x, source)
+    y = check_labels(y, len(x), source)
+    if test is not None:
+        x_test = to_images(test[0], f"{source} (x_test)")
+        y_test = check_labels(test[1], len(x_test), f"{source} (y_test)")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise DataError(f"{source}: test images {x_test.shape[1:]} differ from train images {x.shape[1:]}")
+    num_classes = int(max(y.max(), y_test.max() if test is not None else 0)) + 1
+    # each stratified cut needs at least one image per class on both sides: the smallest share decides
+    pool_share = 1 - (split.test_frac if test is None else 0)
+    shares = [pool_share * split.calibration_frac, pool_share * split.policy_frac]
+    shares += [split.test_frac] if test is None else []
+    min_per_class = max(2, math.ceil(1 / min(shares)))
     pool = np.arange(len(y))
     if test is None:
-        pool, test_index = _stratified_split(y, pool, split.test_frac, split.seed)
+        pool, test_index = _stratified_split(y, pool, split.test_frac, split.seed, source, min_per_class)
         x_test, y_test = x, y
     else:
-        x_test = to_images(test[0], f"{name} test")
-        y_test = check_labels(test[1], len(x_test), f"{name} test", num_classes)
-        if x_test.shape[1:] != x.shape[1:]:
-            raise DataError(f"{name}: test images {x_test.shape[1:]} differ from train images {x.shape[1:]}")
         test_index = np.arange(len(y_test))
-    pool, calibration = _stratified_split(y, pool, split.calibration_frac, split.seed + 1)
+    pool, calibration = _stratified_split(y, pool, split.calibration_frac, split.seed + 1, source, min_per_class)
     backbone_train, policy_train = _stratified_split(
-        y, pool, split.policy_frac / (1 - split.calibration_frac), split.seed + 2
+        y, pool, split.policy_frac / (1 - split.calibration_frac), split.seed + 2, source, min_per_class
     )
+    for split_name, index in (("backbone_train", backbone_train), ("policy_train", policy_train),
+                              ("calibration", calibration), ("test", test_index)):
+        if len(index) == 0:
+            raise DataError(f"{source}: the {split_name} split is empty ({len(y)} images); "
+                            f"give every class at least {min_per_class} images")
 
     def subset(xs: np.ndarray, ys: np.ndarray, index: np.ndarray) -> Split:
         return Split(torch.from_numpy(xs[index]), torch.from_numpy(ys[index]), index)
@@ -172,9 +269,11 @@ def dataset_name(dataset: str) -> str:
 
 
 def default_paths(dataset: str) -> dict[str, str]:
-    """Where a dataset's artifacts live by default: its backbone checkpoint and its policy."""
+    """Where a dataset's artifacts live by default: the shipped backbone and policy that jobs read, and where
+    new ones are written (under ``runs/``, so that a job never replaces a shipped artifact unless told to)."""
     name = dataset_name(dataset)
-    return {"backbone": f"checkpoints/{name}", "policy": f"policies/{name}"}
+    return {"backbone": f"checkpoints/{name}", "policy": f"policies/{name}",
+            "new_backbone": f"runs/{name}/backbone", "new_policy": f"runs/{name}/policy"}
 
 
 def load_dataset(name: str = "digits", data_dir: str | Path | None = None, split: SplitConfig | None = None) -> Dataset:
@@ -192,15 +291,6 @@ def load_dataset(name: str = "digits", data_dir: str | Path | None = None, split
     path = Path(name)
     if path.suffix != ".npz":
         raise DataError(f"unknown dataset {name!r}; use 'digits', 'fashion-mnist' or a path to an .npz file")
-    if not path.is_file():
-        raise DataError(f"no such file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            data = {key: arrays[key] for key in arrays.files}
-    except ValueError as err:
-        raise DataError(f"{path}: cannot read without pickle ({err}); save plain arrays with np.savez") from err
-    for key in ("x", "y"):
-        if key not in data:
-            raise DataError(f"{path}: missing array {key!r}; an .npz needs 'x' (images) and 'y' (labels)")
-    test = (data["x_test"], data["y_test"]) if "x_test" in data and "y_test" in data else None
-    return make_splits(dataset_name(name), data["x"], data["y"], split, test)
+    data = read_npz(path, ("x", "y"), ("x_test", "y_test"), paired=(("x_test", "y_test"),))
+    test = (data["x_test"], data["y_test"]) if "x_test" in data else None
+    return make_splits(dataset_name(name), data["x"], data["y"], split, test, source=str(path))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -20,15 +22,38 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from backbone.checkpoint import save_checkpoint
+from backbone.checkpoint import CONFIG, save_checkpoint
 from backbone.config import AdaPerceiverConfig
 from backbone.data import Dataset
 from backbone.distributed import init_distributed
+from backbone.errors import ProjectError
 from backbone.grid import format_grid, grid_accuracy
 from backbone.io import atomic_write, write_json
 from backbone.model import AdaPerceiver
 
 STATE = "train_state.pt"
+STATE_KEYS = {"model": dict, "optimizer": dict, "generator": torch.Tensor, "epoch": int, "elapsed_s": float}
+
+
+def load_train_state(path: Path, device: torch.device, with_ema: bool = False) -> dict:
+    """The resume state a previous run wrote, loaded with ``weights_only=True`` (tensors and plain
+    containers only: nothing in the file is ever executed); a corrupt, foreign or crafted file is a
+    ``ProjectError`` that says to delete it."""
+    fix = "delete it (or pass --fresh) to start over"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
+            KeyError, IndexError) as err:
+        # torch's own message would suggest weights_only=False, i.e. running the file's code: not repeated here
+        raise ProjectError(f"{path} is corrupt or not a training state ({type(err).__name__}); {fix}") from err
+    wanted = {**STATE_KEYS, **({"ema": dict} if with_ema else {})}
+    if not isinstance(state, dict):
+        raise ProjectError(f"{path} is not a training state (a {type(state).__name__}); {fix}")
+    wrong = [key for key, kind in wanted.items()
+             if not isinstance(state.get(key), kind if kind is not float else (int, float))]
+    if wrong:
+        raise ProjectError(f"{path} is not a training state (missing or malformed {wrong}); {fix}")
+    return state
 
 
 @dataclass
@@ -86,8 +111,21 @@ class TrainConfig:
             raise ValueError(f"objective must be 'grid' or 'full', got {self.objective!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr {self.lr}, min_lr {self.min_lr}")
+        for name in ("weight_decay", "warmup_epochs", "augment_shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("label_smoothing", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.full_width_share <= 1:
+            raise ValueError(f"full_width_share must be in [0, 1], got {self.full_width_share}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}")
         if not 0 <= self.distill_weight <= 1:
@@ -98,7 +136,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ProjectError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return torch.device(name)
 
 
@@ -199,6 +237,28 @@ def training_loss(
     return (per_exit.sum(0) * weights.to(per_exit.device)).sum() / normalizer
 
 
+RUN_ONLY = ("device", "compile", "eval_batch_size", "eval_limit")
+"""TrainConfig fields a resumed run may change: they do not change the steps it takes."""
+
+
+def resume_settings(model_config: AdaPerceiverConfig, train: TrainConfig) -> str:
+    """The architecture and recipe a resumed run must share with the run that wrote the state (JSON text)."""
+    recipe = {k: v for k, v in asdict(train).items() if k not in RUN_ONLY}
+    return json.dumps({"architecture": model_config.to_dict(), "recipe": recipe}, sort_keys=True)
+
+
+def check_resumable(state: dict, model_config: AdaPerceiverConfig, train: TrainConfig, path: Path) -> None:
+    """Refuse to resume a state written with another architecture or recipe."""
+    found = json.loads(state.get("settings", "{}") or "{}")
+    wanted = json.loads(resume_settings(model_config, train))
+    differ = sorted(f"{part}.{k}" for part in ("architecture", "recipe")
+                    for k in set(wanted[part]) | set(found.get(part, {}))
+                    if wanted[part].get(k) != found.get(part, {}).get(k))
+    if differ:
+        raise ProjectError(f"{path} was written by a run with other settings ({', '.join(differ[:6])}); "
+                           "pass --fresh to start over, or --out for another directory")
+
+
 def train_backbone(
     model_config: AdaPerceiverConfig,
     train: TrainConfig,
@@ -206,6 +266,7 @@ def train_backbone(
     out_dir: str | Path,
     metadata: dict | None = None,
     resume: bool = True,
+    force: bool = False,
 ) -> dict:
     """Train, checkpoint every epoch (resumable), then save the model and its calibration grid.
 
@@ -213,6 +274,10 @@ def train_backbone(
     logs under ``out_dir/tb``. Returns the summary written to ``grid_accuracy.json``.
     """
     out_dir = Path(out_dir)
+    if (out_dir / CONFIG).is_file() and not force:
+        raise ProjectError(f"{out_dir} already holds a finished checkpoint; pass --force to train over it, "
+                           "or --out for a new directory")
+    resume = resume and not force
     ctx = init_distributed(resolve_device(train.device))
     device = ctx.device
     torch.manual_seed(train.seed)
@@ -238,13 +303,18 @@ def train_backbone(
 
     state_path = out_dir / STATE
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        start_epoch, elapsed = int(state["epoch"]), float(state["elapsed_s"])
+        state = load_train_state(state_path, device, ema is not None)
+        check_resumable(state, model_config, train, state_path)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
+            generator.set_state(state["generator"])
+            start_epoch, elapsed = int(state["epoch"]), float(state["elapsed_s"])
+        except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as err:
+            raise ProjectError(f"{state_path} does not fit this run ({type(err).__name__}); "
+                               "delete it (or pass --fresh) to start over") from err
         if ctx.is_main:
             print(f"resuming from {state_path} at epoch {start_epoch}")
 
@@ -310,6 +380,7 @@ def train_backbone(
                 "generator": generator.get_state(),
                 "epoch": epoch + 1,
                 "elapsed_s": elapsed,
+                "settings": resume_settings(model_config, train),
             }
             if ema is not None:
                 state["ema"] = ema.module.state_dict()

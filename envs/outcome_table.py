@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +25,7 @@ from backbone.grid import GridPoint
 from backbone.io import atomic_write
 from envs.features import FeatureSpec, features_from, staged_flops
 
-FORMAT_VERSION = 3  # 3: predicted classes (agreement with the full model), staged FLOPs of the glance cascade
+FORMAT_VERSION = 4  # 3: predicted classes, staged FLOPs of the glance cascade; 4: a digest of the arrays
 
 
 @dataclass
@@ -137,17 +138,33 @@ def build_outcome_table(
     )
 
 
+ARRAYS = (*PER_INPUT, "flops", "staged_flops")
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the arrays' names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for key in ARRAYS:
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+class TableError(ValueError):
+    """An outcome table file that cannot be read or does not verify."""
+
+
 def save_table(table: OutcomeTable, path: str | Path) -> None:
-    """Write ``table`` to an ``.npz`` (plain arrays, metadata as JSON text), atomically."""
-    arrays = {
-        **{key: getattr(table, key) for key in (*PER_INPUT, "flops", "staged_flops")},
-        "header": np.array(json.dumps({
-            "format": FORMAT_VERSION,
-            "token_grans": list(table.token_grans),
-            "ffn_widths": list(table.ffn_widths),
-            "meta": table.meta,
-        })),
-    }
+    """Write ``table`` to an ``.npz`` (plain arrays, metadata and the arrays' digest as JSON text), atomically."""
+    arrays = {key: getattr(table, key) for key in ARRAYS}
+    arrays["header"] = np.array(json.dumps({
+        "format": FORMAT_VERSION,
+        "token_grans": list(table.token_grans),
+        "ffn_widths": list(table.ffn_widths),
+        "meta": table.meta,
+        "digest": arrays_digest(arrays),
+    }))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -157,17 +174,40 @@ def save_table(table: OutcomeTable, path: str | Path) -> None:
 
 
 def load_table(path: str | Path) -> OutcomeTable:
-    """Read a table written by ``save_table`` (no pickle)."""
-    with np.load(path, allow_pickle=False) as f:
-        header = json.loads(str(f["header"]))
+    """Read a table written by ``save_table`` (no pickle) and verify its digest; ``TableError`` on any failure."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            header = json.loads(str(f["header"]))
+            arrays = {key: f[key] for key in ARRAYS}
         if header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: outcome table format {header.get('format')}, expected {FORMAT_VERSION}")
-        return OutcomeTable(
-            **{key: f[key] for key in (*PER_INPUT, "flops", "staged_flops")},
-            token_grans=tuple(header["token_grans"]),
-            ffn_widths=tuple(header["ffn_widths"]),
-            meta=header["meta"],
-        )
+            raise TableError(f"format {header.get('format')}, expected {FORMAT_VERSION}")
+        if header.get("digest") != arrays_digest(arrays):
+            raise TableError("its arrays do not match the digest they were written with")
+        return OutcomeTable(**arrays, token_grans=tuple(header["token_grans"]), ffn_widths=tuple(header["ffn_widths"]),
+                            meta=header["meta"])
+    except TableError as err:
+        raise TableError(f"{path}: {err}") from err
+    except Exception as err:  # zip, npy, JSON and key errors of a damaged file all mean the same here
+        raise TableError(f"{path}: unreadable outcome table ({type(err).__name__}: {err})") from err
+
+
+def check_table(table: OutcomeTable, labels: torch.Tensor, grid_shape: tuple[int, int, int], n_features: int) -> None:
+    """Refuse a table that does not describe these inputs and this grid (``TableError``)."""
+    n = len(labels)
+    if table.predicted.shape != (n, *grid_shape) or table.flops.shape != grid_shape:
+        raise TableError(f"shapes {table.predicted.shape}, expected {(n, *grid_shape)}")
+    for key in ("true_logprob", "confidence"):
+        if getattr(table, key).shape != (n, *grid_shape):
+            raise TableError(f"{key} has shape {getattr(table, key).shape}, expected {(n, *grid_shape)}")
+    if table.features.shape != (n, n_features) or not np.isfinite(table.features).all():
+        raise TableError(f"features of shape {table.features.shape} (expected {(n, n_features)}), or not finite")
+    if not np.array_equal(table.labels, labels.numpy()):
+        raise TableError("its labels are not the split's")
+
+
+def _grid_shape(model: AdaPerceiver) -> tuple[int, int, int]:
+    c = model.config
+    return len(c.token_grans), c.depth, len(c.ffn_widths)
 
 
 def cached_outcome_table(
@@ -188,10 +228,12 @@ def cached_outcome_table(
     if path.is_file():
         try:
             table = load_table(path)
-            if table.meta == meta:
-                return table
-        except (ValueError, OSError, KeyError):
-            pass  # unreadable or stale: rebuild below and overwrite
+            if table.meta != meta:
+                raise TableError(f"{path}: made for another backbone, split or features")
+            check_table(table, labels, _grid_shape(model), spec.dim(model.config))
+            return table
+        except TableError as err:
+            tqdm.write(f"rebuilding the {split} outcome table: {err}", file=sys.stderr)
     ctx = current_context()
     rows = np.array_split(np.arange(len(labels)), ctx.world)[ctx.rank]
     table = build_outcome_table(model, images[rows], labels[rows], spec, batch_size, meta, progress and ctx.is_main)

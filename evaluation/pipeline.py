@@ -11,6 +11,7 @@ import torch
 
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import Dataset, SplitConfig, dataset_name, load_dataset
+from backbone.errors import ProjectError
 from backbone.io import write_json
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
 from evaluation.families import FixedFamily, PolicyFamily, choose_and_apply
@@ -26,13 +27,15 @@ class PolicyJob:
     dataset: str = "digits"
     data_dir: str | None = None
     backbone: str = "checkpoints/digits"
-    out: str = "policies/digits"
+    out: str = "runs/digits/policy"
     cache_dir: str = ".cache/outcome_tables"
     log_dir: str = "runs"
     features: FeatureSpec = field(default_factory=FeatureSpec)
     train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
     quiet: bool = False
     """No progress bars."""
+    replace: bool = False
+    """Write over a finished policy in ``out`` (else refused)."""
 
 
 def job_dataset(job: PolicyJob) -> Dataset:
@@ -96,8 +99,17 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
     }
 
 
+def check_out(job: PolicyJob) -> None:
+    """Refuse to write over a finished policy unless ``job.replace``; say so when replacing."""
+    if (Path(job.out) / "policy.json").is_file():
+        if not job.replace:
+            raise ProjectError(f"{job.out} already holds a policy; pass --force to replace it, or --out for another")
+        print(f"replacing the policy in {job.out}")
+
+
 def run_policy_job(job: PolicyJob) -> dict:
     """Run the whole job; writes the artifact and ``summary.json`` into ``job.out`` and returns the summary."""
+    check_out(job)
     tables, digest = load_tables(job)
     config, _ = read_config(job.backbone)
     meta = {

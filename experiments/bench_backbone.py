@@ -13,7 +13,7 @@ import torch
 from backbone import AdaPerceiver
 from backbone.config import preset
 from backbone.data import load_dataset
-from backbone.io import write_json
+from backbone.io import check_output_path, write_json
 from backbone.train import TrainConfig, TrainingForward, grid_loss_weights, sample_widths, training_loss
 
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    check_output_path(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -88,4 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

@@ -13,7 +13,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from backbone.data import default_paths
-from backbone.io import write_json
+from backbone.io import check_output_path, write_json
 from envs import AdaptiveComputeEnv, TableVecEnv
 from evaluation.pipeline import PolicyJob, load_tables
 
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timesteps", type=int, default=100_000)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    check_output_path(args.json, "--json")
     torch.set_num_threads(1)
 
     job = PolicyJob(dataset=args.dataset, backbone=args.backbone or default_paths(args.dataset)["backbone"])
@@ -52,4 +53,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

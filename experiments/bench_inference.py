@@ -14,7 +14,7 @@ import platform
 import torch
 
 from backbone.data import default_paths
-from backbone.io import write_json
+from backbone.io import check_output_path, write_json
 from evaluation.benchmark import benchmark_inference, format_table
 from evaluation.pipeline import PolicyJob, job_dataset
 from policy.classifier import AdaptiveClassifier
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    check_output_path(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -60,4 +61,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

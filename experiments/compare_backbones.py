@@ -15,7 +15,7 @@ from pathlib import Path
 
 from backbone.compare import HELD_OUT_SPLITS, compare_backbones, format_comparison
 from backbone.data import SplitConfig, load_dataset
-from backbone.io import atomic_write, write_json
+from backbone.io import atomic_write, check_output_path, write_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
+    check_output_path(args.json, "--json")
+    check_output_path(args.markdown, "--markdown")
 
     data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
     result = compare_backbones({"joint": args.joint, "reference": args.reference}, data, args.split_seed, args.splits)
@@ -44,4 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

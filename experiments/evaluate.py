@@ -15,7 +15,7 @@ from pathlib import Path
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import default_paths
-from backbone.io import atomic_write, write_json
+from backbone.io import atomic_write, check_output_path, write_json
 from envs import FeatureSpec
 from evaluation.pipeline import PolicyJob, job_dataset, load_tables
 from evaluation.plots import markdown_table, pareto_plot
@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    check_output_path(args.json, "--json")
+    check_output_path(args.markdown, "--markdown")
+    check_output_path(args.plot, "--plot")
+    try:
+        runs = (SelectionRun(SelectionRule("empirical", args.tolerance_pp, args.margin_pp, args.delta)),
+                SelectionRun(SelectionRule("certified", args.tolerance_pp, args.margin_pp, args.delta), "test_halves"))
+    except ValueError as err:
+        parser.error(str(err))
 
     defaults = default_paths(args.dataset)
     backbone_dir = args.backbone or defaults["backbone"]
@@ -58,8 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
     images = None
     if not args.no_throughput:
         images = job_dataset(job).splits["test"].x
-    runs = (SelectionRun(SelectionRule("empirical", args.tolerance_pp, args.margin_pp, args.delta)),
-            SelectionRun(SelectionRule("certified", args.tolerance_pp, args.margin_pp, args.delta), "test_halves"))
     report = build_report(tables["test"], tables["calibration"], model, policies, images, tables["policy_train"], runs,
                           quiet=args.quiet)
     report["dataset"] = args.dataset
@@ -75,4 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

@@ -14,7 +14,7 @@ import torch
 
 from backbone import flops
 from backbone.grid import GridPoint
-from backbone.io import write_json
+from backbone.io import check_output_path, write_json
 from policy.classifier import AdaptiveClassifier
 from policy.inputs import load_images
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the per-image rows and totals here")
     args = parser.parse_args(argv)
+    check_output_path(args.json, "--json")
 
     classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device)
     images, names, labels = load_images(args.input, classifier.backbone.config)
@@ -64,4 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

@@ -15,14 +15,15 @@ import torch
 
 from backbone.config import AdaPerceiverConfig, preset
 from backbone.data import SplitConfig, default_paths, load_dataset
-from backbone.train import TrainConfig, train_backbone
+from backbone.train import TrainConfig, resolve_device, train_backbone
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
-    parser.add_argument("--out", default=None, help="checkpoint directory (default checkpoints/<dataset>)")
+    parser.add_argument("--out", default=None, help="checkpoint directory (default runs/<dataset>/backbone)")
+    parser.add_argument("--force", action="store_true", help="train over a finished checkpoint in --out")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="ignore a train_state.pt left by an earlier run")
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> dict:
             parser.add_argument(flag, type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
 
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:  # every flag is checked before any data is read or model built
+        train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    except ValueError as err:
+        parser.error(str(err))
+    resolve_device(train.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
@@ -51,15 +59,16 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, key) is not None:
             arch[key] = getattr(args, key)
     model_config = AdaPerceiverConfig.from_dict(arch)
-    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     metadata = {
         "dataset": args.dataset,
         "split_seed": args.split_seed,
         "command": shlex.join(["python", "experiments/train_backbone.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    out = args.out or default_paths(args.dataset)["backbone"]
-    return train_backbone(model_config, train, data, out, metadata, resume=not args.fresh)
+    out = args.out or default_paths(args.dataset)["new_backbone"]
+    return train_backbone(model_config, train, data, out, metadata, resume=not args.fresh, force=args.force)
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from backbone.data import default_paths
-from backbone.io import write_json
+from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
 from evaluation.pipeline import PolicyJob, format_summary, run_policy_job
@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
     parser.add_argument("--backbone", default=None, help="checkpoint directory (default checkpoints/<dataset>)")
-    parser.add_argument("--out", default=None, help="artifact directory (default policies/<dataset>)")
+    parser.add_argument("--out", default=None,
+                        help="artifact directory (default runs/<dataset>/policy, replaced by each run of the default)")
+    parser.add_argument("--force", action="store_true", help="replace a policy already in --out")
     parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
     floats = lambda s: tuple(float(v) for v in s.split(","))
     defaults, rule = PolicyTrainConfig(), SelectionRule()
@@ -50,22 +52,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
     args = parser.parse_args(argv)
 
+    check_output_path(args.json, "--json")
     paths = default_paths(args.dataset)
+    try:  # every flag is checked before any table is built
+        train = PolicyTrainConfig(
+            lam_range=None if args.lambdas else args.lam_range, lambdas=args.lambdas or defaults.lambdas,
+            total_timesteps=args.timesteps, reward=args.reward, net_arch=args.net_arch, seed=args.seed,
+            threads=args.threads, quiet=args.quiet,
+            selection=SelectionRule(args.selection, args.tolerance_pp, args.margin_pp, args.delta),
+        )
+    except ValueError as err:
+        parser.error(str(err))
     job = PolicyJob(
         quiet=args.quiet,
         dataset=args.dataset,
         data_dir=args.data_dir,
         backbone=args.backbone or paths["backbone"],
-        out=args.out or paths["policy"],
+        out=args.out or paths["new_policy"],
+        replace=args.force or args.out is None,  # the default output is the job's own, replaced each run
         cache_dir=args.cache_dir,
         log_dir=args.log_dir,
         features=FeatureSpec(pooled=args.pooled),
-        train=PolicyTrainConfig(
-            lam_range=None if args.lambdas else args.lam_range, lambdas=args.lambdas or defaults.lambdas,
-            total_timesteps=args.timesteps, reward=args.reward, net_arch=args.net_arch, seed=args.seed,
-            threads=args.threads, quiet=args.quiet,
-            selection=SelectionRule(args.selection, args.tolerance_pp, args.margin_pp, args.delta),
-        ),
+        train=train,
     )
     summary = run_policy_job(job)
     print(format_summary(summary))
@@ -75,4 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from backbone.errors import run_cli
+
+    run_cli(main)

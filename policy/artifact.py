@@ -6,6 +6,7 @@ weights with safetensors: nothing is unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,12 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from backbone import measure_flops
-from backbone.io import atomic_write, write_json
+from backbone.errors import ProjectError
+from backbone.io import sha256_file, write_file_set
 from envs import FeatureSpec, OutcomeTable
 from envs.reward import lam_feature
 from policy.selection import Outcome
@@ -28,7 +30,7 @@ SIDECAR = "policy.json"
 SCALER_KEYS = ("feature_mean", "feature_std")
 
 
-class PolicyArtifactError(ValueError):
+class PolicyArtifactError(ProjectError):
     """A policy artifact that is missing, corrupt, or made for another backbone."""
 
 
@@ -92,12 +94,18 @@ def make_policy(n_features: int, nvec: list[int], net_arch: list[int]) -> ActorC
 
 
 def save_policy(artifact: PolicyArtifact, directory: str | Path) -> Path:
+    """Write the weights and the sidecar as one unit: the sidecar records the weights' sha256, and both
+    files are renamed into place together, so a policy whose files come from two writes is refused on load."""
     directory = Path(directory)
     tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in artifact.policy.state_dict().items()}
     tensors["feature_mean"] = torch.as_tensor(artifact.feature_mean, dtype=torch.float32)
     tensors["feature_std"] = torch.as_tensor(artifact.feature_std, dtype=torch.float32)
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    write_json(directory / SIDECAR, artifact.meta)
+    weights = save(tensors)
+    meta = {**artifact.meta, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    write_file_set({
+        directory / WEIGHTS: lambda tmp: Path(tmp).write_bytes(weights),
+        directory / SIDECAR: lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"),
+    })
     return directory
 
 
@@ -122,13 +130,66 @@ def load_policy(directory: str | Path, backbone_hash: str | None = None) -> Poli
         tensors = load_file(weights)
     except (json.JSONDecodeError, SafetensorError, OSError) as err:
         raise PolicyArtifactError(f"{directory}: unreadable policy artifact ({err})") from err
+    if not isinstance(meta, dict):
+        raise PolicyArtifactError(f"{sidecar}: not a policy sidecar (a JSON object); {RETRAIN}")
+    if "weights_sha256" in meta and sha256_file(weights) != meta["weights_sha256"]:
+        raise PolicyArtifactError(
+            f"{weights} is not the file {sidecar} was written with (changed since, or an interrupted write); "
+            "train the policy again with experiments/train_policy.py"
+        )
     check_backbone_hash(meta, backbone_hash, str(directory))
+    _check_sidecar(meta, sidecar)
+    mean, std = _check_scaler(tensors, weights)
     nvec = [len(meta["token_grans"]), len(meta["depths"]), len(meta["ffn_widths"])]
-    policy = make_policy(int(tensors["feature_mean"].shape[0]), nvec, meta["net_arch"])
+    try:
+        policy = make_policy(len(mean), nvec, meta["net_arch"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise PolicyArtifactError(f"{sidecar}: net_arch {meta['net_arch']} is not a policy network; {RETRAIN}") from err
     state = {k.removeprefix("policy."): v for k, v in tensors.items() if k.startswith("policy.")}
     try:
         policy.load_state_dict(state)
     except RuntimeError as err:
-        raise PolicyArtifactError(f"{weights} does not match {sidecar}: {err}") from err
+        reason = " ".join(str(err).split())
+        raise PolicyArtifactError(f"{weights} does not match {sidecar}: {reason}; {RETRAIN}") from err
     policy.set_training_mode(False)
-    return PolicyArtifact(policy, tensors["feature_mean"].numpy(), tensors["feature_std"].numpy(), meta)
+    return PolicyArtifact(policy, mean, std, meta)
+
+
+RETRAIN = "train the policy again with experiments/train_policy.py"
+SIDECAR_KEYS = ("token_grans", "depths", "ffn_widths", "features", "net_arch", "lam")
+
+
+def _check_sidecar(meta: dict, sidecar: Path) -> None:
+    """Refuse a ``policy.json`` without the keys loading and acting need, or with ill-typed ones."""
+    missing = [key for key in SIDECAR_KEYS if key not in meta]
+    if missing:
+        raise PolicyArtifactError(f"{sidecar}: missing {missing}; {RETRAIN}")
+    for key in ("token_grans", "depths", "ffn_widths", "net_arch"):
+        value = meta[key]
+        numbers = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not numbers or (key != "net_arch" and not value):
+            raise PolicyArtifactError(f"{sidecar}: {key} must be a list of numbers, got {value!r}; {RETRAIN}")
+    if not all(isinstance(v, int) and v > 0 for v in meta["net_arch"]):
+        raise PolicyArtifactError(f"{sidecar}: net_arch must list positive layer sizes, got {meta['net_arch']}; {RETRAIN}")
+    try:
+        FeatureSpec(**meta["features"])
+    except TypeError as err:
+        raise PolicyArtifactError(f"{sidecar}: features {meta['features']!r} is not a feature spec ({err}); {RETRAIN}") from err
+    lam_range = meta.get("lam_range")
+    if lam_range is not None and not (isinstance(lam_range, list) and len(lam_range) == 2):
+        raise PolicyArtifactError(f"{sidecar}: lam_range must be [low, high], got {lam_range!r}; {RETRAIN}")
+
+
+def _check_scaler(tensors: dict[str, torch.Tensor], weights: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The feature scaler ``(mean, std)``: present, one value per feature, finite, and ``std > 0``."""
+    missing = [key for key in SCALER_KEYS if key not in tensors]
+    if missing:
+        raise PolicyArtifactError(f"{weights}: missing tensors {missing}; {RETRAIN}")
+    mean, std = (tensors[key].float().numpy() for key in SCALER_KEYS)
+    if mean.ndim != 1 or mean.shape != std.shape or not len(mean):
+        raise PolicyArtifactError(f"{weights}: feature_mean {tuple(mean.shape)} and feature_std {tuple(std.shape)} "
+                                  f"must both be (n_features,); {RETRAIN}")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise PolicyArtifactError(f"{weights}: feature_std must be finite and > 0 and feature_mean finite "
+                                  f"(min std {std.min():.3g}); {RETRAIN}")
+    return mean, std

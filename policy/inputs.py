@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from backbone.config import AdaPerceiverConfig
-from backbone.data import DataError, check_labels, to_images
+from backbone.data import DataError, check_labels, read_npz, to_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -20,8 +20,9 @@ def _read_image(path: Path, config: AdaPerceiverConfig) -> np.ndarray:
         with Image.open(path) as image:
             image = image.convert("L" if config.in_chans == 1 else "RGB")
             pixels = np.asarray(image.resize((config.img_size, config.img_size), Image.Resampling.BICUBIC), np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from err
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{path}: not a readable image ({reason}); remove it or save it again as PNG/JPEG") from err
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
@@ -40,15 +41,8 @@ def load_images(path: str | Path, config: AdaPerceiverConfig) -> tuple[torch.Ten
         return torch.from_numpy(to_images(x, str(path))), [f.name for f in files], None
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise DataError(f"{path}: give an .npz with 'x' (and optionally 'y') or a folder of PNG/JPEG images")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            if "x" not in arrays.files:
-                raise DataError(f"{path}: missing array 'x' (images)")
-            x = to_images(arrays["x"], str(path))
-            y = arrays["y"] if "y" in arrays.files else None
-    except DataError:
-        raise
-    except ValueError as err:  # np.load refuses object arrays without pickle
-        raise DataError(f"{path}: cannot read without pickle ({err}); save plain arrays with np.savez") from err
+    arrays = read_npz(path, ("x",), ("y",))
+    x = to_images(arrays["x"], str(path))
+    y = arrays.get("y")
     labels = None if y is None else check_labels(y, len(x), str(path), config.num_classes)
     return torch.from_numpy(x), [str(i) for i in range(len(x))], labels

@@ -56,6 +56,19 @@ class PolicyTrainConfig:
     quiet: bool = False
     """No progress bars."""
 
+    def __post_init__(self) -> None:
+        if self.lam_range is not None and not 0 < self.lam_range[0] < self.lam_range[1]:
+            raise ValueError(f"lam_range needs 0 < low < high, got {self.lam_range}")
+        if self.lam_range is None and (not self.lambdas or min(self.lambdas) < 0):
+            raise ValueError(f"lambdas must be >= 0 and not empty, got {self.lambdas}")
+        for name in ("total_timesteps", "num_envs", "n_steps", "batch_size", "n_epochs", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or self.ent_coef < 0:
+            raise ValueError(f"learning_rate must be > 0 and ent_coef >= 0, got {self.learning_rate}, {self.ent_coef}")
+        if not self.net_arch or min(self.net_arch) < 1:
+            raise ValueError(f"net_arch needs hidden layers of >= 1 unit, got {self.net_arch}")
+
 
 class RolloutStatsCallback(BaseCallback):
     """Logs accuracy, mean FLOPs, lambda and reward of each rollout to SB3's logger (TensorBoard)."""

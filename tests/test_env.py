@@ -1,3 +1,5 @@
+import dataclasses
+
 import gymnasium
 import numpy as np
 import pytest
@@ -156,6 +158,48 @@ def test_cache_reused_and_invalidated(tmp_path, tiny_model, digits_subset, monke
         path.write_bytes(b"garbage")
     cached_outcome_table(tiny_model, "hashA", "policy_train", x, y, spec, tmp_path)
     assert len(calls) == 6
+
+
+def _rewrite(path, **changes):
+    """Replace arrays of a cached table in place, keeping its header (and so its recorded digest)."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {key: f[key] for key in f.files}
+    arrays.update(changes)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "empty", "labels", "nan_features", "short"])
+def test_a_damaged_cache_is_rebuilt_with_a_notice(tmp_path, tiny_model, digits_subset, monkeypatch, capsys, damage):
+    import envs.outcome_table as ot
+
+    x, y = digits_subset
+    spec = FeatureSpec()
+    good = cached_outcome_table(tiny_model, "hashA", "calibration", x, y, spec, tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    with np.load(path, allow_pickle=False) as f:
+        header = str(f["header"])
+    if damage == "zeroed":  # what the report then called a 0.00% reference
+        _rewrite(path, predicted=((good.predicted + 1) % 10).astype(good.predicted.dtype))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # arrays and a digest that agree, but not with the split or the features
+        table = dataclasses.replace(good, labels=(good.labels + 1) % 10) if damage == "labels" else good
+        if damage == "nan_features":
+            table = dataclasses.replace(good, features=np.full_like(good.features, np.nan))
+        if damage == "short":
+            table = good.subset(np.arange(len(good) - 1))
+        ot.save_table(table, path)
+    calls = []
+    real_build = ot.build_outcome_table
+    monkeypatch.setattr(ot, "build_outcome_table", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    again = cached_outcome_table(tiny_model, "hashA", "calibration", x, y, spec, tmp_path)
+    assert calls == [1], "the damaged table was used instead of rebuilt"
+    assert "rebuilding the calibration outcome table" in capsys.readouterr().err
+    assert np.array_equal(again.predicted, good.predicted) and np.array_equal(again.labels, good.labels)
+    assert header  # the first table had a header to keep
 
 
 def test_env_rejects_bad_arguments(table):
