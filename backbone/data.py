@@ -175,11 +175,12 @@ def read_npz(
                 if key in found:
                     arrays[key] = npz[key]
     except _NPZ_FAILURES as err:
-        where = f"array {key!r} of {path}" if key is not None else str(path)
-        if isinstance(err, ValueError) and "allow_pickle" in str(err):
-            raise DataError(f"{where} holds Python objects (dtype object), which are never unpickled; {NPZ_HOW}") from err
+        if key is not None and isinstance(err, ValueError) and "allow_pickle" in str(err):
+            raise DataError(f"{path}: array {key!r} holds Python objects (dtype object), which are never "
+                            f"unpickled; {NPZ_HOW}") from err
+        at = f" (array {key!r})" if key is not None else ""
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"{where}: truncated or corrupt .npz ({reason}); {NPZ_HOW}") from err
+        raise DataError(f"{path}: truncated or corrupt .npz{at}: {reason}; {NPZ_HOW}") from err
     for key in required:
         if key not in arrays:
             role = f" ({NPZ_ARRAYS[key]})" if key in NPZ_ARRAYS else ""
