@@ -80,7 +80,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         # shapes from the header alone: a config that disagrees with the weights (an absurd embed_dim, say)
         # is refused before any model is allocated
         with safe_open(path, framework="pt") as f:
-            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(unreadable.format(" ".join(str(err).split()))) from err
     with torch.device("meta"):  # the config's shapes without allocating (or initialising) a single weight

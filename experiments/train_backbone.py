@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("embed_dim", "depth", "patch_size", "num_heads", "token_grans", "stem_channels"):
         if getattr(args, key) is not None:
             arch[key] = getattr(args, key)
-    model_config = AdaPerceiverConfig.from_dict(arch)
+    try:
+        model_config = AdaPerceiverConfig.from_dict(arch)
+    except ValueError as err:
+        parser.error(str(err))
     metadata = {
         "dataset": args.dataset,
         "split_seed": args.split_seed,

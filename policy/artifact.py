@@ -173,7 +173,7 @@ def _check_sidecar(meta: dict, sidecar: Path) -> None:
         raise PolicyArtifactError(f"{sidecar}: net_arch must list positive layer sizes, got {meta['net_arch']}; {RETRAIN}")
     try:
         FeatureSpec(**meta["features"])
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise PolicyArtifactError(f"{sidecar}: features {meta['features']!r} is not a feature spec ({err}); {RETRAIN}") from err
     lam_range = meta.get("lam_range")
     if lam_range is not None and not (isinstance(lam_range, list) and len(lam_range) == 2):

@@ -13,7 +13,7 @@ from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.grid import GridPoint
 from backbone.model import GlanceState
 from envs import features_from, staged_flops
-from policy.artifact import PolicyArtifact, check_backbone_hash, load_policy
+from policy.artifact import PolicyArtifact, PolicyArtifactError, check_backbone_hash, load_policy
 
 
 @dataclass
@@ -55,7 +55,7 @@ class AdaptiveClassifier:
         for key, value in expected.items():
             found = artifact.meta.get(key)
             if found is None or [float(v) for v in found] != [float(v) for v in value]:
-                raise ValueError(f"policy {key} {found} do not match the backbone's {value}; "
+                raise PolicyArtifactError(f"policy {key} {found} do not match the backbone's {value}; "
                                  "train a policy for this backbone with experiments/train_policy.py")
         check_backbone_hash(artifact.meta, backbone_hash, "the policy")
         self.backbone = backbone.eval()

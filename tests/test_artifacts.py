@@ -5,12 +5,12 @@ import stat
 
 import pytest
 import torch
+from test_inference import random_artifact
 
 from backbone import AdaPerceiver
 from backbone.checkpoint import CheckpointError, backbone_hash, load_checkpoint, save_checkpoint
 from backbone.io import check_output_path, write_json
 from policy.artifact import PolicyArtifactError, load_policy, save_policy
-from test_inference import random_artifact
 
 
 class Killed(BaseException):

@@ -5,14 +5,15 @@ import dataclasses
 
 import pytest
 import torch
+from test_inference import random_artifact
 
 import backbone.train as train_module
 from backbone.data import load_dataset
 from backbone.errors import ProjectError
 from backbone.train import TrainConfig, train_backbone
-from experiments import evaluate, train_backbone as train_backbone_cli, train_policy
+from experiments import evaluate, train_policy
+from experiments import train_backbone as train_backbone_cli
 from policy.artifact import save_policy
-from test_inference import random_artifact
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_cuda_on_a_machine_without_it_stops_before_any_compute(tmp_path, monkeyp
 @pytest.mark.parametrize("flags", [["--timesteps", "0"], ["--delta", "1.5"], ["--lam-range", "0.5,0.1"],
                                    ["--tolerance-pp", "-1"], ["--net-arch", "0"]])
 def test_bad_policy_numbers_stop_before_any_compute(flags, tmp_path, monkeypatch):
-    import evaluation.pipeline as pipeline
+    from evaluation import pipeline
 
     monkeypatch.setattr(pipeline, "load_tables", lambda *a, **k: pytest.fail("tables built"))
     with pytest.raises(SystemExit) as exit_info:
@@ -88,7 +89,7 @@ def test_bad_policy_numbers_stop_before_any_compute(flags, tmp_path, monkeypatch
 
 
 def test_a_policy_is_not_replaced_without_force_but_the_default_output_is(tmp_path, tiny_config, monkeypatch, capsys):
-    import evaluation.pipeline as pipeline
+    from evaluation import pipeline
 
     save_policy(random_artifact(tiny_config, "a" * 64), tmp_path / "mine")
     before = snapshot(tmp_path / "mine")
