@@ -13,6 +13,7 @@ import torch
 from backbone import AdaPerceiver
 from backbone.config import preset
 from backbone.data import load_dataset
+from backbone.errors import positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from backbone.train import TrainConfig, TrainingForward, grid_loss_weights, sample_widths, training_loss
 
@@ -49,8 +50,8 @@ def inference_images_per_s(model: AdaPerceiver, x: torch.Tensor, config: tuple, 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -89,6 +90,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

@@ -13,6 +13,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from backbone.data import default_paths
+from backbone.errors import positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import AdaptiveComputeEnv, TableVecEnv
 from evaluation.pipeline import PolicyJob, load_tables
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--backbone", default=None)
-    parser.add_argument("--num-envs", type=int, default=256)
-    parser.add_argument("--timesteps", type=int, default=100_000)
+    parser.add_argument("--num-envs", type=positive_int, default=256)
+    parser.add_argument("--timesteps", type=positive_int, default=100_000)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
@@ -53,6 +54,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

@@ -14,6 +14,7 @@ import platform
 import torch
 
 from backbone.data import default_paths
+from backbone.errors import nonnegative_float, nonnegative_int, positive_int, positive_ints, run_cli
 from backbone.io import check_output_path, write_json
 from evaluation.benchmark import benchmark_inference, format_table
 from evaluation.pipeline import PolicyJob, job_dataset
@@ -27,13 +28,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--policy", default=None, help="default policies/<dataset>")
-    parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64, 256])
-    parser.add_argument("--limit", type=int, default=2048, help="test images per batch size")
-    parser.add_argument("--limit-batch1", type=int, default=256, help="test images at batch size 1 (slow)")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="least timing per variant and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each variant reports its median")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches before each measurement")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 64, 256])
+    parser.add_argument("--limit", type=positive_int, default=2048, help="test images per batch size")
+    parser.add_argument("--limit-batch1", type=positive_int, default=256, help="test images at batch size 1 (slow)")
+    parser.add_argument("--min-seconds", type=nonnegative_float, default=1.0, help="least timing per variant and round")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; each variant reports its median")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed batches before each measurement")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -61,6 +62,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

@@ -10,6 +10,7 @@ import argparse
 
 from backbone.data import default_paths
 from backbone.distributed import init_distributed
+from backbone.errors import run_cli
 from backbone.train import resolve_device
 from envs import FeatureSpec
 from evaluation.pipeline import PolicyJob, load_tables
@@ -37,6 +38,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from backbone.compare import HELD_OUT_SPLITS, compare_backbones, format_comparison
 from backbone.data import SplitConfig, load_dataset
+from backbone.errors import run_cli
 from backbone.io import atomic_write, check_output_path, write_json
 
 
@@ -46,6 +47,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import default_paths
+from backbone.errors import run_cli
 from backbone.io import atomic_write, check_output_path, write_json
 from envs import FeatureSpec
 from evaluation.pipeline import PolicyJob, job_dataset, load_tables
@@ -81,6 +82,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from backbone import flops
+from backbone.errors import positive_int, run_cli
 from backbone.grid import GridPoint
 from backbone.io import check_output_path, write_json
 from policy.classifier import AdaptiveClassifier
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input", required=True, help=".npz with 'x' (and 'y') or a folder of PNG/JPEG images")
     parser.add_argument("--config", type=parse_config, default=None,
                         help="fixed TOKENS,DEPTH,WIDTH for every image instead of the policy (debugging)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the per-image rows and totals here")
     args = parser.parse_args(argv)
@@ -65,6 +66,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

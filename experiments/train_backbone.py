@@ -15,6 +15,7 @@ import torch
 
 from backbone.config import AdaPerceiverConfig, preset
 from backbone.data import SplitConfig, default_paths, load_dataset
+from backbone.errors import positive_int, run_cli
 from backbone.train import TrainConfig, resolve_device, train_backbone
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="checkpoint directory (default runs/<dataset>/backbone)")
     parser.add_argument("--force", action="store_true", help="train over a finished checkpoint in --out")
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="ignore a train_state.pt left by an earlier run")
     for field in ("embed_dim", "depth", "patch_size", "num_heads"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help="override the preset")
@@ -44,8 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
             parser.add_argument(flag, type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
 
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:  # every flag is checked before any data is read or model built
         train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     except ValueError as err:
@@ -72,6 +71,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)

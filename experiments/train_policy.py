@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from backbone.data import default_paths
+from backbone.errors import positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="low,high: one policy conditioned on its FLOP price (default %(default)s)")
     parser.add_argument("--lambdas", type=floats, default=None,
                         help="comma-separated prices: one policy per price instead of a conditioned one")
-    parser.add_argument("--timesteps", type=int, default=defaults.total_timesteps,
+    parser.add_argument("--timesteps", type=positive_int, default=defaults.total_timesteps,
                         help="PPO steps (per price with --lambdas)")
     parser.add_argument("--reward", choices=REWARDS, default=defaults.reward)
     parser.add_argument("--net-arch", type=lambda s: [int(v) for v in s.split(",")], default=defaults.net_arch,
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="empirical rule: safety margin (pp) subtracted from the tolerance")
     parser.add_argument("--delta", type=float, default=rule.delta, help="certified rule: the bound's failure probability")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for PPO")
+    parser.add_argument("--threads", type=positive_int, default=defaults.threads, help="torch threads for PPO")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
@@ -83,6 +84,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from backbone.errors import run_cli
-
     run_cli(main)
