@@ -1,4 +1,9 @@
-"""Throughput of the full configuration, the adaptive classifier and a naive largest-in-batch variant."""
+"""Speed of the full configuration, the adaptive classifier and a naive largest-in-batch variant.
+
+Images/s at a batch size (``benchmark_inference``), per-image latency percentiles at batch 1
+(``latency_batch1``), and the machine's measured matrix-multiply throughput (``matmul_peak``),
+so that every path's achieved GFLOP/s can be read as a share of what this machine can do.
+"""
 
 from __future__ import annotations
 
@@ -104,17 +109,117 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         "flop_speedup": flop_speedup,
         "realized_speedup": realized,
         "efficiency": realized / flop_speedup,
+        "full_gflop_per_s": speed["full"] * full_flops / 1e9,
+        "adaptive_gflop_per_s": speed["adaptive"] * adaptive_flops / 1e9,
         "rounds": rounds,
     }
 
 
-def format_table(results: list[dict]) -> str:
+def matmul_peak(device: torch.device | str = "cpu", sizes: tuple[int, ...] = (256, 512, 1024, 2048),
+                seconds: float = 0.3) -> dict:
+    """Measured float32 ``torch.matmul`` throughput (GFLOP/s) of square products, the best size taken.
+
+    The reference for every path's achieved GFLOP/s: what this machine, with these threads, reaches
+    on large dense matrix products, the kind of work the FLOP count counts.
+    """
+    device = torch.device(device)
+    by_size = {}
+    with torch.inference_mode():
+        for n in sizes:
+            a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+            a @ b
+            _sync(device)
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                a @ b
+                done += 1
+                if device.type == "cuda" and done % 16:
+                    continue
+                _sync(device)
+            _sync(device)
+            by_size[n] = 2 * n**3 * done / (time.perf_counter() - start) / 1e9
+    best = max(by_size, key=by_size.get)
+    return {"gflop_per_s": by_size[best], "size": best, "by_size": {str(n): g for n, g in by_size.items()}}
+
+
+def _percentiles(ms: list[float]) -> dict:
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {"mean": float(np.mean(ms))}
+
+
+def latency_batch1(classifier: AdaptiveClassifier, images: torch.Tensor, rounds: int = 5, warmup: int = 3,
+                   progress: bool = False) -> dict:
+    """Per-image latency (ms) at batch 1 of the full model, the adaptive classifier and each configuration the
+    policy uses (a fresh pass), timed image by image over ``images``, interleaved over ``rounds`` rounds.
+
+    Each variant's p50, p90, p99 and mean are medians over the rounds; its GFLOP/s is its mean FLOPs per image
+    over its mean time per image.
+    """
+    model = classifier.backbone
+    c = model.config
+    device = next(model.parameters()).device
+    images = images.to(device)
+    prediction = classifier.predict_batched(images)
+    names = {cfg: "config " + "/".join(f"{v:g}" for v in cfg) for cfg in set(prediction.configs)}
+    share = {"full": 1.0, "adaptive": 1.0}
+    variants: dict[str, Callable[[torch.Tensor], object]] = {"full": model, "adaptive": classifier.predict}
+    variant_flops = {"full": float(flops(c)), "adaptive": float(np.mean(prediction.flops))}
+    for cfg in sorted(names, key=lambda cfg: flops(c, *cfg)):
+        variants[names[cfg]] = lambda x, cfg=cfg: model(x, *cfg)
+        variant_flops[names[cfg]] = float(flops(c, *cfg))
+        share[names[cfg]] = prediction.configs.count(cfg) / len(prediction.configs)
+    per_round: dict[str, list[dict]] = {name: [] for name in variants}
+    steps = [(r, name) for r in range(rounds) for name in variants]
+    with torch.inference_mode():
+        for _, name in tqdm(steps, desc="batch 1 latency: rounds x variants", disable=not progress):
+            fn = variants[name]
+            for i in range(warmup):
+                fn(images[i % len(images)][None])
+            ms = []
+            for i in range(len(images)):
+                _sync(device)
+                start = time.perf_counter()
+                fn(images[i : i + 1])
+                _sync(device)
+                ms.append(1e3 * (time.perf_counter() - start))
+            per_round[name].append(_percentiles(ms))
+    out = {}
+    for name, stats in per_round.items():
+        summary = {key: float(np.median([s[key] for s in stats])) for key in stats[0]}
+        summary["gflops"] = variant_flops[name] / 1e9
+        summary["gflop_per_s"] = variant_flops[name] / (summary["mean"] / 1e3) / 1e9
+        summary["share_of_inputs"] = share[name]
+        out[name] = summary
+    return {"images": len(images), "rounds": rounds, "variants": out}
+
+
+def format_table(results: list[dict], peak: dict | None = None) -> str:
     """A markdown table of ``benchmark_inference`` results, one row per batch size."""
     header = ["batch", "images", "full img/s", "adaptive img/s", "naive img/s", "FLOP speedup", "realized speedup",
               "efficiency"]
+    if peak:
+        header += ["full: share of matmul peak", "adaptive: share of matmul peak"]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
     for r in results:
-        lines.append(f"| {r['batch_size']} | {r['images']} | {r['full_images_per_s']:,.0f} | "
-                     f"{r['adaptive_images_per_s']:,.0f} | {r['naive_images_per_s']:,.0f} | {r['flop_speedup']:.2f} | "
-                     f"{r['realized_speedup']:.2f} | {r['efficiency']:.2f} |")
+        row = (f"| {r['batch_size']} | {r['images']} | {r['full_images_per_s']:,.0f} | "
+               f"{r['adaptive_images_per_s']:,.0f} | {r['naive_images_per_s']:,.0f} | {r['flop_speedup']:.2f} | "
+               f"{r['realized_speedup']:.2f} | {r['efficiency']:.2f} |")
+        if peak:
+            row += (f" {100 * r['full_gflop_per_s'] / peak['gflop_per_s']:.0f}% |"
+                    f" {100 * r['adaptive_gflop_per_s'] / peak['gflop_per_s']:.0f}% |")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def format_latency(latency: dict, peak: dict | None = None) -> str:
+    """A markdown table of ``latency_batch1``: one row per variant, ms per image and achieved GFLOP/s."""
+    header = ["batch 1", "share of inputs", "MFLOPs/image", "p50 ms", "p90 ms", "p99 ms", "mean ms", "GFLOP/s"]
+    if peak:
+        header.append("share of matmul peak")
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    for name, v in latency["variants"].items():
+        row = (f"| {name} | {100 * v['share_of_inputs']:.1f}% | {1e3 * v['gflops']:.2f} | {v['p50']:.2f} | "
+               f"{v['p90']:.2f} | {v['p99']:.2f} | {v['mean']:.2f} | {v['gflop_per_s']:.1f} |")
+        if peak:
+            row += f" {100 * v['gflop_per_s'] / peak['gflop_per_s']:.1f}% |"
+        lines.append(row)
     return "\n".join(lines)

@@ -122,3 +122,29 @@ def pareto_plot(report: dict, path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
+
+
+def latency_plot(latency: dict, path: str | Path, title: str = "") -> None:
+    """PNG of batch-1 latency (p50, with p90-p99 whiskers) against FLOPs per image, one point per variant."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    variants = latency["variants"]
+    full = variants["full"]
+    for name, v in variants.items():
+        color = "black" if name == "full" else "tab:red" if name == "adaptive" else "tab:blue"
+        ax.errorbar([1e3 * v["gflops"]], [v["p50"]], yerr=[[0], [v["p99"] - v["p50"]]], fmt="o", color=color, capsize=3)
+        ax.annotate(name.removeprefix("config "), (1e3 * v["gflops"], v["p50"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    mflops = [1e3 * v["gflops"] for v in variants.values()]
+    xs = [min(mflops), max(mflops)]
+    ax.plot(xs, [full["p50"] * x / (1e3 * full["gflops"]) for x in xs], ls=":", color="0.5",
+            label="time proportional to FLOPs (through the full model)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("MFLOPs per image (log)")
+    ax.set_ylabel("ms per image at batch 1, p50 (whisker: p99)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

@@ -1,8 +1,10 @@
 """Benchmark adaptive inference: full configuration vs adaptive classifier vs naive largest-in-batch.
 
-All three run in the same process on the same test images, per batch size:
+In one process on the same test images: the machine's matmul peak, per-image latency at batch 1
+(p50/p90/p99, also of each configuration the policy uses), and images/s per batch size:
 
-    python experiments/bench_inference.py --json reports/bench_inference.json
+    python experiments/bench_inference.py --rounds 5 --json reports/bench_inference_fashion-mnist.json \
+        --markdown reports/bench_inference_fashion-mnist.md --plot reports/bench_latency_fashion-mnist.png
     python experiments/bench_inference.py --dataset digits --batch-sizes 1,64 --limit 512
 """
 
@@ -10,14 +12,22 @@ from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
 
 import torch
 
 from backbone.data import default_paths
 from backbone.errors import nonnegative_float, nonnegative_int, positive_int, positive_ints, run_cli
-from backbone.io import check_output_path, write_json
-from evaluation.benchmark import benchmark_inference, format_table
+from backbone.io import atomic_write, check_output_path, write_json
+from evaluation.benchmark import (
+    benchmark_inference,
+    format_latency,
+    format_table,
+    latency_batch1,
+    matmul_peak,
+)
 from evaluation.pipeline import PolicyJob, job_dataset
+from evaluation.plots import latency_plot
 from policy.classifier import AdaptiveClassifier
 
 
@@ -37,9 +47,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None, help="write the tables here")
+    parser.add_argument("--plot", default=None, help="PNG of batch-1 latency against FLOPs per configuration")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    check_output_path(args.json, "--json")
+    for flag in ("json", "markdown", "plot"):
+        check_output_path(getattr(args, flag), f"--{flag}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -48,16 +61,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     classifier = AdaptiveClassifier.from_dirs(backbone, args.policy or defaults["policy"], args.device)
     test = job_dataset(PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone)).splits["test"]
     images = torch.as_tensor(test.x)
+    peak = matmul_peak(args.device)
+    latency = latency_batch1(classifier, images[: args.limit_batch1], args.rounds, args.warmup, progress=not args.quiet)
     results = [
         benchmark_inference(classifier, images[: args.limit_batch1 if b == 1 else args.limit], b,
                             args.min_seconds, args.warmup, args.rounds, progress=not args.quiet)
         for b in args.batch_sizes
     ]
-    print(format_table(results))
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
+        platform.processor() or platform.machine())
+    tables = "\n".join([
+        f"device: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"measured float32 matmul peak {peak['gflop_per_s']:,.0f} GFLOP/s",
+        "", format_latency(latency, peak), "", format_table(results, peak),
+    ])
+    print(tables)
     if args.json:
-        write_json(args.json, {"dataset": args.dataset, "device": args.device, "threads": torch.get_num_threads(),
-                               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                               "results": results})
+        write_json(args.json, {"dataset": args.dataset, "device": args.device, "device_name": device,
+                               "threads": torch.get_num_threads(), "torch": torch.__version__, "matmul_peak": peak,
+                               "latency_batch1": latency, "results": results})
+    if args.markdown:
+        atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(tables + "\n"))
+    if args.plot:
+        latency_plot(latency, args.plot, f"{args.dataset}: batch-1 latency on {device}")
     return results
 
 

@@ -215,13 +215,25 @@ def test_benchmark_reports_every_key(classifier, digits_images):
         benchmark_inference(classifier, digits_images[0][:32], batch_size=16, rounds=0)
 
 
-def test_bench_inference_cli(dirs, capsys):
+def test_bench_inference_cli(dirs, capsys, tmp_path):
     backbone_dir, policy_dir = dirs
     results = bench_inference.main(["--dataset", "digits", "--backbone", str(backbone_dir), "--policy", str(policy_dir),
-                                    "--batch-sizes", "1,8", "--limit", "16", "--limit-batch1", "4",
-                                    "--min-seconds", "0", "--warmup", "1"])
+                                    "--batch-sizes", "1,8", "--limit", "16", "--limit-batch1", "4", "--rounds", "2",
+                                    "--min-seconds", "0", "--warmup", "1", "--quiet", "--json", str(tmp_path / "b.json"),
+                                    "--markdown", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")])
     assert [r["batch_size"] for r in results] == [1, 8] and [r["images"] for r in results] == [4, 16]
-    assert "| 8 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 8 |" in printed and "p50 ms" in printed and "matmul peak" in printed
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["matmul_peak"]["gflop_per_s"] > 0
+    variants = saved["latency_batch1"]["variants"]
+    assert {"full", "adaptive"} <= set(variants) and len(variants) >= 3, "each configuration the policy uses"
+    for v in variants.values():
+        assert 0 < v["p50"] <= v["p90"] <= v["p99"] and v["gflop_per_s"] > 0
+    used = [v["share_of_inputs"] for name, v in variants.items() if name.startswith("config ")]
+    assert sum(used) == pytest.approx(1.0)
+    assert (tmp_path / "b.md").read_text().startswith("device:")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
