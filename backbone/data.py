@@ -271,10 +271,12 @@ def dataset_name(dataset: str) -> str:
 
 def default_paths(dataset: str) -> dict[str, str]:
     """Where a dataset's artifacts live by default: the shipped backbone and policy that jobs read, and where
-    new ones are written (under ``runs/``, so that a job never replaces a shipped artifact unless told to)."""
+    new ones are written (under ``runs/``, so that a job never replaces a shipped artifact unless told to),
+    the measured latency table included."""
     name = dataset_name(dataset)
     return {"backbone": f"checkpoints/{name}", "policy": f"policies/{name}",
-            "new_backbone": f"runs/{name}/backbone", "new_policy": f"runs/{name}/policy"}
+            "new_backbone": f"runs/{name}/backbone", "new_policy": f"runs/{name}/policy",
+            "latency": f"runs/{name}/latency.json"}
 
 
 def load_dataset(name: str = "digits", data_dir: str | Path | None = None, split: SplitConfig | None = None) -> Dataset:

@@ -13,7 +13,7 @@ from backbone import AdaPerceiver, flops
 from backbone.grid import GridPoint
 from envs.features import FeatureSpec, compute_features, staged_flops
 from envs.outcome_table import OutcomeTable
-from envs.reward import check_reward, draw_lam, lam_feature, lam_range, reward
+from envs.reward import check_reward, cost_grid, draw_lam, lam_feature, lam_range, reward
 
 
 @dataclass
@@ -41,24 +41,27 @@ class AdaptiveComputeEnv(gym.Env):
     minus one, and index of the FFN width. The glance's own grid point means "answer with
     the glance"; every other point extends the glance.
 
-    **Reward**: ``accuracy - lam * staged_FLOPs(action) / FLOPs(full)`` (``envs.reward``);
-    the accuracy term is ``reward='correct'`` (top-1 is the true class), ``'agree'`` (top-1
-    is the full configuration's) or ``'logprob'`` (true class's log-probability).
+    **Reward**: ``accuracy - lam * cost[action]`` (``envs.reward``), the cost a fraction of the
+    full configuration's: ``staged_FLOPs(action) / FLOPs(full)`` by default, or the ``cost``
+    grid given (e.g. measured staged ms / full ms); the accuracy term is ``reward='correct'``
+    (top-1 is the true class), ``'agree'`` (top-1 is the full configuration's) or
+    ``'logprob'`` (true class's log-probability).
 
-    **Info**: ``correct`` (bool), ``flops`` (staged backbone FLOPs of the action),
-    ``config`` ((tokens, depth, width)), ``index`` (row of the input), ``lam``.
+    **Info**: ``correct`` (bool), ``flops`` (staged backbone FLOPs of the action), ``cost``
+    (the priced fraction), ``config`` ((tokens, depth, width)), ``index`` (row of the input), ``lam``.
 
     **Arguments**: ``table`` (an ``OutcomeTable``) or ``live`` (a ``LiveBackend``), one of
-    them; ``lam`` >= 0, or ``(low, high)`` to draw it per episode (log-uniform); ``reward``.
+    them; ``lam`` >= 0, or ``(low, high)`` to draw it per episode (log-uniform); ``reward``;
+    ``cost`` (a ``(K, L, M)`` grid, default staged FLOPs / full FLOPs).
 
-    **Version history**: v0, first version. v1: staged costs, the agree reward, price ranges.
+    **Version history**: v0, first version. v1: staged costs, the agree reward, price ranges, cost grids.
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium convention)
 
     def __init__(
         self, table: OutcomeTable | None = None, live: LiveBackend | None = None,
-        lam: float | tuple[float, float] = 0.1, reward: str = "correct",
+        lam: float | tuple[float, float] = 0.1, reward: str = "correct", cost: np.ndarray | None = None,
     ) -> None:
         if (table is None) == (live is None):
             raise ValueError("give exactly one of table= (an OutcomeTable) or live= (a LiveBackend)")
@@ -75,6 +78,7 @@ class AdaptiveComputeEnv(gym.Env):
             self.token_grans, self.ffn_widths = config.token_grans, config.ffn_widths
             self.n_inputs, n_features = len(live.labels), live.spec.dim(config)
         self.full_flops = float(full)  # costs are fractions of a fresh full pass
+        self.cost = cost_grid(cost, self.flops, self.full_flops)
         n_features += self.lam_range is not None
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(n_features,), dtype=np.float32)
         self.action_space = spaces.MultiDiscrete(list(self.flops.shape))
@@ -117,9 +121,10 @@ class AdaptiveComputeEnv(gym.Env):
     def step(self, action):
         k, l, m = (int(a) for a in action)
         correct, agree, logprob = self._outcome(k, l, m)
-        cost = float(self.flops[k, l, m])
+        cost = float(self.cost[k, l, m])
         term = {"correct": float(correct), "agree": float(agree), "logprob": logprob}[self.reward_kind]
-        value = float(reward(term, cost / self.full_flops, self.episode_lam))
-        info = {"correct": correct, "flops": cost, "config": GridPoint.from_action((k, l, m), self.token_grans, self.ffn_widths),
+        value = float(reward(term, cost, self.episode_lam))
+        info = {"correct": correct, "flops": float(self.flops[k, l, m]), "cost": cost,
+                "config": GridPoint.from_action((k, l, m), self.token_grans, self.ffn_widths),
                 "index": self.index, "lam": self.episode_lam}
         return self._observe(), value, True, False, info

@@ -9,7 +9,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from envs.adaptive_env import AdaptiveComputeEnv, LiveBackend
 from envs.outcome_table import OutcomeTable
-from envs.reward import check_reward, draw_lam, lam_feature, lam_range, reward
+from envs.reward import check_reward, cost_grid, draw_lam, lam_feature, lam_range, reward
 
 
 class TableVecEnv(VecEnv):
@@ -17,6 +17,8 @@ class TableVecEnv(VecEnv):
 
     ``lam`` is one price, or a range ``(low, high)``: each episode then draws its own price
     (log-uniform), shown as the observation's last column (``envs.reward.lam_feature``).
+    ``cost``: the price of each action ``(K, L, M)`` as a fraction of the full configuration's
+    (default staged FLOPs / full FLOPs; e.g. measured staged ms / full ms, ``envs.reward.cost_grid``).
 
     Same spaces, reward and info keys as ``AdaptiveComputeEnv``; every step ends every
     episode, so the returned observation is the next input's and the finished one is
@@ -26,9 +28,10 @@ class TableVecEnv(VecEnv):
 
     def __init__(
         self, table: OutcomeTable, num_envs: int = 256, lam: float | tuple[float, float] = 0.1, seed: int = 0,
-        reward: str = "correct",
+        reward: str = "correct", cost: np.ndarray | None = None,
     ) -> None:
         self.lam_range, self.reward_kind = lam_range(lam), check_reward(reward)
+        self.cost = cost_grid(cost, table.staged_flops, table.full_flops)  # refuses a grid of another shape
         n_features = table.features.shape[1] + (self.lam_range is not None)
         observation_space = spaces.Box(-np.inf, np.inf, shape=(n_features,), dtype=np.float32)
         action_space = spaces.MultiDiscrete(list(table.flops.shape))
@@ -36,12 +39,11 @@ class TableVecEnv(VecEnv):
         super().__init__(num_envs, observation_space, action_space)
         self.table = table
         self.lam = np.full(num_envs, 0.0 if self.lam_range else float(lam))
-        self.cost = (table.staged_flops / table.full_flops).astype(np.float64)
         self.accuracy_term = {"correct": table.correct, "agree": table.agree, "logprob": table.true_logprob}[reward]
         self.rng = np.random.default_rng(seed)
         self.index = np.zeros(num_envs, dtype=np.int64)
         self.actions: np.ndarray | None = None
-        self.stats = {"episodes": 0, "reward": 0.0, "correct": 0, "flops": 0.0}
+        self.stats = {"episodes": 0, "reward": 0.0, "correct": 0, "flops": 0.0, "cost": 0.0}
 
     def _draw(self) -> np.ndarray:
         self.index = self.rng.integers(len(self.table), size=self.num_envs)
@@ -65,26 +67,31 @@ class TableVecEnv(VecEnv):
     def step_wait(self):
         k, l, m = self.actions.T
         correct = self.table.correct[self.index, k, l, m]
-        rewards = reward(self.accuracy_term[self.index, k, l, m], self.cost[k, l, m], self.lam).astype(np.float32)
+        cost = self.cost[k, l, m]
+        rewards = reward(self.accuracy_term[self.index, k, l, m], cost, self.lam).astype(np.float32)
         flops = self.table.staged_flops[k, l, m]
         terminal = self._observe()
         infos = [
-            {"terminal_observation": terminal[i], "correct": bool(correct[i]), "flops": float(flops[i])}
+            {"terminal_observation": terminal[i], "correct": bool(correct[i]), "flops": float(flops[i]),
+             "cost": float(cost[i])}
             for i in range(self.num_envs)
         ]
         self.stats["episodes"] += self.num_envs
         self.stats["reward"] += float(rewards.sum())
         self.stats["correct"] += int(correct.sum())
         self.stats["flops"] += float(flops.sum())
+        self.stats["cost"] += float(cost.sum())
         return self._draw(), rewards, np.ones(self.num_envs, dtype=bool), infos
 
     def pop_stats(self) -> dict:
-        """Mean reward, accuracy and FLOPs since the last call (``{}`` if no episode ended)."""
+        """Mean reward, accuracy, FLOPs and cost (a fraction of the full configuration's) since the last call
+        (``{}`` if no episode ended)."""
         n = self.stats["episodes"]
         out = {} if n == 0 else {
-            "reward": self.stats["reward"] / n, "accuracy": self.stats["correct"] / n, "flops": self.stats["flops"] / n
+            "reward": self.stats["reward"] / n, "accuracy": self.stats["correct"] / n, "flops": self.stats["flops"] / n,
+            "cost": self.stats["cost"] / n,
         }
-        self.stats = {"episodes": 0, "reward": 0.0, "correct": 0, "flops": 0.0}
+        self.stats = {"episodes": 0, "reward": 0.0, "correct": 0, "flops": 0.0, "cost": 0.0}
         return out
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ def early_exit(table: OutcomeTable, tau: float, width_index: int, readout_flops:
     predicted = table.predicted[rows, -1, exit_index, width_index]
     flops = table.flops[-1, exit_index, width_index] + exit_index * readout_flops
     return {"tau": float(tau), "width": table.ffn_widths[width_index], "predicted": predicted,
-            "correct": predicted == table.labels, "flops_per_input": flops}
+            "correct": predicted == table.labels, "flops_per_input": flops, "exit_index": exit_index}
 
 
 def matched_random_actions(table: OutcomeTable, target_flops: float, seed: int = 0) -> np.ndarray:

@@ -1,9 +1,12 @@
 """The families compared in the report, each a set of candidates judged by one selection rule.
 
 A family maps an outcome table and one of its knobs to an ``Outcome``: each input's
-predicted class and its FLOPs, every cost counted where it is paid. ``choose_and_apply``
-picks the knob on calibration inputs with ``policy.selection.select`` and applies it to
-evaluation inputs: the same code for every family and both selection modes.
+predicted class and its FLOPs, every cost counted where it is paid, and the grid point its
+answer is computed at (``Outcome.actions``, timed with a latency table's ``fresh_ms`` or
+``staged_ms`` as the family's ``timing`` says). ``choose_and_apply`` picks the knob on
+calibration inputs with ``policy.selection.select`` (the cheapest by ``Outcome.cost``: FLOPs,
+unless the family was given another cost grid) and applies it to evaluation inputs: the same
+code for every family and both selection modes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ RANDOM_FRACTIONS = tuple(np.round(np.linspace(0.02, 1.0, 50), 3))
 
 class Family(Protocol):
     name: str
+    timing: str
+    """'fresh' (each answer is one fresh pass at its action) or 'staged' (the glance, then its extension)."""
 
     def knobs(self) -> list: ...
 
@@ -38,18 +43,26 @@ class Family(Protocol):
 
 
 class FixedFamily:
-    """One configuration for every input (a fresh pass; no glance)."""
+    """One configuration for every input (a fresh pass; no glance).
+
+    ``cost``: a ``(K, L, M)`` grid to rank the configurations by instead of FLOPs (e.g. measured fresh ms).
+    """
 
     name = "fixed"
+    timing = "fresh"
 
-    def __init__(self, table: OutcomeTable) -> None:
+    def __init__(self, table: OutcomeTable, cost: np.ndarray | None = None) -> None:
         self.grid_shape, self.configuration = table.grid_shape, table.configuration
+        self.cost = None if cost is None else np.asarray(cost, dtype=np.float64)
 
     def knobs(self) -> list:
         return list(np.ndindex(*self.grid_shape))
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
-        return Outcome(table.predicted[:, knob[0], knob[1], knob[2]], np.full(len(table), float(table.flops[knob])))
+        n = len(table)
+        cost = None if self.cost is None else np.full(n, float(self.cost[knob]))
+        return Outcome(table.predicted[:, knob[0], knob[1], knob[2]], np.full(n, float(table.flops[knob])), cost,
+                       np.tile(np.asarray(knob, dtype=np.int64), (n, 1)))
 
     def describe(self, knob) -> dict:
         return {"index": [int(i) for i in knob], "config": list(self.configuration(knob))}
@@ -59,6 +72,7 @@ class EarlyExitFamily:
     """Full tokens at one width; exit at the first depth whose max softmax >= tau (readouts charged)."""
 
     name = "early_exit"
+    timing = "fresh"  # actions: the exit depth at full tokens; the readouts before it are not a grid point
 
     def __init__(self, width_index: int, readout_flops: float, taus: tuple[float, ...] = TAUS) -> None:
         self.width_index, self.readout_flops, self.taus = width_index, readout_flops, taus
@@ -68,7 +82,10 @@ class EarlyExitFamily:
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         result = early_exit(table, knob, self.width_index, self.readout_flops)
-        return Outcome(result["predicted"], result["flops_per_input"].astype(np.float64))
+        depth = result["exit_index"]
+        actions = np.stack([np.full_like(depth, table.grid_shape[0] - 1), depth, np.full_like(depth, self.width_index)],
+                           axis=1)
+        return Outcome(result["predicted"], result["flops_per_input"].astype(np.float64), actions=actions)
 
     def describe(self, knob) -> dict:
         return {"tau": float(knob)}
@@ -78,6 +95,7 @@ class RandomFamily:
     """Random configurations (maximum entropy at a mean FLOP target, a share of the full configuration's)."""
 
     name = "random"
+    timing = "fresh"
 
     def __init__(self, seed: int = 0, fractions: tuple[float, ...] = RANDOM_FRACTIONS) -> None:
         self.seed, self.fractions = seed, fractions
@@ -87,7 +105,7 @@ class RandomFamily:
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         actions = matched_random_actions(table, knob * table.full_flops, self.seed)
-        return Outcome(table.predictions(actions), table.flops[tuple(actions.T)].astype(np.float64))
+        return Outcome(table.predictions(actions), table.flops[tuple(actions.T)].astype(np.float64), actions=actions)
 
     def describe(self, knob) -> dict:
         return {"target_flop_fraction": float(knob)}
@@ -95,6 +113,8 @@ class RandomFamily:
 
 class _StagedFamily:
     """A family that picks per-input actions after the glance: costs are the table's staged FLOPs."""
+
+    timing = "staged"
 
     def __init__(self) -> None:
         self._memo: dict[tuple[int, Any], np.ndarray] = {}
@@ -111,7 +131,8 @@ class _StagedFamily:
         if key not in self._memo:
             self._memo[key] = self.actions(table, knob)
         actions = self._memo[key]
-        return Outcome(table.predictions(actions), table.staged_flops[tuple(actions.T)] + self.overhead_flops(knob))
+        return Outcome(table.predictions(actions), table.staged_flops[tuple(actions.T)] + self.overhead_flops(knob),
+                       actions=actions)
 
 
 class GlanceThresholdFamily(_StagedFamily):
@@ -179,13 +200,20 @@ class RouterFamily(_StagedFamily):
 
 
 class PolicyFamily(_StagedFamily):
-    """PPO policies: each artifact of a sweep, or one price-conditioned artifact at each price of a grid."""
+    """PPO policies: each artifact of a sweep, or one price-conditioned artifact at each price of a grid.
+
+    ``cost``: a ``(K, L, M)`` grid (a latency table's staged ms) by which the prices of artifacts trained on
+    latency (``meta["cost"] == 'latency'``) are ranked, as their training's calibration ranked them; the
+    prices of FLOP-priced artifacts, or of every artifact without ``cost``, are ranked by FLOPs.
+    """
 
     name = "ppo"
 
-    def __init__(self, artifacts: list[PolicyArtifact], lam_grid: int = LAM_GRID) -> None:
+    def __init__(self, artifacts: list[PolicyArtifact], lam_grid: int = LAM_GRID, cost: np.ndarray | None = None) -> None:
         super().__init__()
         self.artifacts = artifacts
+        self.costs = [cost if cost is not None and artifact.meta.get("cost") == "latency" else None
+                      for artifact in artifacts]
         self._knobs = []
         for i, artifact in enumerate(artifacts):
             low_high = artifact.meta.get("lam_range")
@@ -199,11 +227,12 @@ class PolicyFamily(_StagedFamily):
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         key = (id(table), knob)
         if key not in self._memo:
-            self._memo[key] = policy_outcome(self.artifacts[knob[0]], table, knob[1], self.network_flops[knob[0]])
+            i = knob[0]
+            self._memo[key] = policy_outcome(self.artifacts[i], table, knob[1], self.network_flops[i], self.costs[i])
         return self._memo[key]
 
     def describe(self, knob) -> dict:
-        return {"artifact": knob[0], "lam": knob[1]}
+        return {"artifact": knob[0], "lam": knob[1], "cost": self.artifacts[knob[0]].meta.get("cost", "flops")}
 
 
 def candidates(family: Family, table: OutcomeTable) -> list[Candidate]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,15 @@ from backbone.errors import ProjectError
 from backbone.io import write_json
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
 from evaluation.families import FixedFamily, PolicyFamily, choose_and_apply
+from evaluation.latency import (
+    LATENCY_FILE,
+    LatencyTableError,
+    check_latency_table,
+    latency_cost,
+    latency_grid,
+    load_latency_table,
+    ms_per_input,
+)
 from evaluation.report import paired_stats
 from policy.artifact import PolicyArtifact, save_policy
 from policy.train import PolicyTrainConfig, train_and_calibrate
@@ -36,6 +47,10 @@ class PolicyJob:
     """No progress bars."""
     replace: bool = False
     """Write over a finished policy in ``out`` (else refused)."""
+    latency: str | None = None
+    """A latency table (``experiments/measure_latency.py``): required with ``train.cost == 'latency'``, which
+    prices actions by its staged ms; checked against the backbone's grid and copied beside the policy
+    (``latency.json``) either way, and its ms reported."""
 
 
 def job_dataset(job: PolicyJob) -> Dataset:
@@ -64,18 +79,32 @@ def load_tables(
     return tables, digest
 
 
-def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: OutcomeTable, config: PolicyTrainConfig) -> dict:
+def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: OutcomeTable, config: PolicyTrainConfig,
+              latency: dict | None = None) -> dict:
     """Test-split numbers of the policy (its cost included), the reference, and the fixed configuration the
-    same selection rule picks on calibration."""
+    same selection rule picks on calibration (the cheapest by the policy's own cost: FLOPs, or with
+    ``config.cost == 'latency'`` the ``latency`` table's fresh ms). With a ``latency`` table, ms per image too."""
     reference = test.correct[:, -1, -1, -1]
     family = PolicyFamily([artifact])
     outcome = family.outcome(test, (0, artifact.meta["lam"]))
     correct = outcome.predicted == test.labels
-    knob, selection, fixed = choose_and_apply(FixedFamily(test), calibration, test, config.selection)
+    fixed_cost = latency_grid(latency, "fresh") if config.cost == "latency" and latency is not None else None
+    knob, selection, fixed = choose_and_apply(FixedFamily(test, fixed_cost), calibration, test, config.selection)
     fixed_correct = fixed.predicted == test.labels
     policy_flops = float(outcome.flops.mean())
+    timing = {}
+    if latency is not None:
+        full_ms, policy_ms = float(latency["full_ms"]), float(ms_per_input(latency, "staged", outcome.actions).mean())
+        timing = {
+            "reference_ms_per_image": full_ms,
+            "policy_ms_per_image": policy_ms,
+            "latency_reduction": 1 - policy_ms / full_ms,
+            "latency": {key: latency.get(key) for key in ("batch_size", "threads", "device", "device_name", "torch")},
+        }
     return {
         "n_test": len(test),
+        "cost": config.cost,
+        **timing,
         "reference_accuracy": float(reference.mean()),
         "policy_accuracy": float(correct.mean()),
         **paired_stats(correct, reference),
@@ -95,6 +124,7 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
             "delta_pp": 100 * float(fixed_correct.mean() - reference.mean()),
             "flop_reduction": 1 - float(fixed.flops.mean()) / test.full_flops,
             "meets_calibration_target": selection.meets_target,
+            **({} if latency is None else {"ms_per_image": float(latency_grid(latency, "fresh")[knob])}),
         },
     }
 
@@ -107,9 +137,23 @@ def check_out(job: PolicyJob) -> None:
         print(f"replacing the policy in {job.out}")
 
 
+def job_latency(job: PolicyJob) -> dict | None:
+    """The job's latency table, checked against the backbone's grid and the job's glance (None without one);
+    refuses ``cost == 'latency'`` without a table."""
+    if job.latency is None:
+        if job.train.cost == "latency":
+            raise LatencyTableError("pricing by latency needs a measured latency table: pass --latency PATH "
+                                    "(measure one with experiments/measure_latency.py)")
+        return None
+    latency = load_latency_table(job.latency)
+    check_latency_table(latency, read_config(job.backbone)[0], job.features, f"latency table {job.latency}")
+    return latency
+
+
 def run_policy_job(job: PolicyJob) -> dict:
     """Run the whole job; writes the artifact and ``summary.json`` into ``job.out`` and returns the summary."""
     check_out(job)
+    latency = job_latency(job)  # checked before any table is built
     tables, digest = load_tables(job)
     config, _ = read_config(job.backbone)
     meta = {
@@ -124,15 +168,26 @@ def run_policy_job(job: PolicyJob) -> dict:
         "action_space": {"type": "MultiDiscrete", "nvec": list(tables["test"].grid_shape),
                          "axes": ["token_gran_index", "exit_depth_minus_1", "ffn_width_index"]},
     }
+    extra_files = {}
+    if latency is not None:  # the table travels with the policy, tied to it by its digest
+        data = (json.dumps(latency, indent=2) + "\n").encode()
+        extra_files[LATENCY_FILE] = data
+        meta["latency"] = {"file": LATENCY_FILE, "sha256": hashlib.sha256(data).hexdigest(), "source": str(job.latency),
+                           **{key: latency.get(key) for key in ("batch_size", "threads", "device", "device_name",
+                                                                "full_ms", "glance_ms")}}
     run_name = f"policy_{dataset_name(job.dataset)}__{job.train.seed}__{int(time.time())}"
     artifact, sweep = train_and_calibrate(
-        tables["policy_train"], tables["calibration"], job.train, meta, Path(job.log_dir) / run_name
+        tables["policy_train"], tables["calibration"], job.train, meta, Path(job.log_dir) / run_name,
+        cost=latency_cost(latency) if job.train.cost == "latency" else None,
     )
     if len(sweep) > 1:  # one policy per price: keep each beside the chosen one (evaluate.py reads them)
         for member in sweep:
             save_policy(member, Path(job.out) / "sweep" / f"lambda_{member.meta['lam']:g}")
-    save_policy(artifact, job.out)
-    summary = {"dataset": job.dataset, **summarize(artifact, tables["test"], tables["calibration"], job.train)}
+    save_policy(artifact, job.out, extra_files)
+    if latency is None:  # a table a previous run left there is not this policy's
+        (Path(job.out) / LATENCY_FILE).unlink(missing_ok=True)
+    summary = {"dataset": job.dataset,
+               **summarize(artifact, tables["test"], tables["calibration"], job.train, latency)}
     write_json(Path(job.out) / "summary.json", summary)
     return summary
 
@@ -141,6 +196,7 @@ def format_summary(summary: dict) -> str:
     """The main job's closing lines, readable without the docs."""
     fixed, tol = summary["fixed_baseline"], summary["selection"]["tolerance_pp"]
     low, high = summary["delta_pp_ci"]
+    price = "" if summary.get("cost", "flops") == "flops" else f"{summary['cost']} "
     lines = [
         f"test split of {summary['dataset']}: {summary['n_test']} images",
         f"  full model               {100 * summary['reference_accuracy']:.2f}%   {summary['reference_gflops'] * 1e3:.3f} MFLOPs/image",
@@ -148,11 +204,18 @@ def format_summary(summary: dict) -> str:
          f" (glance and policy network included)"),
         (f"  difference               {summary['delta_pp']:+.2f} pp, 95% interval [{low:+.2f}, {high:+.2f}] pp; "
         f"prediction differs from the full model's on {100 * summary['disagreement']:.2f}% of images"),
-        (f"  FLOP reduction           {100 * summary['flop_reduction']:.1f}%  (price lambda {summary['lambda']:.4g}, "
+        (f"  FLOP reduction           {100 * summary['flop_reduction']:.1f}%  ({price}price lambda {summary['lambda']:.4g}, "
         f"chosen on calibration: {summary['selection']['mode']} rule, tolerance {tol:g} pp)"),
         (f"  fixed config, same rule  {tuple(fixed['config'])}: {fixed['delta_pp']:+.2f} pp, "
-         f"FLOP reduction {100 * fixed['flop_reduction']:.1f}%"),
+         f"FLOP reduction {100 * fixed['flop_reduction']:.1f}%"
+         + (f", {fixed['ms_per_image']:.3f} ms/image" if "ms_per_image" in fixed else "")),
     ]
+    if "policy_ms_per_image" in summary:
+        where = summary["latency"]
+        lines.append(
+            f"  latency (measured)       full {summary['reference_ms_per_image']:.3f} ms/image, policy "
+            f"{summary['policy_ms_per_image']:.3f} ms/image ({100 * summary['latency_reduction']:.1f}% less; policy "
+            f"network not timed), batch {where['batch_size']} on {where['device']}, {where['threads']} threads")
     if not summary["meets_calibration_target"]:
         lines.append("  note: no price kept the promise on calibration, so the rule took the safest one")
     if high - low > 2 * tol:

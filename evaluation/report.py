@@ -7,7 +7,8 @@ labels, measure on the other, swap, pool). The hindsight fixed front, each confi
 scored on test itself, is the optimistic static bound; a family's ``front_ratio`` is its
 test FLOPs over that front's FLOPs at its test accuracy (< 1: it beats every fixed
 configuration, even one picked on test). Statistics come from scipy; only the throughput
-column runs the backbone.
+column runs the backbone. Given a latency table (``evaluation.latency``), every row also has
+``ms_per_image``: the table's measured ms at the configurations the family ran.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ from evaluation.families import (
     RouterFamily,
     choose_and_apply,
 )
+from evaluation.latency import check_latency_table, latency_grid, ms_per_input
 from policy.artifact import PolicyArtifact
 from policy.classifier import AdaptiveClassifier
 from policy.selection import SelectionRule
+
+LATENCY_KEYS = ("source", "batch_size", "threads", "device", "device_name", "cpu", "torch", "backbone_hash", "rounds",
+                "full_ms", "glance_ms", "note")
+"""What the report says about the latency table its ``ms_per_image`` come from."""
 
 
 def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:
@@ -111,16 +117,41 @@ def run_family(family: Family, run: SelectionRun, calibration: OutcomeTable, tes
     else:
         raise ValueError(f"calibrate_on must be 'calibration' or 'test_halves', got {run.calibrate_on!r}")
     predicted, flops = np.empty(len(test), test.predicted.dtype), np.empty(len(test))
+    actions: np.ndarray | None = np.zeros((len(test), 3), np.int64)
     records = []
     for calibrate, rows in folds:
         evaluation = test if len(rows) == len(test) else test.subset(rows)
         knob, selection, outcome = choose_and_apply(family, calibrate, evaluation, run.rule)
         predicted[rows], flops[rows] = outcome.predicted, outcome.flops
+        if actions is not None and outcome.actions is not None:
+            actions[rows] = outcome.actions
+        else:
+            actions = None
         chosen = selection.scores[selection.index]
         records.append({**family.describe(knob), "meets_target": selection.meets_target,
                         "calibration": {k: v for k, v in chosen.items() if k != "passes"},
                         "evaluated_on": len(rows)})
-    return Outcome(predicted, flops), records
+    return Outcome(predicted, flops, actions=actions), records
+
+
+MS_NOTES = {
+    "reference": "full_ms: the full configuration, one fresh pass",
+    "fresh": "fresh_ms of the latency table at each input's configuration (one fresh pass)",
+    "staged": ("staged_ms of the latency table at each input's action (embed, the glance and its features, the "
+               "extension); the time of the chooser's network is not in the table"),
+    "early_exit": ("fresh_ms at each input's exit depth (full tokens, its width) plus nothing for the readouts it "
+                   "computes after every block before it to decide: a lower bound"),
+    "oracle": "fresh_ms at each input's hindsight configuration",
+}
+
+
+def latency_columns(latency: dict | None, timing: str, actions: np.ndarray | None, note: str) -> dict:
+    """``ms_per_image`` (mean over the inputs), ``latency_reduction`` and ``ms_note`` of a row; ``{}`` without a
+    latency table or actions."""
+    if latency is None or actions is None:
+        return {}
+    ms = float(np.mean(ms_per_input(latency, timing, actions)))
+    return {"ms_per_image": ms, "latency_reduction": 1 - ms / float(latency["full_ms"]), "ms_note": note}
 
 
 def build_report(
@@ -133,12 +164,20 @@ def build_report(
     runs: tuple[SelectionRun, ...] = DEFAULT_RUNS,
     seed: int = 0,
     quiet: bool = False,
+    latency: dict | None = None,
 ) -> dict:
     """Every family on ``test``, its knob chosen by each selection run.
 
     ``policy_train`` (its table) trains the router family; without it there is no router.
     ``images`` (the test images) turns on measured throughput for the first run's families.
+    ``latency`` (a table of ``evaluation.latency``, checked against the backbone) adds ``ms_per_image`` to
+    every row: ``fresh_ms`` at the configurations of fixed, random, early exit (its readouts untimed, said
+    in ``ms_note``) and the oracle, ``staged_ms`` at the actions of the glance threshold, the router and
+    PPO. Knobs are still chosen by FLOPs, except a policy trained on latency, whose price is ranked by
+    the table's ``staged_ms`` as in its training.
     """
+    if latency is not None:
+        check_latency_table(latency, model.config, policies[0].feature_spec if policies else None)
     c = model.config
     full_predicted = test.predicted[:, -1, -1, -1]
     ref_correct = test.correct[:, -1, -1, -1]
@@ -151,10 +190,10 @@ def build_report(
                "gflops": float(test.flops[idx]) / 1e9} for idx in np.ndindex(*test.grid_shape)]
     hindsight = pareto_front(points)
 
-    def row(predicted, flops, **extra) -> dict:
+    def row(predicted, flops, ms: dict | None = None, **extra) -> dict:
         correct = predicted == test.labels
         return {**entry(correct, flops, ref_correct, test.full_flops, oracle_flops, hindsight, **extra),
-                "disagreement": float(np.mean(predicted != full_predicted))}
+                "disagreement": float(np.mean(predicted != full_predicted)), **(ms or {})}
 
     index_batches = None if images is None else batches_of(torch.arange(len(images)), 256)
 
@@ -170,8 +209,16 @@ def build_report(
 
     report: dict = {"n_test": len(test), "tolerance_pp": runs[0].rule.tolerance_pp}
     full_config = test.configuration(np.array(test.grid_shape) - 1)
-    report["reference"] = row(full_predicted, test.full_flops, config=list(full_config))
-    report["oracle"] = row(test.predicted[np.arange(len(test)), *oracle_acts.T], test.flops[tuple(oracle_acts.T)])
+    full_actions = np.tile(np.array(test.grid_shape) - 1, (len(test), 1))
+    report["reference"] = row(full_predicted, test.full_flops, latency_columns(latency, "fresh", full_actions,
+                                                                              MS_NOTES["reference"]),
+                              config=list(full_config))
+    report["oracle"] = row(test.predicted[np.arange(len(test)), *oracle_acts.T], test.flops[tuple(oracle_acts.T)],
+                           latency_columns(latency, "fresh", oracle_acts, MS_NOTES["oracle"]))
+    if latency is not None:
+        report["latency"] = {key: latency.get(key) for key in LATENCY_KEYS}
+        report["latency"]["selection"] = ("knobs are chosen by FLOPs; a policy trained on latency has its price "
+                                          "ranked by this table's staged_ms, as in its training")
     report["hindsight_fixed_front"] = {
         "note": "each configuration scored on the test split itself: an optimistic bound no deployable method has",
         "front": hindsight, "points": points,
@@ -192,7 +239,7 @@ def build_report(
     if policy_train is not None:
         families.append(RouterFamily(policy_train, seed=seed))
     if policies:
-        families.append(PolicyFamily(policies))
+        families.append(PolicyFamily(policies, cost=None if latency is None else latency_grid(latency, "staged")))
 
     halves = split_halves(test, seed)
     report["selections"] = []
@@ -200,7 +247,9 @@ def build_report(
     results: dict[str, dict] = {run.name(): {} for run in runs}
     for run, family in tqdm(work, desc="families x selection rules", disable=quiet):
         outcome, records = run_family(family, run, calibration, test, halves)
-        results[run.name()][family.name] = row(outcome.predicted, outcome.flops, selection={
+        note = MS_NOTES["early_exit"] if family.name == "early_exit" else MS_NOTES[family.timing]
+        ms = latency_columns(latency, family.timing, outcome.actions, note)
+        results[run.name()][family.name] = row(outcome.predicted, outcome.flops, ms, selection={
             **run.rule.to_dict(), "calibrated_on": run.calibrate_on, "folds": records})
     for run in runs:
         report["selections"].append({"name": run.name(), **run.rule.to_dict(), "calibrated_on": run.calibrate_on,

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         platform.processor() or platform.machine())
     tables = "\n".join([
-        f"device: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"measured float32 matmul peak {peak['gflop_per_s']:,.0f} GFLOP/s",
+        (f"device: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+         f"measured float32 matmul peak {peak['gflop_per_s']:,.0f} GFLOP/s"),
         "", format_latency(latency, peak), "", format_table(results, peak),
     ])
     print(tables)

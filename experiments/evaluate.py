@@ -6,6 +6,7 @@ empirical rule on the calibration split and once with the certified rule cross-f
     python experiments/evaluate.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist \\
         --policy policies/fashion-mnist --json reports/fashion-mnist.json --markdown reports/fashion-mnist.md \\
         --plot reports/fashion-mnist.png
+    python experiments/evaluate.py --latency runs/digits/latency.json   # ms/image of every family too
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backbone.checkpoint import backbone_hash, load_checkpoint
+from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import default_paths
 from backbone.errors import run_cli
 from backbone.io import atomic_write, check_output_path, write_json
 from envs import FeatureSpec
+from evaluation.latency import LATENCY_FILE, check_latency_table, load_latency_table
 from evaluation.pipeline import PolicyJob, job_dataset, load_tables
 from evaluation.plots import markdown_table, pareto_plot
 from evaluation.report import SelectionRun, build_report
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--margin-pp", type=float, default=rule.margin_pp, help="empirical rule's safety margin, pp")
     parser.add_argument("--delta", type=float, default=rule.delta, help="certified rule's failure probability")
     parser.add_argument("--no-throughput", action="store_true", help="skip the images/s measurements")
+    parser.add_argument("--latency", default=None,
+                        help="latency table (experiments/measure_latency.py): adds ms/image to every family "
+                        "(default: the latency.json beside the first policy, if any)")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -60,6 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
     digest = backbone_hash(backbone_dir)
     policies = [load_policy(p, digest) for p in policy_dirs]
     spec = policies[0].feature_spec if policies else FeatureSpec()
+    latency_path = args.latency
+    if latency_path is None and policy_dirs and (Path(policy_dirs[0]) / LATENCY_FILE).is_file():
+        latency_path = str(Path(policy_dirs[0]) / LATENCY_FILE)
+    latency = None
+    if latency_path is not None:  # checked before any table is built
+        latency = load_latency_table(latency_path)
+        check_latency_table(latency, read_config(backbone_dir)[0], spec if policies else None,
+                            f"latency table {latency_path}")
+        latency["source"] = latency_path
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone_dir, cache_dir=args.cache_dir, features=spec,
                     quiet=args.quiet)
     tables, _ = load_tables(job, ("policy_train", "calibration", "test"))
@@ -68,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_throughput:
         images = job_dataset(job).splits["test"].x
     report = build_report(tables["test"], tables["calibration"], model, policies, images, tables["policy_train"], runs,
-                          quiet=args.quiet)
+                          quiet=args.quiet, latency=latency)
     report["dataset"] = args.dataset
     table = markdown_table(report)
     print(table)

@@ -2,6 +2,7 @@
 
     python experiments/train_policy.py                       # digits, checkpoints/digits -> policies/digits
     python experiments/train_policy.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist
+    python experiments/train_policy.py --cost latency --latency runs/digits/latency.json   # priced by measured ms
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from envs import FeatureSpec
 from envs.reward import REWARDS
 from evaluation.pipeline import PolicyJob, format_summary, run_policy_job
 from policy.selection import MODES, SelectionRule
-from policy.train import PolicyTrainConfig
+from policy.train import COSTS, PolicyTrainConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timesteps", type=positive_int, default=defaults.total_timesteps,
                         help="PPO steps (per price with --lambdas)")
     parser.add_argument("--reward", choices=REWARDS, default=defaults.reward)
+    parser.add_argument("--cost", choices=COSTS, default=defaults.cost,
+                        help="what an action is priced by in training and in the price's calibration: staged FLOPs, "
+                        "or the staged ms of a measured latency table (--latency); FLOPs are reported either way")
+    parser.add_argument("--latency", default=None,
+                        help="latency table from experiments/measure_latency.py (required with --cost latency); "
+                        "checked against the backbone's grid and copied beside the policy as latency.json")
     parser.add_argument("--net-arch", type=lambda s: [int(v) for v in s.split(",")], default=defaults.net_arch,
                         help="hidden layers of the policy and value networks, e.g. 64,64")
     parser.add_argument("--selection", choices=MODES, default=rule.mode,
@@ -54,11 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     check_output_path(args.json, "--json")
+    if args.cost == "latency" and args.latency is None:
+        parser.error("--cost latency needs --latency PATH (a table from experiments/measure_latency.py)")
     paths = default_paths(args.dataset)
     try:  # every flag is checked before any table is built
         train = PolicyTrainConfig(
             lam_range=None if args.lambdas else args.lam_range, lambdas=args.lambdas or defaults.lambdas,
-            total_timesteps=args.timesteps, reward=args.reward, net_arch=args.net_arch, seed=args.seed,
+            total_timesteps=args.timesteps, reward=args.reward, cost=args.cost, net_arch=args.net_arch, seed=args.seed,
             threads=args.threads, quiet=args.quiet,
             selection=SelectionRule(args.selection, args.tolerance_pp, args.margin_pp, args.delta),
         )
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_dir=args.log_dir,
         features=FeatureSpec(pooled=args.pooled),
         train=train,
+        latency=args.latency,
     )
     summary = run_policy_job(job)
     print(format_summary(summary))

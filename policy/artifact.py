@@ -80,12 +80,18 @@ class PolicyArtifact:
 
 
 def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | None = None,
-                   network_flops: float | None = None) -> Outcome:
+                   network_flops: float | None = None, cost: np.ndarray | None = None) -> Outcome:
     """The policy's predictions and per-input FLOPs on ``table`` at price ``lam``: the staged cost of each
-    chosen configuration (glance included) plus the policy network."""
+    chosen configuration (glance included) plus the policy network.
+
+    ``cost`` (a ``(K, L, M)`` grid, e.g. measured staged ms) prices each input at its action for the
+    selection rule instead of FLOPs (``Outcome.cost``); FLOPs are reported either way.
+    """
     actions = artifact.act(table.features, lam=lam)
     network = artifact.network_flops() if network_flops is None else network_flops
-    return Outcome(table.predictions(actions), table.staged_flops[tuple(actions.T)] + network)
+    index = tuple(actions.T)
+    priced = None if cost is None else np.asarray(cost, dtype=np.float64)[index]
+    return Outcome(table.predictions(actions), table.staged_flops[index] + network, priced, actions)
 
 
 def make_policy(n_features: int, nvec: list[int], net_arch: list[int]) -> ActorCriticPolicy:
@@ -93,10 +99,17 @@ def make_policy(n_features: int, nvec: list[int], net_arch: list[int]) -> ActorC
     return ActorCriticPolicy(observation_space, spaces.MultiDiscrete(nvec), lambda _: 0.0, net_arch=list(net_arch))
 
 
-def save_policy(artifact: PolicyArtifact, directory: str | Path) -> Path:
+def save_policy(artifact: PolicyArtifact, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the weights and the sidecar as one unit: the sidecar records the weights' sha256, and both
-    files are renamed into place together, so a policy whose files come from two writes is refused on load."""
+    files are renamed into place together, so a policy whose files come from two writes is refused on load.
+
+    ``extra_files`` (name -> bytes, e.g. the latency table the policy was priced by) are written in the same
+    unit, beside them.
+    """
     directory = Path(directory)
+    for name in extra_files or {}:
+        if Path(name).name != name or name in (WEIGHTS, SIDECAR):
+            raise ValueError(f"an extra policy file needs a plain name other than {WEIGHTS} and {SIDECAR}, got {name!r}")
     tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in artifact.policy.state_dict().items()}
     tensors["feature_mean"] = torch.as_tensor(artifact.feature_mean, dtype=torch.float32)
     tensors["feature_std"] = torch.as_tensor(artifact.feature_std, dtype=torch.float32)
@@ -105,6 +118,7 @@ def save_policy(artifact: PolicyArtifact, directory: str | Path) -> Path:
     write_file_set({
         directory / WEIGHTS: lambda tmp: Path(tmp).write_bytes(weights),
         directory / SIDECAR: lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"),
+        **{directory / name: (lambda tmp, data=data: Path(tmp).write_bytes(data)) for name, data in (extra_files or {}).items()},
     })
     return directory
 

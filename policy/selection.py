@@ -64,6 +64,13 @@ class Candidate:
     """``(n,)`` bool: the candidate predicts what the full configuration predicts."""
     flops: float
     """Mean FLOPs per input, every cost counted."""
+    cost: float | None = None
+    """Mean cost per input that "cheapest" ranks by (None: ``flops``); e.g. measured ms, for a policy priced by
+    latency. Any unit: only the order of the candidates' costs matters."""
+
+    def __post_init__(self) -> None:
+        if self.cost is None:
+            self.cost = float(self.flops)
 
 
 @dataclass
@@ -74,12 +81,20 @@ class Outcome:
     """``(n,)`` predicted classes."""
     flops: np.ndarray
     """``(n,)`` float64 FLOPs per input, every cost counted."""
+    cost: np.ndarray | None = None
+    """``(n,)`` float64 cost per input that the selection ranks by (None: ``flops``), e.g. measured ms."""
+    actions: np.ndarray | None = None
+    """``(n, 3)`` the grid point each input's answer is computed at (None where the family does not say)."""
+
+    def __post_init__(self) -> None:
+        if self.cost is None:
+            self.cost = self.flops
 
 
 def candidate(knob: Any, outcome: Outcome, table: OutcomeTable) -> Candidate:
     """A candidate's calibration results from its outcome on ``table``."""
     return Candidate(knob, outcome.predicted == table.labels, outcome.predicted == table.predicted[:, -1, -1, -1],
-                     float(outcome.flops.mean()))
+                     float(np.mean(outcome.flops)), float(np.mean(outcome.cost)))
 
 
 def disagreement_upper_bound(disagreements: int, n: int, delta: float) -> float:
@@ -95,7 +110,7 @@ def score(candidate: Candidate, reference_correct: np.ndarray, rule: SelectionRu
     """The statistic the rule judges, and whether it passes."""
     n = len(candidate.agree)
     disagreements = int(np.sum(~candidate.agree))
-    out = {"flops": float(candidate.flops), "disagreement": disagreements / max(n, 1)}
+    out = {"flops": float(candidate.flops), "cost": float(candidate.cost), "disagreement": disagreements / max(n, 1)}
     if rule.mode == "empirical":
         drop_pp = 100 * (reference_correct.mean() - candidate.correct.mean())
         out.update(delta_pp=-float(drop_pp), passes=bool(drop_pp <= rule.tolerance_pp - rule.margin_pp + 1e-9))
@@ -118,7 +133,8 @@ class Selection:
 
 
 def select(candidates: list[Candidate], reference_correct: np.ndarray, rule: SelectionRule) -> Selection:
-    """The cheapest candidate that passes ``rule`` (ties: the better statistic).
+    """The cheapest candidate (by ``Candidate.cost``: FLOPs unless a family prices otherwise) that passes
+    ``rule`` (ties: the better statistic).
 
     When none passes, the safest candidate is taken (highest calibration accuracy, or fewest
     disagreements in certified mode; ties: the cheaper) and ``meets_target`` is False.
@@ -129,7 +145,7 @@ def select(candidates: list[Candidate], reference_correct: np.ndarray, rule: Sel
     safety = [s["delta_pp"] if rule.mode == "empirical" else -s["disagreement"] for s in scores]
     passing = [i for i, s in enumerate(scores) if s["passes"]]
     if passing:
-        best = min(passing, key=lambda i: (scores[i]["flops"], -safety[i]))
+        best = min(passing, key=lambda i: (scores[i]["cost"], -safety[i]))
         return Selection(best, True, scores)
-    best = min(range(len(candidates)), key=lambda i: (-safety[i], scores[i]["flops"]))
+    best = min(range(len(candidates)), key=lambda i: (-safety[i], scores[i]["cost"]))
     return Selection(best, False, scores)

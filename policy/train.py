@@ -15,11 +15,14 @@ from stable_baselines3.common.vec_env import VecMonitor
 from tqdm import tqdm
 
 from envs import OutcomeTable, TableVecEnv
+from envs.reward import cost_grid
 from policy.artifact import PolicyArtifact, make_policy, policy_outcome
 from policy.selection import SelectionRule, candidate, select
 
 LAM_GRID = 61
 """Prices of a conditioned policy scanned on calibration (log-spaced over its range)."""
+COSTS = ("flops", "latency")
+"""What an action can be priced by (``PolicyTrainConfig.cost``)."""
 
 
 @dataclass
@@ -48,6 +51,10 @@ class PolicyTrainConfig:
     """One-step episodes: nothing to discount."""
     reward: str = "agree"
     """Accuracy term of the reward: 'agree' (prediction is the full configuration's), 'correct' or 'logprob'."""
+    cost: str = "flops"
+    """What an action is priced by, in training and in the price's calibration: 'flops' (staged FLOPs over the
+    full configuration's) or 'latency' (a measured latency table's staged ms over the full configuration's ms,
+    the grid given to ``train_and_calibrate``). FLOPs are reported either way."""
     net_arch: list[int] = field(default_factory=lambda: [128, 128])
     """Hidden layers of the actor and of the critic (the price is an input too; [64] was measurably worse)."""
     seed: int = 0
@@ -66,6 +73,8 @@ class PolicyTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or self.ent_coef < 0:
             raise ValueError(f"learning_rate must be > 0 and ent_coef >= 0, got {self.learning_rate}, {self.ent_coef}")
+        if self.cost not in COSTS:
+            raise ValueError(f"cost must be one of {COSTS}, got {self.cost!r}")
         if not self.net_arch or min(self.net_arch) < 1:
             raise ValueError(f"net_arch needs hidden layers of >= 1 unit, got {self.net_arch}")
 
@@ -91,6 +100,7 @@ class RolloutStatsCallback(BaseCallback):
             self.logger.record("adaptive/accuracy", stats["accuracy"])
             self.logger.record("adaptive/mean_flops", stats["flops"])
             self.logger.record("adaptive/flop_fraction", stats["flops"] / self.full_flops)
+            self.logger.record("adaptive/cost_fraction", stats["cost"])
             self.logger.record("adaptive/reward", stats["reward"])
             if not isinstance(self.lam, tuple):
                 self.logger.record("adaptive/lambda", self.lam)
@@ -104,15 +114,19 @@ def feature_scaler(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def train_one(
     table: OutcomeTable, lam: float | tuple[float, float], config: PolicyTrainConfig, scaler, log_dir: str | None,
-    meta: dict,
+    meta: dict, cost: np.ndarray | None = None,
 ) -> PolicyArtifact:
-    """Train one PPO policy at FLOP price ``lam`` (or conditioned on a price range) on ``table`` (policy-train)."""
+    """Train one PPO policy at price ``lam`` (or conditioned on a price range) on ``table`` (policy-train).
+
+    ``cost``: each action's price ``(K, L, M)`` as a fraction of the full configuration's (None: staged FLOPs).
+    """
     mean, std = scaler
     scaled = dataclasses.replace(table, features=((table.features - mean) / std).astype(np.float32))
     conditioned = isinstance(lam, tuple)
     if conditioned:  # the price column is already in [-1, 1]
         mean, std = np.append(mean, np.float32(0)), np.append(std, np.float32(1))
-    table_env = TableVecEnv(scaled, num_envs=config.num_envs, lam=lam, seed=config.seed, reward=config.reward)
+    table_env = TableVecEnv(scaled, num_envs=config.num_envs, lam=lam, seed=config.seed, reward=config.reward,
+                            cost=cost)
     ppo = PPO(
         "MlpPolicy",
         VecMonitor(table_env),
@@ -145,37 +159,51 @@ def train_and_calibrate(
     config: PolicyTrainConfig,
     meta: dict,
     log_dir: str | Path | None = None,
+    cost: np.ndarray | None = None,
 ) -> tuple[PolicyArtifact, list[PolicyArtifact]]:
     """Train the policy (conditioned on a price range, or one per price), then pick its price on calibration.
 
     The price is chosen by ``config.selection`` (the rule every family is judged by): the cheapest
     candidate that keeps the promise, or the safest one when none does (``meets_target`` False).
-    Returns the chosen artifact (``meta["lam"]`` set, ``meta["calibration"]`` every candidate's
-    statistic) and every trained artifact.
+    "Cheapest" is by the cost the policy was trained on: staged FLOPs (``config.cost == 'flops'``), or
+    ``cost``, each action's price ``(K, L, M)`` as a fraction of the full configuration's (required with
+    ``config.cost == 'latency'``: a latency table's staged ms / full ms).
+    Returns the chosen artifact (``meta["lam"]`` set, ``meta["cost"]``, ``meta["calibration"]`` every
+    candidate's statistic) and every trained artifact.
     """
+    if (config.cost == "latency") != (cost is not None):
+        raise ValueError(f"config.cost {config.cost!r} needs "
+                         + ("a cost grid (e.g. a latency table's staged ms / full ms)" if cost is None
+                            else "no cost grid (FLOPs are the table's own)"))
+    if cost is not None:
+        cost = cost_grid(cost, train_table.staged_flops, train_table.full_flops)
     torch.set_num_threads(config.threads)
     scaler = feature_scaler(train_table.features)
-    meta = {**meta, "train_config": asdict(config)}
+    meta = {**meta, "train_config": asdict(config), "cost": config.cost}
     log = str(log_dir) if log_dir else None
     start = time.time()
     if config.lam_range is not None:
-        artifacts = [train_one(train_table, tuple(config.lam_range), config, scaler, log, meta)]
+        artifacts = [train_one(train_table, tuple(config.lam_range), config, scaler, log, meta, cost)]
     else:
-        artifacts = [train_one(train_table, lam, config, scaler, log, meta)
+        artifacts = [train_one(train_table, lam, config, scaler, log, meta, cost)
                      for lam in tqdm(config.lambdas, desc="lambda sweep")]
     scored = []
     for i, artifact in enumerate(artifacts):  # every price of a conditioned policy, or each policy at its own
         network = artifact.network_flops()
         lams = np.geomspace(*config.lam_range, LAM_GRID) if config.lam_range is not None else [artifact.meta["lam"]]
-        scored += [candidate((i, float(lam)), policy_outcome(artifact, calibration_table, lam, network), calibration_table)
+        scored += [candidate((i, float(lam)), policy_outcome(artifact, calibration_table, lam, network, cost),
+                             calibration_table)
                    for lam in lams]
     selection = select(scored, calibration_table.correct[:, -1, -1, -1], config.selection)
     artifact_index, lam = scored[selection.index].knob
     chosen = dataclasses.replace(artifacts[artifact_index], meta={**artifacts[artifact_index].meta, "lam": lam})
     reference_flops = calibration_table.full_flops
-    records = [{"lambda": knob[1], "artifact": knob[0], **stats,
-                "flop_reduction": 1 - stats["flops"] / reference_flops}
-               for (knob, stats) in zip((c.knob for c in scored), selection.scores, strict=True)]
+    records = []
+    for knob, stats in zip((c.knob for c in scored), selection.scores, strict=True):
+        record = {"lambda": knob[1], "artifact": knob[0], **stats, "flop_reduction": 1 - stats["flops"] / reference_flops}
+        if cost is not None:  # the cost is a fraction of the full configuration's
+            record["cost_reduction"] = 1 - stats["cost"]
+        records.append(record)
     best = records[selection.index]
     chosen.meta.update(
         selection=config.selection.to_dict(),
@@ -186,7 +214,11 @@ def train_and_calibrate(
         calibration=records,
         train_s=round(time.time() - start, 1),
     )
+    saving = f"FLOP reduction {100 * best['flop_reduction']:.1f}%"
+    if cost is not None:
+        chosen.meta["calibration_cost_reduction"] = best["cost_reduction"]
+        saving = f"{config.cost} reduction {100 * best['cost_reduction']:.1f}%, {saving}"
     tqdm.write(f"chosen lambda {lam:.4g}: calibration disagreement {100 * best['disagreement']:.2f}%, "
-               f"FLOP reduction {100 * best['flop_reduction']:.1f}% (meets target: {selection.meets_target})")
+               f"{saving} (meets target: {selection.meets_target})")
     return chosen, artifacts
 
