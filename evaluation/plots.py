@@ -42,7 +42,8 @@ def _row(name: str, e: dict, tolerance_pp: float) -> str:
     kept = "" if name in ("reference", "oracle") else (" yes" if e["delta_pp"] >= -tolerance_pp - 1e-9 else " **no**")
     return (f"| {name} | {_what(name, e)} | {100 * e['accuracy']:.2f}% | {e['delta_pp']:+.2f} "
             f"[{e['delta_pp_ci'][0]:+.2f}, {e['delta_pp_ci'][1]:+.2f}] |{kept} | {100 * e['disagreement']:.2f}% | "
-            f"{1e3 * e['gflops']:.3f} | {100 * e['flop_reduction']:.1f}% | {ratio} | {100 * e['oracle_capture']:.1f}% | {speed} |")
+            f"{1e3 * e['gflops']:.3f} | {100 * e['flop_reduction']:.1f}% | {ratio} | {100 * e['oracle_capture']:.1f}% | {speed} |"
+            + ("" if "ms_per_image" not in e else f" {e['ms_per_image']:.3f} |"))
 
 
 def markdown_table(report: dict) -> str:
@@ -54,6 +55,9 @@ def markdown_table(report: dict) -> str:
         "| front ratio | oracle capture | images/s |"),
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if "ms_per_image" in report["reference"]:  # a measured latency table was given: ms per image beside FLOPs
+        batch = (report.get("latency") or {}).get("batch_size", "?")
+        header = [header[0] + f" ms/image (batch {batch}) |", header[1] + " ---: |"]
     lines = []
     for run in report["selections"]:
         rule = (f"margin {run['margin_pp']:g} pp" if run["mode"] == "empirical" else f"delta {run['delta']:g}")
