@@ -40,16 +40,22 @@ def tiny_stem_model(tiny_config) -> AdaPerceiver:
     return perturbed_model(dataclasses.replace(tiny_config, stem_channels=(4,)))
 
 
+def save_tiny_backbone(directory) -> None:
+    """A seeded, untrained tiny digits backbone saved as a checkpoint (for end-to-end runs of the scripts)."""
+    from backbone.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = AdaPerceiverConfig(img_size=8, patch_size=2, embed_dim=16, num_heads=2, depth=3, token_grans=(2, 4, 8))
+    save_checkpoint(AdaPerceiver(config), directory, {"dataset": "digits", "split_seed": 0})
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A short end-to-end run of experiments/train_policy.py on digits with a tiny backbone."""
-    from backbone.checkpoint import save_checkpoint
     from experiments import train_policy
 
     root = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    config = AdaPerceiverConfig(img_size=8, patch_size=2, embed_dim=16, num_heads=2, depth=3, token_grans=(2, 4, 8))
-    save_checkpoint(AdaPerceiver(config), root / "backbone", {"dataset": "digits", "split_seed": 0})
+    save_tiny_backbone(root / "backbone")
     argv = [
         "--backbone", str(root / "backbone"), "--out", str(root / "policy"), "--json", str(root / "summary.json"),
         "--timesteps", "4096", "--lam-range", "0.01,1", "--quiet", "--cache-dir", str(root / "cache"), "--log-dir", str(root / "tb"),

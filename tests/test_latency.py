@@ -11,10 +11,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_table
+from conftest import save_tiny_backbone, synthetic_table
 
-from backbone import AdaPerceiver, AdaPerceiverConfig
-from backbone.checkpoint import save_checkpoint
 from backbone.errors import ProjectError
 from backbone.io import write_json
 from envs import AdaptiveComputeEnv, FeatureSpec, TableVecEnv
@@ -196,9 +194,7 @@ def test_training_on_latency_needs_its_grid():
 def latency_run(tmp_path_factory):
     """measure_latency.py, then train_policy.py --cost latency, on digits with a tiny backbone."""
     root = tmp_path_factory.mktemp("latency_run")
-    torch.manual_seed(0)
-    config = AdaPerceiverConfig(img_size=8, patch_size=2, embed_dim=16, num_heads=2, depth=3, token_grans=(2, 4, 8))
-    save_checkpoint(AdaPerceiver(config), root / "backbone", {"dataset": "digits", "split_seed": 0})
+    save_tiny_backbone(root / "backbone")
     table = measure_latency.main(["--backbone", str(root / "backbone"), "--rounds", "2", "--repeats", "1",
                                   "--warmup", "1", "--out", str(root / "latency.json"), "--quiet"])
     argv = ["--backbone", str(root / "backbone"), "--out", str(root / "policy"), "--cost", "latency",
