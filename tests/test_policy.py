@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from backbone.checkpoint import backbone_hash
 from policy.artifact import PolicyArtifactError, load_policy
@@ -51,3 +52,18 @@ def test_corrupt_artifact_is_refused(tiny_run, tmp_path):
     (tmp_path / "policy.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PolicyArtifactError, match="unreadable"):
         load_policy(tmp_path)
+
+
+def test_act_is_stable_baselines3_deterministic_action(tiny_run):
+    from envs.reward import lam_feature
+
+    root, _ = tiny_run
+    artifact = load_policy(root / "policy")
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(4096, artifact.feature_mean.shape[0] - 1)).astype(np.float32) * 3
+    for lam in (0.01, 0.1, 1.0):
+        column = np.full((len(features), 1), lam_feature(lam, *artifact.lam_range), np.float32)
+        obs = torch.as_tensor(artifact.normalize(np.concatenate([features, column], axis=1)))
+        with torch.inference_mode():
+            expected = artifact.policy._predict(obs, deterministic=True).numpy()
+        assert np.array_equal(artifact.act(features, lam=lam), expected)
