@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save
 
 from backbone.config import AdaPerceiverConfig
 from backbone.errors import ProjectError
-from backbone.io import sha256_file, write_file_set
+from backbone.io import json_text, sha256_file, write_file_set
 from backbone.model import AdaPerceiver
 
 WEIGHTS = "model.safetensors"
@@ -36,7 +36,7 @@ def save_checkpoint(model: AdaPerceiver, directory: str | Path, metadata: dict |
               "weights_sha256": hashlib.sha256(weights).hexdigest()}
     write_file_set({
         directory / WEIGHTS: lambda tmp: Path(tmp).write_bytes(weights),
-        directory / CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
+        directory / CONFIG: lambda tmp: Path(tmp).write_text(json_text(config)),
     })
     return directory
 

@@ -88,6 +88,16 @@ class AdaPerceiverConfig:
         return self.token_grans[-1]
 
     @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """``(K, L, M)``: token granularities x exit depths x FFN widths."""
+        return len(self.token_grans), self.depth, len(self.ffn_widths)
+
+    def grid_axes(self) -> dict[str, list]:
+        """The grid's axes as JSON lists: ``token_grans``, ``depths`` (1-based exit depths) and ``ffn_widths``."""
+        return {"token_grans": [int(g) for g in self.token_grans], "depths": list(range(1, self.depth + 1)),
+                "ffn_widths": [float(w) for w in self.ffn_widths]}
+
+    @property
     def ffn_hidden(self) -> int:
         return round(self.embed_dim * self.ffn_ratio)
 

@@ -46,25 +46,25 @@ def input_adapter_flops(config: AdaPerceiverConfig) -> int:
 def flops(config: AdaPerceiverConfig, tokens: int | None = None, depth: int | None = None, width: float | None = None) -> int:
     """FLOPs of one image at ``(tokens, depth, width)``: patch embed, read, ``depth`` blocks, write, head."""
     c = config
-    g = c.max_tokens if tokens is None else tokens
-    depth = c.depth if depth is None else depth
-    c.token_index(g)
-    c.check_depth(depth)
-    hidden = c.ffn_hidden_units(1.0 if width is None else width)
+    g, depth, hidden = _resolve(c, tokens, depth, width)
     d = c.embed_dim
     read = _attention(g, c.num_patches, d)
     block = _attention(g, g, d) + 2 * (2 * g * d * hidden)
-    write = _attention(1, g, d) + 2 * d * c.num_classes
-    return embed_flops(c) + read + depth * block + write
+    return embed_flops(c) + read + depth * block + readout_flops(c, g)
+
+
+def _over_grid(config: AdaPerceiverConfig, flops_of: Callable[[int, int, float], int]) -> torch.Tensor:
+    """``flops_of(tokens, depth, width)`` at every configuration, ``(K, L, M)`` int64 (tokens x depth x width)."""
+    c = config
+    return torch.tensor(
+        [[[flops_of(g, l, w) for w in c.ffn_widths] for l in range(1, c.depth + 1)] for g in c.token_grans],
+        dtype=torch.int64,
+    )
 
 
 def flops_grid(config: AdaPerceiverConfig) -> torch.Tensor:
     """FLOPs of every configuration, ``(K, L, M)`` int64 (tokens x depth x width)."""
-    c = config
-    return torch.tensor(
-        [[[flops(c, g, l, w) for w in c.ffn_widths] for l in range(1, c.depth + 1)] for g in c.token_grans],
-        dtype=torch.int64,
-    )
+    return _over_grid(config, lambda g, l, w: flops(config, g, l, w))
 
 
 def _resolve(config: AdaPerceiverConfig, tokens: int | None, depth: int | None, width: float | None) -> tuple[int, int, int]:
@@ -111,15 +111,8 @@ def cascade_flops(config: AdaPerceiverConfig, glance: tuple[int | None, int | No
     ``flops(config, *glance)`` (input adapter included) plus ``extension_flops`` to each target;
     at the glance's own grid point it is the glance alone.
     """
-    c = config
-    first = flops(c, *glance)
-    return torch.tensor(
-        [
-            [[first + extension_flops(c, glance, (g, l, w)) for w in c.ffn_widths] for l in range(1, c.depth + 1)]
-            for g in c.token_grans
-        ],
-        dtype=torch.int64,
-    )
+    first = flops(config, *glance)
+    return _over_grid(config, lambda g, l, w: first + extension_flops(config, glance, (g, l, w)))
 
 
 def readout_flops(config: AdaPerceiverConfig, tokens: int | None = None) -> int:

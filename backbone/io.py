@@ -64,8 +64,13 @@ def write_file_set(files: dict[Path, Callable[[str], object]]) -> None:
                 os.unlink(tmp)
 
 
+def json_text(data: dict) -> str:
+    """The project's JSON file format: indented, one trailing newline."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def write_json(path: Path, data: dict) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json_text(data)))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -395,9 +395,7 @@ def train_backbone(
     summary = {
         "split": "calibration",
         "n": len(y_val),
-        "token_grans": list(model_config.token_grans),
-        "depths": list(range(1, model_config.depth + 1)),
-        "ffn_widths": list(model_config.ffn_widths),
+        **model_config.grid_axes(),
         "accuracy": accuracy.tolist(),
         "accuracy_layout": "[tokens][depth][width]",
         "full_accuracy": accuracy[-1, -1, -1].item(),

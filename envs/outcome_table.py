@@ -108,7 +108,7 @@ def build_outcome_table(
     glance = spec.glance_config(model.config)
     parts: dict[str, list] = {"features": [], "predicted": [], "true_logprob": [], "confidence": []}
     with torch.inference_mode():
-        grid = len(model.config.token_grans) * model.config.depth * len(model.config.ffn_widths)
+        grid = int(np.prod(model.config.grid_shape))
         desc = f"tabulating {(meta or {}).get('split', 'inputs')} ({len(images)} images x {grid} configurations)"
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
             x = images[start : start + batch_size].to(device)
@@ -205,11 +205,6 @@ def check_table(table: OutcomeTable, labels: torch.Tensor, grid_shape: tuple[int
         raise TableError("its labels are not the split's")
 
 
-def _grid_shape(model: AdaPerceiver) -> tuple[int, int, int]:
-    c = model.config
-    return len(c.token_grans), c.depth, len(c.ffn_widths)
-
-
 def cached_outcome_table(
     model: AdaPerceiver,
     backbone_hash: str,
@@ -230,7 +225,7 @@ def cached_outcome_table(
             table = load_table(path)
             if table.meta != meta:
                 raise TableError(f"{path}: made for another backbone, split or features")
-            check_table(table, labels, _grid_shape(model), spec.dim(model.config))
+            check_table(table, labels, model.config.grid_shape, spec.dim(model.config))
             return table
         except TableError as err:
             tqdm.write(f"rebuilding the {split} outcome table: {err}", file=sys.stderr)

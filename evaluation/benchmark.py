@@ -7,6 +7,7 @@ so that every path's achieved GFLOP/s can be read as a share of what this machin
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 
@@ -22,10 +23,18 @@ KEYS = ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flo
         "efficiency")
 
 
-def _sync(device: torch.device) -> None:
-    # CUDA calls return before the work is done; time only finished work
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA calls return before the work is done; time only finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device | str) -> str:
+    """The accelerator's name, or the CPU's (``platform.processor()``, else the machine type)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def batches_of(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -43,13 +52,13 @@ def images_per_second(fn: Callable[[torch.Tensor], object], batches: list[torch.
     with torch.inference_mode():
         for i in range(warmup):
             fn(batches[i % len(batches)])
-        _sync(device)
+        sync(device)
         done, start = 0, time.perf_counter()
         while True:
             for batch in batches:
                 fn(batch)
                 done += len(batch)
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds:
                 return done / elapsed
@@ -128,15 +137,15 @@ def matmul_peak(device: torch.device | str = "cpu", sizes: tuple[int, ...] = (25
         for n in sizes:
             a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
             a @ b
-            _sync(device)
+            sync(device)
             done, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 a @ b
                 done += 1
                 if device.type == "cuda" and done % 16:
                     continue
-                _sync(device)
-            _sync(device)
+                sync(device)
+            sync(device)
             by_size[n] = 2 * n**3 * done / (time.perf_counter() - start) / 1e9
     best = max(by_size, key=by_size.get)
     return {"gflop_per_s": by_size[best], "size": best, "by_size": {str(n): g for n, g in by_size.items()}}
@@ -176,10 +185,10 @@ def latency_batch1(classifier: AdaptiveClassifier, images: torch.Tensor, rounds:
                 fn(images[i % len(images)][None])
             ms = []
             for i in range(len(images)):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 fn(images[i : i + 1])
-                _sync(device)
+                sync(device)
                 ms.append(1e3 * (time.perf_counter() - start))
             per_round[name].append(_percentiles(ms))
     out = {}

@@ -21,7 +21,6 @@ another grid, architecture or glance. ``latency_cost`` is the env's price grid (
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from backbone import AdaPerceiver, AdaPerceiverConfig
 from backbone.errors import ProjectError
 from backbone.grid import GridPoint
 from envs import FeatureSpec, features_from
+from evaluation.benchmark import device_name, sync
 
 LATENCY_FILE = "latency.json"
 """The latency table's name beside a policy priced by it."""
@@ -43,24 +43,6 @@ MEASURE = "measure one with experiments/measure_latency.py"
 
 class LatencyTableError(ProjectError):
     """A latency table that is missing, malformed, or measured for another backbone grid."""
-
-
-def _sync(device: torch.device) -> None:
-    # CUDA calls return before the work is done; time only finished work
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    """The accelerator's name, or the CPU's (``platform.processor()``, else the machine type)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
-def _grid_axes(config: AdaPerceiverConfig) -> dict:
-    return {"token_grans": [int(g) for g in config.token_grans], "depths": list(range(1, config.depth + 1)),
-            "ffn_widths": [float(w) for w in config.ffn_widths]}
 
 
 @torch.inference_mode()
@@ -96,7 +78,7 @@ def measure_latency_table(
     x = images[:batch_size].to(device)
     model.check_images(x)
     glance = GridPoint(*model.resolve(*spec.glance_config(c))) if spec.glance else None
-    shape = (len(c.token_grans), c.depth, len(c.ffn_widths))
+    shape = c.grid_shape
 
     def staged(point: GridPoint):
         def run() -> None:  # what AdaptiveClassifier pays for an input sent to ``point``, less the policy network
@@ -124,17 +106,17 @@ def measure_latency_table(
     for _, _, run in tasks:
         for _ in range(warmup):
             run()
-    _sync(device)
+    sync(device)
     rng = np.random.default_rng(seed)
     with tqdm(total=rounds * len(tasks), desc="timing grid points", unit="point", disable=not progress) as bar:
         for r in range(rounds):
             for t in rng.permutation(len(tasks)):
                 kind, index, run = tasks[t]
-                _sync(device)
+                sync(device)
                 begin = time.perf_counter()
                 for _ in range(repeats):
                     run()
-                _sync(device)
+                sync(device)
                 samples[kind][(*index, r)] = 1e3 * (time.perf_counter() - begin) / (repeats * batch_size)
                 bar.update()
     staged_ms, fresh_ms = (np.median(samples[kind], axis=-1) for kind in KINDS)
@@ -152,11 +134,11 @@ def measure_latency_table(
         "threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": device_name(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": device_name("cpu"),
         "torch": torch.__version__,
         "backbone_hash": backbone_hash,
         "architecture": c.to_dict(),
-        **_grid_axes(c),
+        **c.grid_axes(),
         "glance": None if glance is None else list(glance),
         "features": spec.to_dict(),
         "staged_ms": staged_ms.tolist(),
@@ -211,7 +193,7 @@ def check_latency_table(table: dict, config: AdaPerceiverConfig, spec: FeatureSp
                         source: str = "the latency table") -> None:
     """Refuse a table measured for another grid (axes), another architecture, or (given ``spec``) another glance."""
     check_table_arrays(table, source)
-    expected = _grid_axes(config)
+    expected = config.grid_axes()
     for axis, values in expected.items():
         found = [float(v) for v in table[axis]]
         if found != [float(v) for v in values]:

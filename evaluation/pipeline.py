@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import Dataset, SplitConfig, dataset_name, load_dataset
 from backbone.errors import ProjectError
-from backbone.io import write_json
+from backbone.io import json_text, write_json
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
 from evaluation.families import FixedFamily, PolicyFamily, choose_and_apply
 from evaluation.latency import (
@@ -160,9 +159,7 @@ def run_policy_job(job: PolicyJob) -> dict:
         "dataset": job.dataset,
         "backbone": str(job.backbone),
         "backbone_hash": digest,
-        "token_grans": list(config.token_grans),
-        "depths": list(range(1, config.depth + 1)),
-        "ffn_widths": list(config.ffn_widths),
+        **config.grid_axes(),
         "features": job.features.to_dict(),
         "net_arch": list(job.train.net_arch),
         "action_space": {"type": "MultiDiscrete", "nvec": list(tables["test"].grid_shape),
@@ -170,7 +167,7 @@ def run_policy_job(job: PolicyJob) -> dict:
     }
     extra_files = {}
     if latency is not None:  # the table travels with the policy, tied to it by its digest
-        data = (json.dumps(latency, indent=2) + "\n").encode()
+        data = json_text(latency).encode()
         extra_files[LATENCY_FILE] = data
         meta["latency"] = {"file": LATENCY_FILE, "sha256": hashlib.sha256(data).hexdigest(), "source": str(job.latency),
                            **{key: latency.get(key) for key in ("batch_size", "threads", "device", "device_name",

@@ -11,7 +11,6 @@ In one process on the same test images: the machine's matmul peak, per-image lat
 from __future__ import annotations
 
 import argparse
-import platform
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from backbone.errors import nonnegative_float, nonnegative_int, positive_int, po
 from backbone.io import atomic_write, check_output_path, write_json
 from evaluation.benchmark import (
     benchmark_inference,
+    device_name,
     format_latency,
     format_table,
     latency_batch1,
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             args.min_seconds, args.warmup, args.rounds, progress=not args.quiet)
         for b in args.batch_sizes
     ]
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
-        platform.processor() or platform.machine())
+    device = device_name(args.device)
     tables = "\n".join([
         (f"device: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
          f"measured float32 matmul peak {peak['gflop_per_s']:,.0f} GFLOP/s"),

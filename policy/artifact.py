@@ -20,7 +20,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from backbone import measure_flops
 from backbone.errors import ProjectError
-from backbone.io import sha256_file, write_file_set
+from backbone.io import json_text, sha256_file, write_file_set
 from envs import FeatureSpec, OutcomeTable
 from envs.reward import lam_feature
 from policy.selection import Outcome
@@ -69,19 +69,25 @@ class PolicyArtifact:
             lam = float(self.meta["lam"] if lam is None else lam)
             column = np.full((len(features), 1), lam_feature(lam, *self.lam_range), dtype=np.float32)
             features = np.concatenate([features, column], axis=1)
-        obs = torch.as_tensor(self.normalize(features))
-        self.policy.set_training_mode(False)
-        # the deterministic action of stable-baselines3's MultiCategorical is the argmax of each axis's logits;
-        # taking it from the actor's logits skips building the distribution (a third of the policy's time at batch 1)
+        return self._actions(torch.as_tensor(self.normalize(features))).cpu().numpy()
+
+    def _actions(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic actions ``(n, 3)`` of normalised observations ``(n, F)``.
+
+        stable-baselines3's deterministic MultiCategorical action is the argmax of each axis's logits;
+        taking it from the actor's logits skips building the distribution (a third of the policy's time
+        at batch 1).
+        """
         policy = self.policy
+        policy.set_training_mode(False)
         logits = policy.action_net(policy.mlp_extractor.forward_actor(policy.pi_features_extractor(obs)))
         axes = logits.split([int(n) for n in policy.action_space.nvec], dim=1)
-        return torch.stack([axis.argmax(dim=1) for axis in axes], dim=1).cpu().numpy()
+        return torch.stack([axis.argmax(dim=1) for axis in axes], dim=1)
 
     def network_flops(self) -> int:
-        """FLOPs per input of the policy network's deterministic forward (actor only), counted by torch."""
+        """FLOPs per input of the policy network as ``act`` runs it (actor only), counted by torch."""
         obs = torch.zeros(1, self.feature_mean.shape[0])
-        return measure_flops(lambda: self.policy._predict(obs, deterministic=True))
+        return measure_flops(lambda: self._actions(obs))
 
 
 def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | None = None,
@@ -122,7 +128,7 @@ def save_policy(artifact: PolicyArtifact, directory: str | Path, extra_files: di
     meta = {**artifact.meta, "weights_sha256": hashlib.sha256(weights).hexdigest()}
     write_file_set({
         directory / WEIGHTS: lambda tmp: Path(tmp).write_bytes(weights),
-        directory / SIDECAR: lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"),
+        directory / SIDECAR: lambda tmp: Path(tmp).write_text(json_text(meta)),
         **{directory / name: (lambda tmp, data=data: Path(tmp).write_bytes(data)) for name, data in (extra_files or {}).items()},
     })
     return directory

@@ -50,9 +50,7 @@ class AdaptiveClassifier:
         ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price).
         """
         c = backbone.config
-        expected = {"token_grans": list(c.token_grans), "depths": list(range(1, c.depth + 1)),
-                    "ffn_widths": list(c.ffn_widths)}
-        for key, value in expected.items():
+        for key, value in c.grid_axes().items():
             found = artifact.meta.get(key)
             if found is None or [float(v) for v in found] != [float(v) for v in value]:
                 raise PolicyArtifactError(f"policy {key} {found} do not match the backbone's {value}; "
