@@ -68,7 +68,7 @@ def attend(
         q = apply_rope(q, *rope_q)
     if rope_k is not None:
         k = apply_rope(k, *rope_k)
-    if q.device.type == "cpu" and not torch.is_grad_enabled():
+    if q.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # CPU inference: torch's fused CPU kernel was 4-5x slower than matmul-softmax here for a few
         # latent queries over many input tokens (the read), and no faster for the latents' own attention
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backbone import flops, input_adapter_flops
+from backbone import flops
 from backbone.grid import GridPoint
 from policy.classifier import AdaptiveClassifier
 
@@ -85,13 +85,20 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     batches = batches_of(images.to(next(model.parameters()).device), batch_size)
 
     def naive(x: torch.Tensor) -> torch.Tensor:
-        input_tokens = model.embed(x)
-        read_kv = model.read_kv(input_tokens)
-        return model.run(input_tokens, *largest_in_batch(classifier.choose(input_tokens, read_kv)[0]), read_kv=read_kv)
+        configs, _, input_tokens, glance_logits, state = classifier.choose(x)
+        largest = largest_in_batch(configs)
+        if state is None:
+            return model.run(input_tokens, *largest)
+        return glance_logits if largest == state.config else classifier.extend(state, largest)
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    variants = {"full": model, "adaptive": classifier.predict, "naive": naive}
+    full = GridPoint(*model.resolve(None, None, None))
+    variants = {"full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict, "naive": naive}
+    with torch.inference_mode():  # untimed: the compiled paths compile each function (and batch size) on first use
+        for fn in variants.values():
+            for batch in batches:
+                fn(batch)
     measured = {name: [] for name in variants}
     steps = [(r, name) for r in range(rounds) for name in variants]
     for r, name in tqdm(steps, desc=f"batch {batch_size}: rounds x variants", disable=not progress):
@@ -99,10 +106,10 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     speed = {name: float(np.median(values)) for name, values in measured.items()}
     predictions = [classifier.predict(batch) for batch in batches]
     adaptive_flops = float(np.mean(np.concatenate([p.flops for p in predictions])))
-    # the naive variant pays the glance and the policy, then a fresh pass at the batch's largest configuration
-    glance = flops(c, *classifier.spec.glance_config(c)) - input_adapter_flops(c) if classifier.spec.glance else 0
-    naive_flops = float(np.average([flops(c, *largest_in_batch(p.configs)) for p in predictions],
-                                   weights=[len(p.configs) for p in predictions])) + glance + classifier.network_flops
+    # the naive variant pays the glance and the policy, then the whole batch's extension to its largest configuration
+    naive_flops = float(np.average(
+        [classifier.staged_flops[GridPoint(*largest_in_batch(p.configs)).action(c.token_grans, c.ffn_widths)]
+         for p in predictions], weights=[len(p.configs) for p in predictions])) + classifier.network_flops
     full_flops = flops(c)
     flop_speedup = full_flops / adaptive_flops
     realized = speed["adaptive"] / speed["full"]
@@ -170,15 +177,22 @@ def latency_batch1(classifier: AdaptiveClassifier, images: torch.Tensor, rounds:
     prediction = classifier.predict_batched(images)
     names = {cfg: "config " + "/".join(f"{v:g}" for v in cfg) for cfg in set(prediction.configs)}
     share = {"full": 1.0, "adaptive": 1.0}
-    variants: dict[str, Callable[[torch.Tensor], object]] = {"full": model, "adaptive": classifier.predict}
+    full = GridPoint(*model.resolve(None, None, None))
+    variants: dict[str, Callable[[torch.Tensor], object]] = {
+        "full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict}
     variant_flops = {"full": float(flops(c)), "adaptive": float(np.mean(prediction.flops))}
     for cfg in sorted(names, key=lambda cfg: flops(c, *cfg)):
-        variants[names[cfg]] = lambda x, cfg=cfg: model(x, *cfg)
+        variants[names[cfg]] = lambda x, cfg=cfg: classifier.forward_config(x, cfg)
         variant_flops[names[cfg]] = float(flops(c, *cfg))
         share[names[cfg]] = prediction.configs.count(cfg) / len(prediction.configs)
     per_round: dict[str, list[dict]] = {name: [] for name in variants}
     steps = [(r, name) for r in range(rounds) for name in variants]
     with torch.inference_mode():
+        # untimed: the compiled paths compile each function on first use
+        for i in range(len(images)):
+            classifier.predict(images[i : i + 1])
+        for fn in variants.values():
+            fn(images[:1])
         for _, name in tqdm(steps, desc="batch 1 latency: rounds x variants", disable=not progress):
             fn = variants[name]
             for i in range(warmup):

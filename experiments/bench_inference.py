@@ -5,6 +5,7 @@ In one process on the same test images: the machine's matmul peak, per-image lat
 
     python experiments/bench_inference.py --rounds 5 --json reports/bench_inference_fashion-mnist.json \
         --markdown reports/bench_inference_fashion-mnist.md --plot reports/bench_latency_fashion-mnist.png
+    python experiments/bench_inference.py --rounds 5 --path aot --json reports/bench_inference_fashion-mnist_aot.json
     python experiments/bench_inference.py --dataset digits --batch-sizes 1,64 --limit 512
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from backbone.compiled import INFERENCE_PATHS
 from backbone.data import default_paths
 from backbone.errors import nonnegative_float, nonnegative_int, positive_int, positive_ints, run_cli
 from backbone.io import atomic_write, check_output_path, write_json
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed batches before each measurement")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--path", choices=INFERENCE_PATHS, default="eager",
+                        help="inference path of every variant, the full model included (compiled first, untimed)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None, help="write the tables here")
     parser.add_argument("--plot", default=None, help="PNG of batch-1 latency against FLOPs per configuration")
@@ -58,9 +62,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     defaults = default_paths(args.dataset)
     backbone = args.backbone or defaults["backbone"]
-    classifier = AdaptiveClassifier.from_dirs(backbone, args.policy or defaults["policy"], args.device)
+    classifier = AdaptiveClassifier.from_dirs(backbone, args.policy or defaults["policy"], args.device, args.path)
     test = job_dataset(PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone)).splits["test"]
     images = torch.as_tensor(test.x)
+    if args.path != "eager":
+        print(f"{args.path} path: each configuration is compiled on its first use, before any timing", flush=True)
     peak = matmul_peak(args.device)
     latency = latency_batch1(classifier, images[: args.limit_batch1], args.rounds, args.warmup, progress=not args.quiet)
     results = [
@@ -70,14 +76,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     device = device_name(args.device)
     tables = "\n".join([
-        (f"device: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        (f"device: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.path} path; "
          f"measured float32 matmul peak {peak['gflop_per_s']:,.0f} GFLOP/s"),
         "", format_latency(latency, peak), "", format_table(results, peak),
     ])
     print(tables)
     if args.json:
         write_json(args.json, {"dataset": args.dataset, "device": args.device, "device_name": device,
-                               "threads": torch.get_num_threads(), "torch": torch.__version__, "matmul_peak": peak,
+                               "threads": torch.get_num_threads(), "torch": torch.__version__, "path": args.path, "matmul_peak": peak,
                                "latency_batch1": latency, "results": results})
     if args.markdown:
         atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(tables + "\n"))

@@ -2,6 +2,7 @@
 
     python experiments/infer.py --backbone checkpoints/digits --policy policies/digits --input images.npz
     python experiments/infer.py --backbone checkpoints/fashion-mnist --policy policies/fashion-mnist --input photos/
+    python experiments/infer.py --backbone checkpoints/fashion-mnist --policy policies/fashion-mnist --input photos/ --path aot
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from backbone import flops
+from backbone.compiled import INFERENCE_PATHS
 from backbone.errors import positive_int, run_cli
 from backbone.grid import GridPoint
 from backbone.io import check_output_path, write_json
@@ -39,11 +41,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fixed TOKENS,DEPTH,WIDTH for every image instead of the policy (debugging)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--path", choices=INFERENCE_PATHS, default="eager",
+                        help="inference path: eager, compiled (torch.compile) or aot (AOTInductor); the compiled "
+                             "paths compile each configuration on first use, seconds each")
     parser.add_argument("--json", default=None, help="also write the per-image rows and totals here")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
 
-    classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device)
+    classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device, args.path)
     images, names, labels = load_images(args.input, classifier.backbone.config)
     start = time.perf_counter()
     out = classifier.predict_batched(images, args.batch_size, args.config)  # returns CPU tensors, so synced

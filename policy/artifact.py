@@ -44,6 +44,12 @@ class PolicyArtifact:
     meta: dict
     """``token_grans``, ``depths``, ``ffn_widths``, ``features``, ``lam``, ``backbone_hash``, ``net_arch``, ..."""
 
+    def __post_init__(self) -> None:
+        # made once, so that ``act_tensor`` runs torch operations only
+        self._scaler = tuple(torch.as_tensor(a, dtype=torch.float32) for a in (self.feature_mean, self.feature_std))
+        self._nvec = [int(n) for n in self.policy.action_space.nvec]
+        self.policy.set_training_mode(False)
+
     @property
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(**self.meta["features"])
@@ -63,13 +69,23 @@ class PolicyArtifact:
 
         A price-conditioned policy acts at ``lam`` (default: the calibrated ``meta["lam"]``).
         """
-        features = features.cpu().numpy() if isinstance(features, torch.Tensor) else features
-        features = np.asarray(features, dtype=np.float32)
-        if self.lam_range is not None:
-            lam = float(self.meta["lam"] if lam is None else lam)
-            column = np.full((len(features), 1), lam_feature(lam, *self.lam_range), dtype=np.float32)
-            features = np.concatenate([features, column], axis=1)
-        return self._actions(torch.as_tensor(self.normalize(features))).cpu().numpy()
+        features = torch.as_tensor(np.asarray(features.cpu() if isinstance(features, torch.Tensor) else features,
+                                              dtype=np.float32))
+        return self.act_tensor(features, self.lam_column(lam)).cpu().numpy()
+
+    def lam_column(self, lam: float | None = None) -> float | None:
+        """The observation column of price ``lam`` (default: the calibrated one); None for a policy without one."""
+        if self.lam_range is None:
+            return None
+        return float(lam_feature(float(self.meta["lam"] if lam is None else lam), *self.lam_range))
+
+    def act_tensor(self, features: torch.Tensor, lam_column: float | None) -> torch.Tensor:
+        """``act`` on a float32 tensor ``(n, F)`` and a ``lam_column``, torch operations only (so it can be compiled
+        with the glance): int64 actions ``(n, 3)``, on the policy network's device (the CPU unless moved)."""
+        if lam_column is not None:
+            features = torch.cat([features, torch.full_like(features[:, :1], lam_column)], dim=1)
+        mean, std = self._scaler
+        return self._actions((features.to(mean.device) - mean) / std)
 
     def _actions(self, obs: torch.Tensor) -> torch.Tensor:
         """Deterministic actions ``(n, 3)`` of normalised observations ``(n, F)``.
@@ -79,9 +95,8 @@ class PolicyArtifact:
         at batch 1).
         """
         policy = self.policy
-        policy.set_training_mode(False)
         logits = policy.action_net(policy.mlp_extractor.forward_actor(policy.pi_features_extractor(obs)))
-        axes = logits.split([int(n) for n in policy.action_space.nvec], dim=1)
+        axes = logits.split(self._nvec, dim=1)
         return torch.stack([axis.argmax(dim=1) for axis in axes], dim=1)
 
     def network_flops(self) -> int:

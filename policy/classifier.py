@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from backbone import AdaPerceiver, flops
 from backbone.checkpoint import backbone_hash, load_checkpoint
+from backbone.compiled import check_inference_path, for_path
 from backbone.grid import GridPoint
 from backbone.model import GlanceState
 from envs import features_from, staged_flops
@@ -44,10 +46,13 @@ class AdaptiveClassifier:
     """A frozen backbone with a policy that picks each input's configuration."""
 
     def __init__(self, backbone: AdaPerceiver, artifact: PolicyArtifact, backbone_hash: str | None = None,
-                 lam: float | None = None) -> None:
+                 lam: float | None = None, path: str = "eager") -> None:
         """Check the policy's action grid is the backbone's and, given ``backbone_hash``, that it was made for it.
 
-        ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price).
+        ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price). ``path`` is the
+        inference path (``backbone.compiled``): ``"eager"``, ``"compiled"`` (torch.compile) or ``"aot"``
+        (AOTInductor); the compiled paths compile each configuration on its first use (seconds each) and give the
+        same logits within float noise.
         """
         c = backbone.config
         for key, value in c.grid_axes().items():
@@ -58,15 +63,21 @@ class AdaptiveClassifier:
         check_backbone_hash(artifact.meta, backbone_hash, "the policy")
         self.backbone = backbone.eval()
         self.artifact, self.lam, self.spec = artifact, lam, artifact.feature_spec
+        self._lam_column = artifact.lam_column(lam)
+        self.path = check_inference_path(path, next(backbone.parameters()).device)
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
         self.network_flops = float(artifact.network_flops())
         self.staged_flops = staged_flops(self.spec, c)
+        # each function compiled on first use (``_on_path``); the glance, its features and the policy are one
+        self._compiled: dict[tuple, Callable] = {}
 
     @classmethod
-    def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu") -> AdaptiveClassifier:
+    def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu",
+                  path: str = "eager") -> AdaptiveClassifier:
         """Load a checkpoint and a policy artifact; refuses a policy made for another backbone."""
         digest = backbone_hash(backbone_dir)
-        return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir), digest)  # __init__ checks the hash
+        # __init__ checks the hash
+        return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir), digest, path=path)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, config: GridPoint | None = None) -> Prediction:
@@ -81,47 +92,95 @@ class AdaptiveClassifier:
         images = images.to(next(model.parameters()).device)
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values; clean them before inference")
-        input_tokens = model.embed(images)
-        read_kv = model.read_kv(input_tokens)  # shared by the glance and every configuration
         if config is not None:
             configs = [config] * len(images)
-            logits = model.run_mixed(input_tokens, configs, read_kv)
+            logits = self.forward_config(images, config)
             per_input = np.full(len(images), float(flops(model.config, *config)))
         else:
-            logits, configs, per_input = self._adaptive(input_tokens, read_kv)
-        probs = logits.softmax(-1)
-        return Prediction(logits.cpu(), probs.argmax(-1).cpu(), probs.amax(-1).cpu(), configs, per_input)
+            logits, configs, per_input = self._adaptive(images)
+        probs = logits.float().softmax(-1)
+        return Prediction(logits.float().cpu(), probs.argmax(-1).cpu(), probs.amax(-1).cpu(), configs, per_input)
 
     @torch.inference_mode()
-    def choose(self, input_tokens: torch.Tensor, read_kv) -> tuple[list[GridPoint], np.ndarray, torch.Tensor | None, GlanceState | None]:
-        """The glance and the policy's choice for input tokens ``(B, P, D)``: each input's configuration, its FLOPs
-        as paid ``(B,)``, and the glance's logits and state (None without a glance)."""
-        model, c = self.backbone, self.backbone.config
+    def forward_config(self, images: torch.Tensor, config: GridPoint) -> torch.Tensor:
+        """Logits ``(B, C)`` of images ``(B, C, H, W)`` at one configuration, a fresh pass on this classifier's path."""
+        config = GridPoint(*config)
+        fn = self._on_path(("forward", config), lambda x: self.backbone(x, *config), (images,), ("batch",))
+        return fn(images)
+
+    def _on_path(self, key: tuple, fn: Callable, args: tuple, batch_dims: tuple) -> Callable:
+        """``fn`` on this classifier's path, made on the first call with ``args`` (``backbone.compiled.for_path``)."""
+        found = self._compiled.get(key)
+        if found is None:
+            def example(t: torch.Tensor, name: str | None) -> torch.Tensor:  # a batch of 2: export specializes 1
+                return t.new_zeros(2) if name == "rows" else torch.cat([t[:1], t[:1]])
+            examples = tuple([example(t, n) for t, n in zip(a, d, strict=True)] if isinstance(a, list) else example(a, d)
+                             for a, d in zip(args, batch_dims, strict=True)) if self.path == "aot" else args
+            found = self._compiled[key] = for_path(fn, self.path, [self.backbone, self.artifact.policy], examples,
+                                                   batch_dims)
+        return found
+
+    def _glance_and_act(self, images: torch.Tensor):
+        """Embed, the read's keys and values, the glance, its features and the policy's actions ``(B, 3)``: torch
+        operations only, so that the compiled paths make them one program."""
+        model = self.backbone
+        input_tokens = model.embed(images)
+        if not self.spec.glance:
+            return input_tokens, self.artifact.act_tensor(features_from(input_tokens, None, self.spec), self._lam_column)
+        k, v = model.read_kv(input_tokens)  # shared by the glance and every configuration
+        glance_logits, state = model.glance(input_tokens, *self.spec.glance_config(model.config), read_kv=(k, v))
+        actions = self.artifact.act_tensor(features_from(input_tokens, glance_logits, self.spec), self._lam_column)
+        return input_tokens, actions, glance_logits, state.latents, k, v
+
+    @torch.inference_mode()
+    def choose(self, images: torch.Tensor) -> tuple[list[GridPoint], np.ndarray, torch.Tensor, torch.Tensor | None,
+                                                    GlanceState | None]:
+        """The glance and the policy's choice for images ``(B, C, H, W)``: each input's configuration, its FLOPs as
+        paid ``(B,)``, the input tokens, and the glance's logits and state (None without a glance)."""
+        c = self.backbone.config
+        front = self._on_path(("glance",), self._glance_and_act, (images,), ("batch",))
+        input_tokens, actions, *glance = front(images)
         glance_logits, state = None, None
-        if self.spec.glance:
-            glance_logits, state = model.glance(input_tokens, *self.spec.glance_config(c), read_kv=read_kv)
-        features = features_from(input_tokens, glance_logits, self.spec).cpu().numpy()
-        actions = self.artifact.act(features, lam=self.lam)  # (token index, depth - 1, width index)
+        if glance:
+            glance_logits, latents, k, v = glance
+            state = GlanceState(GridPoint(*self.backbone.resolve(*self.spec.glance_config(c))), list(latents), (k, v))
+        actions = actions.cpu().numpy()  # (token index, depth - 1, width index)
         configs = [GridPoint.from_action(a, c.token_grans, c.ffn_widths) for a in actions]
         per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
-        return configs, per_input, glance_logits, state
+        return configs, per_input, input_tokens, glance_logits, state
 
-    def _adaptive(self, input_tokens: torch.Tensor, read_kv) -> tuple[torch.Tensor, list[GridPoint], np.ndarray]:
+    @torch.inference_mode()
+    def extend(self, state: GlanceState, config: GridPoint, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B', C)`` of the glance's inputs ``rows`` (all if None) extended to ``config``, on this path."""
+        config, glance = GridPoint(*config), state.config
+        if rows is None:
+            rows = torch.arange(len(state.latents[0]), device=state.latents[0].device)
+
+        def extend(latents: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return self.backbone.extend(GlanceState(glance, list(latents), (k, v)), *config, rows=rows)
+
+        fn = self._on_path(("extend", glance, config), extend, (state.latents, *state.read_kv, rows),
+                           (["batch"] * len(state.latents), "batch", "batch", "rows"))
+        return fn(state.latents, *state.read_kv, rows)
+
+    def _adaptive(self, images: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint], np.ndarray]:
         """The glance, the policy's actions, then each group of inputs answered by the glance or extended."""
         model = self.backbone
-        configs, per_input, glance_logits, state = self.choose(input_tokens, read_kv)
-        if state is None:  # no glance to continue from: fresh passes, packed
-            return model.run_mixed(input_tokens, configs, read_kv).float(), configs, per_input
-        logits = torch.empty_like(glance_logits, dtype=torch.float32)
+        configs, per_input, input_tokens, glance_logits, state = self.choose(images)
+        if state is None:  # no glance to continue from: fresh passes, packed (eager on either path)
+            return model.run_mixed(input_tokens, configs).float(), configs, per_input
         groups: dict[GridPoint, list[int]] = {}
         for i, cfg in enumerate(configs):
             groups.setdefault(cfg, []).append(i)
+        if list(groups) == [state.config]:  # the glance answers every input
+            return glance_logits.float(), configs, per_input
+        logits = torch.empty_like(glance_logits, dtype=torch.float32)
         for cfg, members in groups.items():
-            rows = torch.tensor(members, device=input_tokens.device)
+            rows = torch.tensor(members, device=images.device)
             if cfg == state.config:  # the glance answers
                 logits[rows] = glance_logits[rows].float()
             else:
-                logits[rows] = model.extend(state, *cfg, rows=rows).float()
+                logits[rows] = self.extend(state, cfg, rows).float()
         return logits, configs, per_input
 
     def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: GridPoint | None = None) -> Prediction:

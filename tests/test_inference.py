@@ -7,6 +7,7 @@ from PIL import Image
 
 from backbone import flops
 from backbone.checkpoint import backbone_hash, save_checkpoint
+from backbone.compiled import InferencePathError
 from backbone.data import DataError, load_dataset
 from envs import FeatureSpec, compute_features, staged_flops
 from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
@@ -81,7 +82,7 @@ def test_the_glance_answers_or_is_extended_once_per_configuration(classifier, di
     x, _ = digits_images
     model = classifier.backbone
     glance = classifier.spec.glance_config(model.config)
-    configs, *_ = classifier.choose(model.embed(x), None)
+    configs, *_ = classifier.choose(x)
     assert glance in configs and len(set(configs)) >= 3, "the random policy should answer with the glance and extend"
     answered = [i for i, cfg in enumerate(configs) if cfg == glance]
     with torch.no_grad():
@@ -92,7 +93,7 @@ def test_the_glance_answers_or_is_extended_once_per_configuration(classifier, di
     monkeypatch.setattr(model, "glance", lambda *a, **k: calls.__setitem__("glance", calls["glance"] + 1) or real_glance(*a, **k))
 
     def recording_extend(state, *cfg, rows=None):
-        calls["extend"].append((tuple(cfg), len(rows)))
+        calls["extend"].append((tuple(cfg), len(state.latents[0]) if rows is None else len(rows)))
         return real_extend(state, *cfg, rows=rows)
 
     monkeypatch.setattr(model, "extend", recording_extend)
@@ -163,6 +164,35 @@ def test_errors(dirs, classifier, tiny_model, tmp_path, digits_images):
     artifact.meta["ffn_widths"] = [0.5, 1.0]
     with pytest.raises(ValueError, match=r"ffn_widths \[0.5, 1.0\] do not match the backbone's \[0.25, 0.5, 1.0\]"):
         AdaptiveClassifier(tiny_model, artifact)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["compiled", "aot"])
+def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, path):
+    x = digits_images[0][:6]
+    eager, compiled = AdaptiveClassifier.from_dirs(*dirs), AdaptiveClassifier.from_dirs(*dirs, path=path)
+    assert compiled.path == path and eager.path == "eager"
+    for batch in (x, x[2:3]):  # batch 1 is a graph of its own under torch.compile
+        ref, out = eager.predict(batch), compiled.predict(batch)
+        assert len(set(ref.configs)) >= 2 or len(batch) == 1, "the random policy should extend some inputs"
+        assert out.configs == ref.configs
+        assert (out.logits - ref.logits).abs().max().item() <= 1e-4
+        np.testing.assert_array_equal(out.flops, ref.flops)
+    full = eager.backbone.resolve(None, None, None)
+    assert (compiled.forward_config(x, full) - eager.forward_config(x, full)).abs().max().item() <= 1e-4
+    kinds = {key[0] for key in compiled._compiled}
+    assert kinds == {"glance", "extend", "forward"}, "every part ran on the compiled path"
+
+
+def test_inference_path_errors(dirs, monkeypatch):
+    with pytest.raises(InferencePathError, match="unknown inference path 'jit'; choose one of eager, compiled, aot"):
+        AdaptiveClassifier.from_dirs(*dirs, path="jit")
+    monkeypatch.setattr("backbone.compiled.shutil.which", lambda name: None)
+    with pytest.raises(InferencePathError, match="needs a C.. compiler"):
+        AdaptiveClassifier.from_dirs(*dirs, path="aot")
+    assert AdaptiveClassifier.from_dirs(*dirs).path == "eager", "the eager path needs no compiler"
+    with pytest.raises(SystemExit):
+        infer.main(["--backbone", str(dirs[0]), "--policy", str(dirs[1]), "--input", "x.npz", "--path", "jit"])
 
 
 def test_infer_cli_on_npz_and_png_folder(dirs, digits_images, tmp_path, capsys):

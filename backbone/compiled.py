@@ -1,0 +1,105 @@
+"""Inference paths: the eager reference, ``torch.compile``, or AOTInductor (ahead-of-time compiled kernels).
+
+At batch 1 on a CPU the small configurations, the ones a policy serves, spend more time launching
+operators than multiplying. Both compiled paths fuse each configuration's elementwise work (norms, RoPE,
+GELU, residuals) into a few generated kernels around the matrix products, so the same numbers come out
+(within float noise) in fewer, larger steps:
+
+- ``compiled``: ``torch.compile`` (inductor). Each call still passes dynamo's guards, about a thousand
+  checks on the weights and arguments (~0.1 ms per call on a CPU).
+- ``aot``: ``torch.export`` then AOTInductor. One shared library per function, called without guards;
+  the batch size is a dynamic dimension, so one library serves every batch size.
+
+Both compile each function on first use (seconds to tens of seconds each, a configuration at a time).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Callable, Sequence
+
+import torch
+import torch._dynamo
+from torch import nn
+from torch.export import Dim
+
+from backbone.errors import ProjectError
+
+INFERENCE_PATHS = ("eager", "compiled", "aot")
+INDUCTOR_OPTIONS = {"cpp_wrapper": True}
+"""Inductor options of the ``compiled`` path: a C++ wrapper calls the kernels, not Python."""
+
+
+class InferencePathError(ProjectError):
+    """An inference path that is unknown, or unavailable on this machine."""
+
+
+def check_inference_path(path: str, device: torch.device | str = "cpu") -> str:
+    """``path`` if it is known and can run on ``device``; else an error that names the fix."""
+    if path not in INFERENCE_PATHS:
+        raise InferencePathError(f"unknown inference path {path!r}; choose one of {', '.join(INFERENCE_PATHS)}")
+    if path != "eager" and torch.device(device).type == "cpu":
+        if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+            raise InferencePathError(f"the {path} path needs a C++ compiler for inductor's CPU kernels "
+                                     "(apt-get install g++); or use the eager path")
+    return path
+
+
+def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], example_args: tuple,
+             batch_dims: tuple) -> Callable:
+    """``fn`` as the inference ``path`` runs it: itself (eager), ``torch.compile(fn)``, or an AOTInductor library.
+
+    ``fn`` takes tensors (or lists or tuples of them) and returns the same; any configuration is a constant of
+    it. ``modules`` are those whose weights ``fn`` reads. ``example_args`` are arguments it can be traced with,
+    a batch of at least 2 (``aot`` only). ``batch_dims`` mirrors ``example_args``: for each tensor, the name of
+    its dynamic first dimension (tensors with the same name have the same size), or None for a static one.
+    """
+    if path == "eager":
+        return fn
+    if path == "compiled":
+        compiled = torch.compile(fn, options=INDUCTOR_OPTIONS)
+
+        def call(*args):
+            # a configuration's integers and widths are constants of its graph: left to dynamo's default, a
+            # second configuration would make them symbolic, and the grid checks on them break the graph
+            with torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
+                return compiled(*args)
+
+        # one graph per configuration and batch-size class (1, or any other) of the same code; by default
+        # dynamo falls back to eager after 8, silently slow
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+        return call
+    return _aot_compile(fn, modules, example_args, batch_dims)
+
+
+class _Traced(nn.Module):
+    """``fn`` as a module that owns ``modules``, so that export lifts their weights as the program's weights."""
+
+    def __init__(self, fn: Callable, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.owners = nn.ModuleList(modules)
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _aot_compile(fn: Callable, modules: Sequence[nn.Module], example_args: tuple, batch_dims: tuple) -> Callable:
+    dims: dict[str, Dim] = {}
+
+    def spec(names):
+        if isinstance(names, (list, tuple)):
+            return type(names)(spec(n) for n in names)
+        if names is None:
+            return None
+        return {0: dims.setdefault(names, Dim(names, min=1))}
+
+    with torch.inference_mode():
+        program = torch.export.export(_Traced(fn, modules).eval(), tuple(example_args),
+                                      dynamic_shapes=(spec(tuple(batch_dims)),))  # one entry: forward(*args)
+    package = io.BytesIO()
+    torch._inductor.aoti_compile_and_package(program, package_path=package)
+    package.seek(0)
+    return torch._inductor.aoti_load_package(package)
