@@ -64,6 +64,7 @@ class AdaptiveClassifier:
         self.backbone = backbone.eval()
         self.artifact, self.lam, self.spec = artifact, lam, artifact.feature_spec
         self._lam_column = artifact.lam_column(lam)
+        self._glance = GridPoint(*backbone.resolve(*self.spec.glance_config(c))) if self.spec.glance else None
         self.path = check_inference_path(path, next(backbone.parameters()).device)
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
         self.network_flops = float(artifact.network_flops())
@@ -90,16 +91,16 @@ class AdaptiveClassifier:
         if not images.is_floating_point():
             raise ValueError(f"images must be float in [0, 1], got {images.dtype}; divide uint8 images by 255")
         images = images.to(next(model.parameters()).device)
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or infinite values; clean them before inference")
         if config is not None:
+            _check_finite(torch.isfinite(images).all())
             configs = [config] * len(images)
             logits = self.forward_config(images, config)
             per_input = np.full(len(images), float(flops(model.config, *config)))
         else:
             logits, configs, per_input = self._adaptive(images)
-        probs = logits.float().softmax(-1)
-        return Prediction(logits.float().cpu(), probs.argmax(-1).cpu(), probs.amax(-1).cpu(), configs, per_input)
+        logits = logits.float()
+        confidence, classes = logits.softmax(-1).max(-1)
+        return Prediction(logits.cpu(), classes.cpu(), confidence.cpu(), configs, per_input)
 
     @torch.inference_mode()
     def forward_config(self, images: torch.Tensor, config: GridPoint) -> torch.Tensor:
@@ -124,26 +125,31 @@ class AdaptiveClassifier:
         """Embed, the read's keys and values, the glance, its features and the policy's actions ``(B, 3)``: torch
         operations only, so that the compiled paths make them one program."""
         model = self.backbone
+        finite = torch.isfinite(images).all()  # checked by the caller, one kernel launch fewer
         input_tokens = model.embed(images)
         if not self.spec.glance:
-            return input_tokens, self.artifact.act_tensor(features_from(input_tokens, None, self.spec), self._lam_column)
+            actions = self.artifact.act_tensor(features_from(input_tokens, None, self.spec), self._lam_column)
+            return finite, input_tokens, actions
         k, v = model.read_kv(input_tokens)  # shared by the glance and every configuration
         glance_logits, state = model.glance(input_tokens, *self.spec.glance_config(model.config), read_kv=(k, v))
         actions = self.artifact.act_tensor(features_from(input_tokens, glance_logits, self.spec), self._lam_column)
-        return input_tokens, actions, glance_logits, state.latents, k, v
+        return finite, input_tokens, actions, glance_logits, k, v, *state.latents  # flat: faster to unpack (aot)
 
     @torch.inference_mode()
     def choose(self, images: torch.Tensor) -> tuple[list[GridPoint], np.ndarray, torch.Tensor, torch.Tensor | None,
                                                     GlanceState | None]:
         """The glance and the policy's choice for images ``(B, C, H, W)``: each input's configuration, its FLOPs as
-        paid ``(B,)``, the input tokens, and the glance's logits and state (None without a glance)."""
+        paid ``(B,)``, the input tokens, and the glance's logits and state (None without a glance).
+
+        Refuses images with NaN or infinite values (``ValueError``)."""
         c = self.backbone.config
         front = self._on_path(("glance",), self._glance_and_act, (images,), ("batch",))
-        input_tokens, actions, *glance = front(images)
+        finite, input_tokens, actions, *glance = front(images)
+        _check_finite(finite)
         glance_logits, state = None, None
         if glance:
-            glance_logits, latents, k, v = glance
-            state = GlanceState(GridPoint(*self.backbone.resolve(*self.spec.glance_config(c))), list(latents), (k, v))
+            glance_logits, k, v, *latents = glance
+            state = GlanceState(self._glance, latents, (k, v))
         actions = actions.cpu().numpy()  # (token index, depth - 1, width index)
         configs = [GridPoint.from_action(a, c.token_grans, c.ffn_widths) for a in actions]
         per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
@@ -191,3 +197,9 @@ class AdaptiveClassifier:
             return self.predict(images, config)  # raises the empty-batch error
         starts = range(0, len(images), batch_size)
         return Prediction.cat([self.predict(images[i : i + batch_size], config) for i in starts])
+
+
+def _check_finite(finite: torch.Tensor) -> None:
+    """Refuse a batch whose ``torch.isfinite(images).all()`` is False."""
+    if not bool(finite):
+        raise ValueError("images contain NaN or infinite values; clean them before inference")
