@@ -46,14 +46,13 @@ def check_inference_path(path: str, device: torch.device | str = "cpu") -> str:
     return path
 
 
-def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], example_args: tuple,
-             batch_dims: tuple) -> Callable:
+def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], args: tuple, batch_dims: tuple) -> Callable:
     """``fn`` as the inference ``path`` runs it: itself (eager), ``torch.compile(fn)``, or an AOTInductor library.
 
-    ``fn`` takes tensors (or lists or tuples of them) and returns the same; any configuration is a constant of
-    it. ``modules`` are those whose weights ``fn`` reads. ``example_args`` are arguments it can be traced with,
-    a batch of at least 2 (``aot`` only). ``batch_dims`` mirrors ``example_args``: for each tensor, the name of
-    its dynamic first dimension (tensors with the same name have the same size), or None for a static one.
+    ``fn`` takes tensors (or lists of them) and returns the same; any configuration is a constant of it.
+    ``modules`` are those whose weights it reads; ``args`` are arguments of a first call. ``batch_dims`` mirrors
+    ``args``: for each tensor, the name of its dynamic first dimension (tensors with the same name have the same
+    size), or None for a static one. An integer tensor with a batch dimension holds row indices into the others.
     """
     if path == "eager":
         return fn
@@ -71,7 +70,7 @@ def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], example_args
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
         return call
-    return _aot_compile(fn, modules, example_args, batch_dims)
+    return _aot_compile(fn, modules, args, batch_dims)
 
 
 class _Traced(nn.Module):
@@ -86,18 +85,24 @@ class _Traced(nn.Module):
         return self.fn(*args)
 
 
-def _aot_compile(fn: Callable, modules: Sequence[nn.Module], example_args: tuple, batch_dims: tuple) -> Callable:
+def _aot_compile(fn: Callable, modules: Sequence[nn.Module], args: tuple, batch_dims: tuple) -> Callable:
     dims: dict[str, Dim] = {}
 
     def spec(names):
         if isinstance(names, (list, tuple)):
             return type(names)(spec(n) for n in names)
-        if names is None:
-            return None
-        return {0: dims.setdefault(names, Dim(names, min=1))}
+        return None if names is None else {0: dims.setdefault(names, Dim(names, min=1))}
+
+    def batch_of_two(arg, name):
+        # export specializes a dimension of size 1, so trace a batch of 2: the first row twice, indices 0 and 0
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(batch_of_two(a, n) for a, n in zip(arg, name, strict=True))
+        if name is None:
+            return arg
+        return arg.new_zeros(2) if not arg.is_floating_point() else torch.cat([arg[:1], arg[:1]])
 
     with torch.inference_mode():
-        program = torch.export.export(_Traced(fn, modules).eval(), tuple(example_args),
+        program = torch.export.export(_Traced(fn, modules).eval(), batch_of_two(tuple(args), tuple(batch_dims)),
                                       dynamic_shapes=(spec(tuple(batch_dims)),))  # one entry: forward(*args)
     package = io.BytesIO()
     torch._inductor.aoti_compile_and_package(program, package_path=package)

@@ -113,11 +113,7 @@ class AdaptiveClassifier:
         """``fn`` on this classifier's path, made on the first call with ``args`` (``backbone.compiled.for_path``)."""
         found = self._compiled.get(key)
         if found is None:
-            def example(t: torch.Tensor, name: str | None) -> torch.Tensor:  # a batch of 2: export specializes 1
-                return t.new_zeros(2) if name == "rows" else torch.cat([t[:1], t[:1]])
-            examples = tuple([example(t, n) for t, n in zip(a, d, strict=True)] if isinstance(a, list) else example(a, d)
-                             for a, d in zip(args, batch_dims, strict=True)) if self.path == "aot" else args
-            found = self._compiled[key] = for_path(fn, self.path, [self.backbone, self.artifact.policy], examples,
+            found = self._compiled[key] = for_path(fn, self.path, [self.backbone, self.artifact.policy], args,
                                                    batch_dims)
         return found
 
