@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch._dynamo
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 
@@ -107,4 +108,17 @@ def _aot_compile(fn: Callable, modules: Sequence[nn.Module], args: tuple, batch_
     package = io.BytesIO()
     torch._inductor.aoti_compile_and_package(program, package_path=package)
     package.seek(0)
-    return torch._inductor.aoti_load_package(package)
+    return _AotProgram(torch._inductor.aoti_load_package(package))
+
+
+class _AotProgram:
+    """A loaded AOTInductor package, called as the package calls itself but with its call spec parsed once (the
+    package's ``__call__`` parses it from JSON on every call: 40 us of a 0.4 ms batch-1 request here)."""
+
+    def __init__(self, package) -> None:
+        self.loader = package.loader
+        self.out_spec = pytree.treespec_loads(self.loader.get_call_spec()[1])
+
+    def __call__(self, *args):
+        flat = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+        return pytree.tree_unflatten(self.loader.boxed_run(flat), self.out_spec)

@@ -69,6 +69,8 @@ class AdaptiveClassifier:
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
         self.network_flops = float(artifact.network_flops())
         self.staged_flops = staged_flops(self.spec, c)
+        self._points = {index: GridPoint.from_action(index, c.token_grans, c.ffn_widths)
+                        for index in np.ndindex(*c.grid_shape)}
         # each function compiled on first use (``_on_path``); the glance, its features and the policy are one
         self._compiled: dict[tuple, Callable] = {}
 
@@ -147,7 +149,7 @@ class AdaptiveClassifier:
             glance_logits, k, v, *latents = glance
             state = GlanceState(self._glance, latents, (k, v))
         actions = actions.cpu().numpy()  # (token index, depth - 1, width index)
-        configs = [GridPoint.from_action(a, c.token_grans, c.ffn_widths) for a in actions]
+        configs = [self._points[k, d, w] for k, d, w in actions.tolist()]
         per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
         return configs, per_input, input_tokens, glance_logits, state
 
