@@ -40,10 +40,10 @@ def check_inference_path(path: str, device: torch.device | str = "cpu") -> str:
     """``path`` if it is known and can run on ``device``; else an error that names the fix."""
     if path not in INFERENCE_PATHS:
         raise InferencePathError(f"unknown inference path {path!r}; choose one of {', '.join(INFERENCE_PATHS)}")
-    if path != "eager" and torch.device(device).type == "cpu":
-        if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-            raise InferencePathError(f"the {path} path needs a C++ compiler for inductor's CPU kernels "
-                                     "(apt-get install g++); or use the eager path")
+    compiler = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+    if path != "eager" and torch.device(device).type == "cpu" and not compiler:
+        raise InferencePathError(f"the {path} path needs a C++ compiler for inductor's CPU kernels "
+                                 "(apt-get install g++); or use the eager path")
     return path
 
 

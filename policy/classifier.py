@@ -140,7 +140,6 @@ class AdaptiveClassifier:
         paid ``(B,)``, the input tokens, and the glance's logits and state (None without a glance).
 
         Refuses images with NaN or infinite values (``ValueError``)."""
-        c = self.backbone.config
         front = self._on_path(("glance",), self._glance_and_act, (images,), ("batch",))
         finite, input_tokens, actions, *glance = front(images)
         _check_finite(finite)
