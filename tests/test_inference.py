@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -167,6 +168,7 @@ def test_errors(dirs, classifier, tiny_model, tmp_path, digits_images):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")), reason="the compiled paths need a C++ compiler (apt-get install g++)")
 @pytest.mark.parametrize("path", ["compiled", "aot"])
 def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, path):
     x = digits_images[0][:6]
