@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_output_path(args.json, "--json")
 
     classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device, args.path)
+    if args.path != "eager":
+        print(f"{args.path} path: each configuration is compiled on its first use (seconds each); wall_s includes it",
+              file=sys.stderr)
     images, names, labels = load_images(args.input, classifier.backbone.config)
     start = time.perf_counter()
     out = classifier.predict_batched(images, args.batch_size, args.config)  # returns CPU tensors, so synced
