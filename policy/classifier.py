@@ -148,7 +148,7 @@ class AdaptiveClassifier:
             glance_logits, k, v, *latents = glance
             state = GlanceState(self._glance, latents, (k, v))
         actions = actions.cpu().numpy()  # (token index, depth - 1, width index)
-        configs = [self._points[k, d, w] for k, d, w in actions.tolist()]
+        configs = [self._points[tuple(action)] for action in actions.tolist()]
         per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
         return configs, per_input, input_tokens, glance_logits, state
 
