@@ -54,8 +54,11 @@ class PolicyArtifact:
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(**self.meta["features"])
 
-    def normalize(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.feature_mean) / self.feature_std).astype(np.float32)
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """Observations ``(n, F)`` the network reads: raw features ``(n, F)`` (price column included) standardised
+        by the training scaler, on the scaler's device."""
+        mean, std = self._scaler
+        return (features.to(mean.device) - mean) / std
 
     @property
     def lam_range(self) -> tuple[float, float] | None:
@@ -84,8 +87,7 @@ class PolicyArtifact:
         with the glance): int64 actions ``(n, 3)``, on the policy network's device (the CPU unless moved)."""
         if lam_column is not None:
             features = torch.cat([features, torch.full_like(features[:, :1], lam_column)], dim=1)
-        mean, std = self._scaler
-        return self._actions((features.to(mean.device) - mean) / std)
+        return self._actions(self.normalize(features))
 
     def _actions(self, obs: torch.Tensor) -> torch.Tensor:
         """Deterministic actions ``(n, 3)`` of normalised observations ``(n, F)``.

@@ -63,7 +63,7 @@ def test_act_is_stable_baselines3_deterministic_action(tiny_run):
     features = rng.normal(size=(4096, artifact.feature_mean.shape[0] - 1)).astype(np.float32) * 3
     for lam in (0.01, 0.1, 1.0):
         column = np.full((len(features), 1), lam_feature(lam, *artifact.lam_range), np.float32)
-        obs = torch.as_tensor(artifact.normalize(np.concatenate([features, column], axis=1)))
+        obs = artifact.normalize(torch.as_tensor(np.concatenate([features, column], axis=1)))
         with torch.inference_mode():
             expected = artifact.policy._predict(obs, deterministic=True).numpy()
         assert np.array_equal(artifact.act(features, lam=lam), expected)
