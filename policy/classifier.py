@@ -65,7 +65,8 @@ class AdaptiveClassifier:
         self.artifact, self.lam, self.spec = artifact, lam, artifact.feature_spec
         self._lam_column = artifact.lam_column(lam)
         self._glance = GridPoint(*backbone.resolve(*self.spec.glance_config(c))) if self.spec.glance else None
-        self.path = check_inference_path(path, next(backbone.parameters()).device)
+        self.device = next(backbone.parameters()).device
+        self.path = check_inference_path(path, self.device)
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
         self.network_flops = float(artifact.network_flops())
         self.staged_flops = staged_flops(self.spec, c)
@@ -92,16 +93,17 @@ class AdaptiveClassifier:
             raise ValueError("no images to classify (empty batch)")
         if not images.is_floating_point():
             raise ValueError(f"images must be float in [0, 1], got {images.dtype}; divide uint8 images by 255")
-        images = images.to(next(model.parameters()).device)
+        images = images.to(self.device)
         if config is not None:
             _check_finite(torch.isfinite(images).all())
             configs = [config] * len(images)
             logits = self.forward_config(images, config)
             per_input = np.full(len(images), float(flops(model.config, *config)))
+            top = None
         else:
-            logits, configs, per_input = self._adaptive(images)
+            logits, configs, per_input, top = self._adaptive(images)
         logits = logits.float()
-        confidence, classes = logits.softmax(-1).max(-1)
+        confidence, classes = top if top is not None else logits.softmax(-1).max(-1)
         return Prediction(logits.cpu(), classes.cpu(), confidence.cpu(), configs, per_input)
 
     @torch.inference_mode()
@@ -131,7 +133,9 @@ class AdaptiveClassifier:
         k, v = model.read_kv(input_tokens)  # shared by the glance and every configuration
         glance_logits, state = model.glance(input_tokens, *self.spec.glance_config(model.config), read_kv=(k, v))
         actions = self.artifact.act_tensor(features_from(input_tokens, glance_logits, self.spec), self._lam_column)
-        return finite, input_tokens, actions, glance_logits, k, v, *state.latents  # flat: faster to unpack (aot)
+        confidence, classes = glance_logits.float().softmax(-1).max(-1)  # the answer when the glance answers all
+        # flat: faster to unpack (aot)
+        return finite, input_tokens, actions, glance_logits, confidence, classes, k, v, *state.latents
 
     @torch.inference_mode()
     def choose(self, images: torch.Tensor) -> tuple[list[GridPoint], np.ndarray, torch.Tensor, torch.Tensor | None,
@@ -140,21 +144,29 @@ class AdaptiveClassifier:
         paid ``(B,)``, the input tokens, and the glance's logits and state (None without a glance).
 
         Refuses images with NaN or infinite values (``ValueError``)."""
+        return self._choose(images)[:5]
+
+    def _choose(self, images: torch.Tensor):
+        # ``choose`` without entering inference mode again (at batch 1 every microsecond shows), and with the
+        # glance's confidence and class, or None
         front = self._on_path(("glance",), self._glance_and_act, (images,), ("batch",))
         finite, input_tokens, actions, *glance = front(images)
         _check_finite(finite)
-        glance_logits, state = None, None
+        glance_logits, state, glance_top = None, None, None
         if glance:
-            glance_logits, k, v, *latents = glance
-            state = GlanceState(self._glance, latents, (k, v))
+            glance_logits, confidence, classes, k, v, *latents = glance
+            state, glance_top = GlanceState(self._glance, latents, (k, v)), (confidence, classes)
         actions = actions.cpu().numpy()  # (token index, depth - 1, width index)
         configs = [self._points[tuple(action)] for action in actions.tolist()]
         per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
-        return configs, per_input, input_tokens, glance_logits, state
+        return configs, per_input, input_tokens, glance_logits, state, glance_top
 
     @torch.inference_mode()
     def extend(self, state: GlanceState, config: GridPoint, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B', C)`` of the glance's inputs ``rows`` (all if None) extended to ``config``, on this path."""
+        return self._extend(state, config, rows)
+
+    def _extend(self, state: GlanceState, config: GridPoint, rows: torch.Tensor | None) -> torch.Tensor:
         config, glance = GridPoint(*config), state.config
         if rows is None:
             rows = torch.arange(len(state.latents[0]), device=state.latents[0].device)
@@ -166,25 +178,28 @@ class AdaptiveClassifier:
                            (["batch"] * len(state.latents), "batch", "batch", "rows"))
         return fn(state.latents, *state.read_kv, rows)
 
-    def _adaptive(self, images: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint], np.ndarray]:
-        """The glance, the policy's actions, then each group of inputs answered by the glance or extended."""
+    def _adaptive(self, images: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint], np.ndarray, tuple | None]:
+        """The glance, the policy's actions, then each group of inputs answered by the glance or extended.
+
+        Logits, configurations, FLOPs per input and, when the glance answered every input, its (confidence, class).
+        """
         model = self.backbone
-        configs, per_input, input_tokens, glance_logits, state = self.choose(images)
+        configs, per_input, input_tokens, glance_logits, state, glance_top = self._choose(images)
         if state is None:  # no glance to continue from: fresh passes, packed (eager on either path)
-            return model.run_mixed(input_tokens, configs).float(), configs, per_input
+            return model.run_mixed(input_tokens, configs).float(), configs, per_input, None
         groups: dict[GridPoint, list[int]] = {}
         for i, cfg in enumerate(configs):
             groups.setdefault(cfg, []).append(i)
         if list(groups) == [state.config]:  # the glance answers every input
-            return glance_logits.float(), configs, per_input
+            return glance_logits.float(), configs, per_input, glance_top
         logits = torch.empty_like(glance_logits, dtype=torch.float32)
         for cfg, members in groups.items():
             rows = torch.tensor(members, device=images.device)
             if cfg == state.config:  # the glance answers
                 logits[rows] = glance_logits[rows].float()
             else:
-                logits[rows] = self.extend(state, cfg, rows).float()
-        return logits, configs, per_input
+                logits[rows] = self._extend(state, cfg, rows).float()
+        return logits, configs, per_input, None
 
     def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: GridPoint | None = None) -> Prediction:
         """``predict`` over ``images`` ``(N, C, H, W)`` in chunks of ``batch_size`` (bounds memory), in input order."""

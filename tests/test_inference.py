@@ -64,8 +64,7 @@ def test_adaptive_equals_each_image_alone(classifier, digits_images):
         for i in range(len(x)):
             alone = classifier.backbone(x[i : i + 1], *out.configs[i])
             assert (alone[0] - out.logits[i]).abs().max().item() <= 1e-5
-    assert torch.equal(out.classes, out.logits.argmax(-1))
-    assert torch.allclose(out.confidence, out.logits.softmax(-1).amax(-1))
+    assert_answers_are_the_logits(out)
     assert out.logits.shape == (len(x), 10) and out.flops.shape == (len(x),) and out.flops.dtype == np.float64
 
 
@@ -103,6 +102,15 @@ def test_the_glance_answers_or_is_extended_once_per_configuration(classifier, di
     expected = {cfg: configs.count(cfg) for cfg in set(configs) if cfg != glance}
     assert dict(calls["extend"]) == expected and len(calls["extend"]) == len(expected), "one extension per configuration"
     assert torch.allclose(out.logits[answered], glance_logits, atol=1e-5)
+    only_glance = classifier.predict(x[answered])  # its class and confidence come with the glance
+    assert set(only_glance.configs) == {glance} and len(calls["extend"]) == len(expected)
+    assert torch.allclose(only_glance.logits, glance_logits, atol=1e-5)
+    assert_answers_are_the_logits(only_glance)
+
+
+def assert_answers_are_the_logits(out):
+    assert torch.equal(out.classes, out.logits.argmax(-1))
+    assert torch.allclose(out.confidence, out.logits.softmax(-1).amax(-1))
 
 
 def test_run_mixed_equals_run_alone(tiny_model):
@@ -180,6 +188,14 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
         assert out.configs == ref.configs
         assert (out.logits - ref.logits).abs().max().item() <= 1e-4
         np.testing.assert_array_equal(out.flops, ref.flops)
+        assert_answers_are_the_logits(out)
+    glance = eager.spec.glance_config(eager.backbone.config)
+    answered = [i for i, cfg in enumerate(eager.predict(x).configs) if cfg == glance]
+    assert answered, "the random policy should answer some inputs with the glance"
+    only_glance = compiled.predict(x[answered])
+    assert set(only_glance.configs) == {glance}
+    assert (only_glance.logits - eager.predict(x[answered]).logits).abs().max().item() <= 1e-4
+    assert_answers_are_the_logits(only_glance)
     full = eager.backbone.resolve(None, None, None)
     assert (compiled.forward_config(x, full) - eager.forward_config(x, full)).abs().max().item() <= 1e-4
     kinds = {key[0] for key in compiled._compiled}
