@@ -95,6 +95,9 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     full = GridPoint(*model.resolve(None, None, None))
     variants = {"full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict, "naive": naive}
+    glance = GridPoint(*model.resolve(*classifier.spec.glance_config(c))) if classifier.spec.glance else None
+    if glance is not None:  # the glance's grid point alone, fresh: what the classifier pays at the least
+        variants["glance"] = lambda x: classifier.forward_config(x, glance)
     with torch.inference_mode():  # untimed: the compiled paths compile each function (and batch size) on first use
         for fn in variants.values():
             for batch in batches:
@@ -113,6 +116,13 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     full_flops = flops(c)
     flop_speedup = full_flops / adaptive_flops
     realized = speed["adaptive"] / speed["full"]
+    ceiling = {}
+    if glance is not None:
+        # efficiency if every input stopped at the glance and nothing else cost time: the glance's achieved
+        # GFLOP/s over the full model's, a ceiling while most inputs stop there
+        glance_flops = flops(c, *glance)
+        ceiling = {"glance_images_per_s": speed["glance"], "glance_gflops": glance_flops / 1e9,
+                   "glance_efficiency": speed["glance"] * glance_flops / (speed["full"] * full_flops)}
     return {
         "batch_size": batch_size,
         "images": sum(len(b) for b in batches),
@@ -127,6 +137,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         "efficiency": realized / flop_speedup,
         "full_gflop_per_s": speed["full"] * full_flops / 1e9,
         "adaptive_gflop_per_s": speed["adaptive"] * adaptive_flops / 1e9,
+        **ceiling,
         "rounds": rounds,
     }
 
@@ -219,6 +230,9 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
     """A markdown table of ``benchmark_inference`` results, one row per batch size."""
     header = ["batch", "images", "full img/s", "adaptive img/s", "naive img/s", "FLOP speedup", "realized speedup",
               "efficiency"]
+    glance = all("glance_efficiency" in r for r in results)
+    if glance:
+        header += ["glance alone: efficiency"]
     if peak:
         header += ["full: share of matmul peak", "adaptive: share of matmul peak"]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
@@ -226,6 +240,8 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
         row = (f"| {r['batch_size']} | {r['images']} | {r['full_images_per_s']:,.0f} | "
                f"{r['adaptive_images_per_s']:,.0f} | {r['naive_images_per_s']:,.0f} | {r['flop_speedup']:.2f} | "
                f"{r['realized_speedup']:.2f} | {r['efficiency']:.2f} |")
+        if glance:
+            row += f" {r['glance_efficiency']:.2f} |"
         if peak:
             row += (f" {100 * r['full_gflop_per_s'] / peak['gflop_per_s']:.0f}% |"
                     f" {100 * r['adaptive_gflop_per_s'] / peak['gflop_per_s']:.0f}% |")

@@ -258,6 +258,10 @@ def test_benchmark_reports_every_key(classifier, digits_images):
     for key in KEYS:
         assert result[key] > 0, key
     assert result["images"] == 32 and result["adaptive_gflops"] <= result["naive_gflops"], "naive pays the batch max"
+    glance = classifier.spec.glance_config(classifier.backbone.config)
+    assert result["glance_gflops"] == pytest.approx(flops(classifier.backbone.config, *glance) / 1e9)
+    glance_rate = result["glance_images_per_s"] * result["glance_gflops"]
+    assert result["glance_efficiency"] == pytest.approx(glance_rate / result["full_gflop_per_s"])
     assert largest_in_batch([(2, 3, 0.25), (8, 1, 0.5)]) == (8, 3, 0.5)
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         benchmark_inference(classifier, digits_images[0][:32], batch_size=16, rounds=0)
