@@ -56,7 +56,8 @@ def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], args: tuple,
     ``fn`` takes tensors (or lists of them) and returns the same; any configuration is a constant of it.
     ``modules`` are those whose weights it reads; ``args`` are arguments of a first call. ``batch_dims`` mirrors
     ``args``: for each tensor, the name of its dynamic first dimension (tensors with the same name have the same
-    size), or None for a static one. An integer tensor with a batch dimension holds row indices into the others.
+    size), or None for a static one. An integer tensor with a batch dimension holds row indices into the others,
+    and may be empty.
     """
     if path == "eager":
         return fn
@@ -92,10 +93,13 @@ class _Traced(nn.Module):
 def _aot_compile(fn: Callable, modules: Sequence[nn.Module], args: tuple, batch_dims: tuple) -> Callable:
     dims: dict[str, Dim] = {}
 
-    def spec(names):
+    def spec(arg, names):
         if isinstance(names, (list, tuple)):
-            return type(names)(spec(n) for n in names)
-        return None if names is None else {0: dims.setdefault(names, Dim(names, min=1))}
+            return type(names)(spec(a, n) for a, n in zip(arg, names, strict=True))
+        if names is None:
+            return None
+        # a batch has an image at least; a selection of rows may be empty
+        return {0: dims.setdefault(names, Dim(names, min=1 if arg.is_floating_point() else 0))}
 
     def batch_of_two(arg, name):
         # export specializes a dimension of size 1, so trace a batch of 2: the first row twice, indices 0 and 0
@@ -107,7 +111,7 @@ def _aot_compile(fn: Callable, modules: Sequence[nn.Module], args: tuple, batch_
 
     with torch.inference_mode():
         program = torch.export.export(_Traced(fn, modules).eval(), batch_of_two(tuple(args), tuple(batch_dims)),
-                                      dynamic_shapes=(spec(tuple(batch_dims)),))  # one entry: forward(*args)
+                                      dynamic_shapes=(spec(tuple(args), tuple(batch_dims)),))  # one entry: forward(*args)
     package = io.BytesIO()
     torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=AOT_INDUCTOR_OPTIONS)
     package.seek(0)

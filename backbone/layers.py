@@ -68,28 +68,34 @@ def attend(
         q = apply_rope(q, *rope_q)
     if rope_k is not None:
         k = apply_rope(k, *rope_k)
-    if q.device.type == "cpu" and not torch.is_grad_enabled() and _matmul_softmax_on_cpu(q.shape[-2], k.shape[-2]):
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = scores.softmax(-1) @ v
+    if q.device.type == "cpu" and not torch.is_grad_enabled() and matmul_softmax_on_cpu(q.shape[-2], k.shape[-2]):
+        out = matmul_softmax(q, k, v, mask)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, nq, hd = out.shape
     return out.transpose(1, 2).reshape(b, nq, h * hd)
 
 
-def _matmul_softmax_on_cpu(num_queries: int, num_keys: int) -> bool:
-    """Whether CPU inference attends by matmul-softmax-matmul rather than torch's fused kernel.
+def matmul_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` as two matrix products around a softmax: ``(B, heads, Nq, hd)``."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def matmul_softmax_on_cpu(num_queries: int, num_keys: int, compiled: bool | None = None) -> bool:
+    """Whether CPU inference attends by matmul-softmax-matmul rather than torch's fused kernel, in a compiled
+    graph (``compiled``; by default, whether torch is compiling now) or eagerly.
 
     Eager: always; the fused CPU kernel was 4-5x slower for a few latent queries over many input tokens (the
     read), and no faster for the latents' own attention. Compiled (``torch.compile``, AOTInductor): only for
     small score tiles, where the fused kernel's fixed cost dominates. Measured per shape at batch 1 and 256 (16
-    heads of 8 dims, docs/experiments.md): matmul-softmax won for 4 to 16 queries (up to 2x at batch 256), lost
-    for 32 queries over 32 or more keys (1.2-1.5x at batch 256), and a single query is compiled into a slow
-    reduction loop unless it sees at most 4 keys.
+    heads of 8 dims; ``experiments/bench_attention.py``, docs/experiments.md): matmul-softmax won for 4 to 16
+    queries (up to 2x at batch 256), lost for 32 queries over 32 or more keys (1.2-1.5x at batch 256), and a
+    single query is compiled into a slow reduction loop unless it sees at most 4 keys.
     """
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() if compiled is None else compiled):  # None: ask torch
         return True
     return num_queries * num_keys < 1024 and (num_queries > 1 or num_keys <= 4)
 

@@ -241,6 +241,45 @@ class AdaPerceiver(nn.Module):
             latents = block(latents, rope, mask, hidden_units=hidden)
         return self._write(latents, (g,))[:, 0]
 
+    def extend_exits(
+        self, state: GlanceState, tokens: int | None, width: float | None, rows_at_depth: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """``extend`` for inputs at one ``(tokens, width)`` and several exit depths, their shared blocks run once.
+
+        ``rows_at_depth[d - 1]``: the glance's rows ``(n_d,)`` (int64, possibly empty) to extend to
+        ``(tokens, d, width)``. Returns their logits ``(sum n_d, C)`` in the order of
+        ``torch.cat(rows_at_depth)``, each equal to ``extend(state, tokens, d, width, rows)`` up to float
+        noise, at the same FLOPs: an input leaves after its own exit depth. One pass instead of one per
+        depth means fewer, larger operator calls, which is what a CPU pays for at small row counts.
+        """
+        g, depth, width = self.resolve(tokens, len(rows_at_depth), width)
+        g0, l0, w0 = state.config
+        hidden = self.config.ffn_hidden_units(width)
+        reused = min(depth, l0) if hidden == self.config.ffn_hidden_units(w0) else 0
+        # deepest first, so that the inputs still running after each block are a prefix of the batch
+        order = torch.cat(list(rows_at_depth)[::-1])
+        sizes = [rows.shape[0] for rows in rows_at_depth]
+        running = [sum(sizes[b:]) for b in range(depth)] + [0]  # running[b]: inputs that run block b + 1
+        stored = [z[order] for z in state.latents[: reused + 1]]
+        rope, mask = self._rope(g), self.block_mask[:g, :g]
+        if g <= g0:
+            latents = stored[0][:, :g]
+        else:
+            new = self._read(None, g, (state.read_kv[0][order], state.read_kv[1][order]), start=g0)
+            latents = torch.cat([stored[0], new], dim=1)
+        exits = []
+        for b in range(depth):  # block b + 1
+            latents = latents[: running[b]]
+            if b < reused:  # rows :g0 after this block are the glance's; only rows g0:g are computed
+                kept = stored[b + 1][: running[b], : min(g, g0)]
+                if g > g0:
+                    kept = torch.cat([kept, self.blocks[b].forward_rows(latents, g0, rope, mask, hidden)], dim=1)
+                latents = kept
+            else:
+                latents = self.blocks[b](latents, rope, mask, hidden_units=hidden)
+            exits.append(self._write(latents[running[b + 1] :], (g,))[:, 0])  # the inputs whose exit is b + 1
+        return torch.cat(exits)
+
     def _pass(
         self,
         input_tokens: torch.Tensor | None,

@@ -178,6 +178,19 @@ class AdaptiveClassifier:
                            (["batch"] * len(state.latents), "batch", "batch", "rows"))
         return fn(state.latents, *state.read_kv, rows)
 
+    def _extend_exits(self, state: GlanceState, tokens: int, width: float, rows_at_depth: list[torch.Tensor]):
+        """``AdaPerceiver.extend_exits`` on this path: one program per (tokens, width, deepest exit)."""
+        glance = state.config
+
+        def extend_exits(latents: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, *rows_at_depth):
+            return self.backbone.extend_exits(GlanceState(glance, list(latents), (k, v)), tokens, width, rows_at_depth)
+
+        fn = self._on_path(("exits", glance, tokens, width, len(rows_at_depth)), extend_exits,
+                           (state.latents, *state.read_kv, *rows_at_depth),
+                           (["batch"] * len(state.latents), "batch", "batch",
+                            *[f"rows_{d}" for d in range(1, len(rows_at_depth) + 1)]))
+        return fn(state.latents, *state.read_kv, *rows_at_depth)
+
     def _adaptive(self, images: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint], np.ndarray, tuple | None]:
         """The glance, the policy's actions, then each group of inputs answered by the glance or extended.
 
@@ -187,18 +200,24 @@ class AdaptiveClassifier:
         configs, per_input, input_tokens, glance_logits, state, glance_top = self._choose(images)
         if state is None:  # no glance to continue from: fresh passes, packed (eager on either path)
             return model.run_mixed(input_tokens, configs).float(), configs, per_input, None
-        groups: dict[GridPoint, list[int]] = {}
+        # inputs the glance answers, and the others by (tokens, width), then by exit depth: each such group is
+        # extended in one pass (``extend_exits``), its shared blocks run once whatever its inputs' depths
+        answered, groups = [], {}
         for i, cfg in enumerate(configs):
-            groups.setdefault(cfg, []).append(i)
-        if list(groups) == [state.config]:  # the glance answers every input
+            if cfg == state.config:
+                answered.append(i)
+            else:
+                groups.setdefault((cfg.tokens, cfg.width), {}).setdefault(cfg.depth, []).append(i)
+        if not groups:  # the glance answers every input
             return glance_logits.float(), configs, per_input, glance_top
         logits = torch.empty_like(glance_logits, dtype=torch.float32)
-        for cfg, members in groups.items():
-            rows = torch.tensor(members, device=images.device)
-            if cfg == state.config:  # the glance answers
-                logits[rows] = glance_logits[rows].float()
-            else:
-                logits[rows] = self._extend(state, cfg, rows).float()
+        if answered:
+            rows = torch.tensor(answered, device=images.device)
+            logits[rows] = glance_logits[rows].float()
+        for (tokens, width), by_depth in groups.items():
+            rows_at_depth = [torch.tensor(by_depth.get(d, []), dtype=torch.long, device=images.device)
+                             for d in range(1, max(by_depth) + 1)]
+            logits[torch.cat(rows_at_depth)] = self._extend_exits(state, tokens, width, rows_at_depth).float()
         return logits, configs, per_input, None
 
     def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: GridPoint | None = None) -> Prediction:

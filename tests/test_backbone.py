@@ -89,14 +89,15 @@ def test_cpu_inference_attention_equals_training_kernel(tiny_model, tiny_config)
 @pytest.mark.parametrize("compiling", [False, True])
 def test_cpu_attention_kernel_by_score_tile(monkeypatch, compiling):
     # eager CPU inference always attends by matmul-softmax; compiled graphs only for small score tiles (measured)
-    from backbone.layers import _matmul_softmax_on_cpu
+    from backbone.layers import matmul_softmax_on_cpu
 
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     # (queries, keys): the glance's read and block, its write over 4 latents; 32 latents, one query over 32
     small = [(4, 49), (4, 4), (1, 4), (16, 49)]
     large = [(32, 32), (32, 49), (1, 32), (1, 8)]
-    assert all(_matmul_softmax_on_cpu(q, k) for q, k in small)
-    assert all(_matmul_softmax_on_cpu(q, k) is not compiling for q, k in large)
+    assert all(matmul_softmax_on_cpu(q, k, compiled=compiling) for q, k in small)
+    assert all(matmul_softmax_on_cpu(q, k, compiled=compiling) is not compiling for q, k in large)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)  # by default it asks torch
+    assert matmul_softmax_on_cpu(32, 32) is not compiling
 
 
 def test_flop_counter_sees_attention(tiny_model):

@@ -106,3 +106,26 @@ def test_cascade_flops(tiny_config):
     # a cascade costs no more than the glance plus the target alone, minus the shared input adapter
     alone = flops_grid(tiny_config) + flops(tiny_config, *glance) - input_adapter_flops(tiny_config)
     assert (cascade <= alone).all()
+
+
+@pytest.mark.parametrize("glance", [(2, 1, 0.25), (2, 2, 0.25), (4, 2, 0.5)])
+def test_extend_exits_equals_extend_per_depth(tiny_model, tiny_config, inputs, glance):
+    # rows_at_depth[d - 1]: the rows that leave after block d; some depths empty, rows in any order
+    rows_at_depth = [torch.tensor([3]), torch.tensor([], dtype=torch.long), torch.tensor([0, 4, 1])]
+    with torch.inference_mode():
+        _, state = tiny_model.glance(inputs, *glance)
+        for tokens, width in itertools.product(tiny_config.token_grans, tiny_config.ffn_widths):
+            for depth in range(1, tiny_config.depth + 1):
+                parts = rows_at_depth[:depth]
+                out = tiny_model.extend_exits(state, tokens, width, parts)
+                expected = [tiny_model.extend(state, tokens, d, width, rows=rows)
+                            for d, rows in enumerate(parts, start=1) if len(rows)]
+                assert (out - torch.cat(expected)).abs().max().item() <= 1e-5, (tokens, depth, width)
+                # an input pays its own exit depth's extension, no more
+                paid = sum(len(rows) * extension_flops(tiny_config, glance, (tokens, d, width))
+                           for d, rows in enumerate(parts, start=1) if (tokens, d, width) != glance)
+                if (tokens, width) != (glance[0], glance[2]):
+                    counted = measure_flops(lambda: tiny_model.extend_exits(state, tokens, width, parts))
+                    assert counted == paid, (tokens, depth, width)
+        none = [torch.tensor([], dtype=torch.long)] * 2
+        assert tiny_model.extend_exits(state, 8, 1.0, none).shape == (0, 10)

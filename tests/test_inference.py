@@ -78,7 +78,7 @@ def test_order_is_preserved_for_shuffled_batches(classifier, digits_images):
     assert torch.allclose(chunked.logits, a.logits, atol=1e-5) and chunked.configs == a.configs
 
 
-def test_the_glance_answers_or_is_extended_once_per_configuration(classifier, digits_images, monkeypatch):
+def test_the_glance_answers_or_is_extended_once_per_tokens_and_width(classifier, digits_images, monkeypatch):
     x, _ = digits_images
     model = classifier.backbone
     glance = classifier.spec.glance_config(model.config)
@@ -87,23 +87,28 @@ def test_the_glance_answers_or_is_extended_once_per_configuration(classifier, di
     answered = [i for i, cfg in enumerate(configs) if cfg == glance]
     with torch.no_grad():
         glance_logits = model(x[answered], *glance)
-    calls = {"run": 0, "glance": 0, "extend": []}
-    real_glance, real_extend = model.glance, model.extend
+    calls = {"run": 0, "glance": 0, "passes": 0, "extend_exits": []}
+    real_glance, real_exits = model.glance, model.extend_exits
     monkeypatch.setattr(model, "run", lambda *a, **k: calls.__setitem__("run", calls["run"] + 1))
     monkeypatch.setattr(model, "glance", lambda *a, **k: calls.__setitem__("glance", calls["glance"] + 1) or real_glance(*a, **k))
 
-    def recording_extend(state, *cfg, rows=None):
-        calls["extend"].append((tuple(cfg), len(state.latents[0]) if rows is None else len(rows)))
-        return real_extend(state, *cfg, rows=rows)
+    def recording_exits(state, tokens, width, rows_at_depth):
+        calls["passes"] += 1
+        for d, rows in enumerate(rows_at_depth, start=1):
+            calls["extend_exits"] += [((tokens, d, width), len(rows))] if len(rows) else []
+        return real_exits(state, tokens, width, rows_at_depth)
 
-    monkeypatch.setattr(model, "extend", recording_extend)
+    monkeypatch.setattr(model, "extend_exits", recording_exits)
     out = classifier.predict(x)
     assert calls["run"] == 0 and calls["glance"] == 1
     expected = {cfg: configs.count(cfg) for cfg in set(configs) if cfg != glance}
-    assert dict(calls["extend"]) == expected and len(calls["extend"]) == len(expected), "one extension per configuration"
+    assert dict(calls["extend_exits"]) == expected and len(calls["extend_exits"]) == len(expected), "each input once"
+    groups = {(cfg[0], cfg[2]) for cfg in expected}
+    assert len(groups) < len(expected), "the random policy should send one (tokens, width) to several depths"
+    assert calls["passes"] == len(groups), "one pass per (tokens, width)"
     assert torch.allclose(out.logits[answered], glance_logits, atol=1e-5)
     only_glance = classifier.predict(x[answered])  # its class and confidence come with the glance
-    assert set(only_glance.configs) == {glance} and len(calls["extend"]) == len(expected)
+    assert set(only_glance.configs) == {glance} and len(calls["extend_exits"]) == len(expected)
     assert torch.allclose(only_glance.logits, glance_logits, atol=1e-5)
     assert_answers_are_the_logits(only_glance)
 
@@ -199,7 +204,7 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
     full = eager.backbone.resolve(None, None, None)
     assert (compiled.forward_config(x, full) - eager.forward_config(x, full)).abs().max().item() <= 1e-4
     kinds = {key[0] for key in compiled._compiled}
-    assert kinds == {"glance", "extend", "forward"}, "every part ran on the compiled path"
+    assert kinds == {"glance", "exits", "forward"}, "every part ran on the compiled path"
 
 
 def test_inference_path_errors(dirs, monkeypatch):
@@ -310,3 +315,16 @@ def test_reported_flops_match_torch_flop_counter(dirs, digits_images):
     x = digits_images[0]  # a batch mixing the glance's answers and several extensions: exactly what torch counts
     reported = classifier.predict(x).flops.sum()
     assert reported == measure_flops(lambda: classifier.predict(x))
+
+
+def test_bench_attention_cli(tmp_path, capsys):
+    from experiments import bench_attention
+
+    rows = bench_attention.main(["--tiles", "4x4,1x32", "--batch-sizes", "1,3", "--heads", "2", "--head-dim", "4",
+                                 "--path", "eager", "--quiet", "--json", str(tmp_path / "a.json")])
+    assert [(r["queries"], r["keys"], r["batch_size"]) for r in rows] == [(4, 4, 1), (4, 4, 3), (1, 32, 1), (1, 32, 3)]
+    assert all(r["fused_us"] > 0 and r["matmul_softmax_us"] > 0 for r in rows)
+    assert [r["rule_picks"] for r in rows] == ["matmul_softmax"] * 2 + ["fused"] * 2, "the compiled graphs' pick"
+    assert "| 4x4 | 3 |" in capsys.readouterr().out and json.loads((tmp_path / "a.json").read_text())["rows"] == rows
+    with pytest.raises(SystemExit):
+        bench_attention.main(["--tiles", "4by4"])
