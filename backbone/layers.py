@@ -90,14 +90,15 @@ def matmul_softmax_on_cpu(num_queries: int, num_keys: int, compiled: bool | None
 
     Eager: always; the fused CPU kernel was 4-5x slower for a few latent queries over many input tokens (the
     read), and no faster for the latents' own attention. Compiled (``torch.compile``, AOTInductor): only for
-    small score tiles, where the fused kernel's fixed cost dominates. Measured per shape at batch 1 and 256 (16
-    heads of 8 dims; ``experiments/bench_attention.py``, docs/experiments.md): matmul-softmax won for 4 to 16
-    queries (up to 2x at batch 256), lost for 32 queries over 32 or more keys (1.2-1.5x at batch 256), and a
-    single query is compiled into a slow reduction loop unless it sees at most 4 keys.
+    small score tiles, where the fused kernel's fixed cost dominates. Measured per tile at batch 1 and 256 (16
+    heads of 8 dims; ``experiments/bench_attention.py``, docs/results.md#benchmarks): matmul-softmax was up to
+    2x faster at batch 256 up to 256 scores per head (4x49, 8x8, 16x16), but its scores go through memory, and
+    from 8x49 on it was slower at batch 256, by up to 4x and by different amounts from run to run; a single
+    query compiles into a slow reduction loop unless it sees at most 4 keys.
     """
     if not (torch.compiler.is_compiling() if compiled is None else compiled):  # None: ask torch
         return True
-    return num_queries * num_keys < 1024 and (num_queries > 1 or num_keys <= 4)
+    return num_queries * num_keys <= 256 and (num_queries > 1 or num_keys <= 4)
 
 
 class MatryoshkaFFN(nn.Module):

@@ -92,8 +92,8 @@ def test_cpu_attention_kernel_by_score_tile(monkeypatch, compiling):
     from backbone.layers import matmul_softmax_on_cpu
 
     # (queries, keys): the glance's read and block, its write over 4 latents; 32 latents, one query over 32
-    small = [(4, 49), (4, 4), (1, 4), (16, 49)]
-    large = [(32, 32), (32, 49), (1, 32), (1, 8)]
+    small = [(4, 49), (4, 4), (1, 4), (16, 16)]
+    large = [(8, 49), (16, 49), (32, 32), (32, 49), (1, 32), (1, 8)]
     assert all(matmul_softmax_on_cpu(q, k, compiled=compiling) for q, k in small)
     assert all(matmul_softmax_on_cpu(q, k, compiled=compiling) is not compiling for q, k in large)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)  # by default it asks torch
