@@ -95,7 +95,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     full = GridPoint(*model.resolve(None, None, None))
     variants = {"full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict, "naive": naive}
-    glance = GridPoint(*model.resolve(*classifier.spec.glance_config(c))) if classifier.spec.glance else None
+    glance = classifier.glance_point
     if glance is not None:  # the glance's grid point alone, fresh: what the classifier pays at the least
         variants["glance"] = lambda x: classifier.forward_config(x, glance)
     with torch.inference_mode():  # untimed: the compiled paths compile each function (and batch size) on first use

@@ -64,7 +64,8 @@ class AdaptiveClassifier:
         self.backbone = backbone.eval()
         self.artifact, self.lam, self.spec = artifact, lam, artifact.feature_spec
         self._lam_column = artifact.lam_column(lam)
-        self._glance = GridPoint(*backbone.resolve(*self.spec.glance_config(c))) if self.spec.glance else None
+        # the glance's configuration, None for a policy without a glance
+        self.glance_point = GridPoint(*backbone.resolve(*self.spec.glance_config(c))) if self.spec.glance else None
         self.device = next(backbone.parameters()).device
         self.path = check_inference_path(path, self.device)
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
@@ -155,7 +156,7 @@ class AdaptiveClassifier:
         glance_logits, state, glance_top = None, None, None
         if glance:
             glance_logits, confidence, classes, k, v, *latents = glance
-            state, glance_top = GlanceState(self._glance, latents, (k, v)), (confidence, classes)
+            state, glance_top = GlanceState(self.glance_point, latents, (k, v)), (confidence, classes)
         actions = actions.cpu().numpy()  # (token index, depth - 1, width index)
         configs = [self._points[tuple(action)] for action in actions.tolist()]
         per_input = self.staged_flops[tuple(actions.T)].astype(np.float64) + self.network_flops
@@ -167,16 +168,13 @@ class AdaptiveClassifier:
         return self._extend(state, config, rows)
 
     def _extend(self, state: GlanceState, config: GridPoint, rows: torch.Tensor | None) -> torch.Tensor:
-        config, glance = GridPoint(*config), state.config
+        # one exit depth of ``_extend_exits``, whose programs it shares
+        tokens, depth, width = self.backbone.resolve(*config)
+        device = state.latents[0].device
         if rows is None:
-            rows = torch.arange(len(state.latents[0]), device=state.latents[0].device)
-
-        def extend(latents: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return self.backbone.extend(GlanceState(glance, list(latents), (k, v)), *config, rows=rows)
-
-        fn = self._on_path(("extend", glance, config), extend, (state.latents, *state.read_kv, rows),
-                           (["batch"] * len(state.latents), "batch", "batch", "rows"))
-        return fn(state.latents, *state.read_kv, rows)
+            rows = torch.arange(len(state.latents[0]), device=device)
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return self._extend_exits(state, tokens, width, [none] * (depth - 1) + [rows])
 
     def _extend_exits(self, state: GlanceState, tokens: int, width: float, rows_at_depth: list[torch.Tensor]):
         """``AdaPerceiver.extend_exits`` on this path: one program per (tokens, width, deepest exit)."""

@@ -111,6 +111,11 @@ def test_the_glance_answers_or_is_extended_once_per_tokens_and_width(classifier,
     assert set(only_glance.configs) == {glance} and len(calls["extend_exits"]) == len(expected)
     assert torch.allclose(only_glance.logits, glance_logits, atol=1e-5)
     assert_answers_are_the_logits(only_glance)
+    _, _, _, _, state = classifier.choose(x)
+    for cfg, rows in [((8, 3, 1.0), None), ((4, 2, 0.5), torch.tensor([5, 0, 2]))]:  # one exit of extend_exits
+        with torch.inference_mode():
+            reference = model.extend(state, *cfg, rows=rows)
+        assert torch.allclose(classifier.extend(state, cfg, rows), reference, atol=1e-5), cfg
 
 
 def assert_answers_are_the_logits(out):
