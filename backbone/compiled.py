@@ -31,8 +31,8 @@ INFERENCE_PATHS = ("eager", "compiled", "aot")
 AOT_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "freezing": True, "cpp.weight_prepack": False}
 """Inductor options of both compiled paths. 1x1 convolutions (the conv stem's projection) as matrix products:
 15% faster for the whole stem at batch 256 on a CPU. Freezing: the weights are constants of the program, so
-what depends on them alone (the read's and the write's queries, sliced FFN weights) is computed once, at
-compile time, not on every call; without weight prepacking, which made the stem 3x slower at batch 1."""
+inductor may fold work on the weights alone (slices, layouts) at compile time; 4-12% faster glance programs on
+a CPU (docs/experiments.md). Without weight prepacking, which made the stem 3x slower at batch 1."""
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, **AOT_INDUCTOR_OPTIONS}
 """Inductor options of the ``compiled`` path: a C++ wrapper calls the kernels, not Python."""
 
