@@ -1,4 +1,5 @@
-"""Inference paths: the eager reference, ``torch.compile``, or AOTInductor (ahead-of-time compiled kernels).
+"""Inference paths: the eager reference, ``torch.compile``, AOTInductor (ahead-of-time compiled kernels), or
+CUDA graphs.
 
 At batch 1 on a CPU the small configurations, the ones a policy serves, spend more time launching
 operators than multiplying. Both compiled paths fuse each configuration's elementwise work (norms, RoPE,
@@ -11,6 +12,10 @@ GELU, residuals) into a few generated kernels around the matrix products, so the
   the batch size is a dynamic dimension, so one library serves every batch size.
 
 Both compile each function on first use (seconds to tens of seconds each, a configuration at a time).
+
+- ``graphs`` (CUDA only): the eager kernels, recorded once per function and input shapes into a CUDA graph and
+  replayed with one launch. Nothing is compiled (a capture takes milliseconds); on a GPU the small
+  configurations are bound by kernel launches, which is what a replay removes.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch.export import Dim
 
 from backbone.errors import ProjectError
 
-INFERENCE_PATHS = ("eager", "compiled", "aot")
+INFERENCE_PATHS = ("eager", "compiled", "aot", "graphs")
 AOT_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "freezing": True, "cpp.weight_prepack": False}
 """Inductor options of both compiled paths. 1x1 convolutions (the conv stem's projection) as matrix products:
 15% faster for the whole stem at batch 256 on a CPU. Freezing: the weights are constants of the program, so
@@ -45,6 +50,9 @@ def check_inference_path(path: str, device: torch.device | str = "cpu") -> str:
     """``path`` if it is known and can run on ``device``; else an error that names the fix."""
     if path not in INFERENCE_PATHS:
         raise InferencePathError(f"unknown inference path {path!r}; choose one of {', '.join(INFERENCE_PATHS)}")
+    if path == "graphs" and torch.device(device).type != "cuda":
+        raise InferencePathError(f"the graphs path replays CUDA graphs and needs a CUDA device, not {device}; "
+                                 "on a CPU use the aot or compiled path")
     compiler = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
     if path != "eager" and torch.device(device).type == "cpu" and not compiler:
         raise InferencePathError(f"the {path} path needs a C++ compiler for inductor's CPU kernels "
@@ -60,9 +68,14 @@ def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], args: tuple,
     ``args``: for each tensor, the name of its dynamic first dimension (tensors with the same name have the same
     size), or None for a static one. An integer tensor with a batch dimension holds row indices into the others,
     and may be empty.
+
+    On the ``graphs`` path the returned tensors are the graph's output buffers, which its next replay (the next
+    call with the same input shapes) overwrites: a caller that keeps them clones them.
     """
     if path == "eager":
         return fn
+    if path == "graphs":
+        return _GraphReplay(fn)
     if path == "compiled":
         compiled = torch.compile(fn, options=INDUCTOR_OPTIONS)
 
@@ -140,3 +153,45 @@ class _AotProgram:
         if self.one_out:
             return out[0]
         return out if self.flat_out else pytree.tree_unflatten(out, self.out_spec)
+
+
+class _GraphReplay:
+    """``fn`` replayed from CUDA graphs: one per distinct input shapes, recorded on the first call with them.
+
+    The inputs are copied into the graph's own input buffers before each replay; the outputs are its output
+    buffers (see ``for_path``). Each graph keeps a private memory pool, so replaying one never overwrites another's
+    outputs.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, object]] = {}
+
+    def __call__(self, *args):
+        flat, spec = pytree.tree_flatten(args)
+        key = tuple((t.shape, t.dtype, t.device) for t in flat)
+        found = self.graphs.get(key)
+        if found is None:
+            found = self.graphs[key] = self._record(flat, spec)
+        inputs, graph, outputs = found
+        for buffer, arg in zip(inputs, flat, strict=True):
+            buffer.copy_(arg)
+        graph.replay()
+        return outputs
+
+    def _record(self, flat: list[torch.Tensor], spec) -> tuple[list[torch.Tensor], torch.cuda.CUDAGraph, object]:
+        inputs = [t.clone() for t in flat]
+
+        def run():
+            return self.fn(*pytree.tree_unflatten(inputs, spec))
+
+        # one untimed call on a side stream first: lazy set-up (cuBLAS handles, kernel choices) cannot be recorded
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = run()
+        return inputs, graph, outputs

@@ -7,6 +7,7 @@ In one process on the same test images: the machine's matmul peak, per-image lat
         --markdown reports/bench_inference_fashion-mnist.md --plot reports/bench_latency_fashion-mnist.png
     python experiments/bench_inference.py --rounds 5 --path aot --json reports/bench_inference_fashion-mnist_aot.json
     python experiments/bench_inference.py --dataset digits --batch-sizes 1,64 --limit 512
+    python experiments/bench_inference.py --device cuda --path graphs --rounds 5   # on a GPU: CUDA graphs
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     test = job_dataset(PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone)).splits["test"]
     images = torch.as_tensor(test.x)
     if args.path != "eager":
-        print(f"{args.path} path: each configuration is compiled on its first use, before any timing", flush=True)
+        made = "recorded into CUDA graphs" if args.path == "graphs" else "compiled"
+        print(f"{args.path} path: each configuration is {made} on its first use, before any timing", flush=True)
     peak = matmul_peak(args.device)
     latency = latency_batch1(classifier, images[: args.limit_batch1], args.rounds, args.warmup, progress=not args.quiet)
     results = [

@@ -43,14 +43,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--path", choices=INFERENCE_PATHS, default="eager",
-                        help="inference path: eager, compiled (torch.compile) or aot (AOTInductor); the compiled "
-                             "paths compile each configuration on first use, seconds each")
+                        help="inference path: eager, compiled (torch.compile), aot (AOTInductor) or graphs (CUDA "
+                             "graphs, --device cuda); the compiled paths compile each configuration on first use, "
+                             "seconds each")
     parser.add_argument("--json", default=None, help="also write the per-image rows and totals here")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
 
     classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device, args.path)
-    if args.path != "eager":
+    if args.path in ("compiled", "aot"):
         print(f"{args.path} path: each configuration is compiled on its first use (seconds each); wall_s includes it",
               file=sys.stderr)
     images, names, labels = load_images(args.input, classifier.backbone.config)

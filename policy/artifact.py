@@ -50,6 +50,12 @@ class PolicyArtifact:
         self._nvec = [int(n) for n in self.policy.action_space.nvec]
         self.policy.set_training_mode(False)
 
+    def to(self, device: torch.device | str) -> PolicyArtifact:
+        """Move the network and its scaler to ``device`` (in place); returns self."""
+        self.policy.to(device)
+        self._scaler = tuple(t.to(device) for t in self._scaler)
+        return self
+
     @property
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(**self.meta["features"])
@@ -103,7 +109,7 @@ class PolicyArtifact:
 
     def network_flops(self) -> int:
         """FLOPs per input of the policy network as ``act`` runs it (actor only), counted by torch."""
-        obs = torch.zeros(1, self.feature_mean.shape[0])
+        obs = torch.zeros(1, self.feature_mean.shape[0], device=self._scaler[0].device)
         return measure_flops(lambda: self._actions(obs))
 
 

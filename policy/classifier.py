@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from backbone import AdaPerceiver, flops
 from backbone.checkpoint import backbone_hash, load_checkpoint
@@ -50,9 +51,11 @@ class AdaptiveClassifier:
         """Check the policy's action grid is the backbone's and, given ``backbone_hash``, that it was made for it.
 
         ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price). ``path`` is the
-        inference path (``backbone.compiled``): ``"eager"``, ``"compiled"`` (torch.compile) or ``"aot"``
-        (AOTInductor); the compiled paths compile each configuration on its first use (seconds each) and give the
-        same logits within float noise.
+        inference path (``backbone.compiled``): ``"eager"``, ``"compiled"`` (torch.compile), ``"aot"``
+        (AOTInductor) or ``"graphs"`` (CUDA graphs, on a GPU); the compiled paths compile each configuration on
+        its first use (seconds each), the graphs path records each configuration and input shapes on their first
+        use (milliseconds), and all give the same logits within float noise. The policy network moves to the
+        backbone's device.
         """
         c = backbone.config
         for key, value in c.grid_axes().items():
@@ -68,6 +71,9 @@ class AdaptiveClassifier:
         self.glance_point = GridPoint(*backbone.resolve(*self.spec.glance_config(c))) if self.spec.glance else None
         self.device = next(backbone.parameters()).device
         self.path = check_inference_path(path, self.device)
+        # the policy runs where the glance runs: a host round trip inside the glance would cost more than the
+        # policy's few small products on a GPU, and a CUDA graph cannot record one
+        artifact.to(self.device)
         # counted once: torch's FlopCounterMode is far slower than the forward it counts
         self.network_flops = float(artifact.network_flops())
         self.staged_flops = staged_flops(self.spec, c)
@@ -98,7 +104,7 @@ class AdaptiveClassifier:
         if config is not None:
             _check_finite(torch.isfinite(images).all())
             configs = [config] * len(images)
-            logits = self.forward_config(images, config)
+            logits = self._forward_config(images, config)
             per_input = np.full(len(images), float(flops(model.config, *config)))
             top = None
         else:
@@ -110,9 +116,19 @@ class AdaptiveClassifier:
     @torch.inference_mode()
     def forward_config(self, images: torch.Tensor, config: GridPoint) -> torch.Tensor:
         """Logits ``(B, C)`` of images ``(B, C, H, W)`` at one configuration, a fresh pass on this classifier's path."""
+        return self._owned(self._forward_config(images, config))
+
+    def _forward_config(self, images: torch.Tensor, config: GridPoint) -> torch.Tensor:
         config = GridPoint(*config)
         fn = self._on_path(("forward", config), lambda x: self.backbone(x, *config), (images,), ("batch",))
         return fn(images)
+
+    def _owned(self, out):
+        """``out`` (a tensor, or a tuple or list of them) made the caller's: on the graphs path a program returns
+        its graph's output buffers, which the next call overwrites (``backbone.compiled.for_path``)."""
+        if self.path != "graphs":
+            return out
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
     def _on_path(self, key: tuple, fn: Callable, args: tuple, batch_dims: tuple) -> Callable:
         """``fn`` on this classifier's path, made on the first call with ``args`` (``backbone.compiled.for_path``)."""
@@ -145,7 +161,10 @@ class AdaptiveClassifier:
         paid ``(B,)``, the input tokens, and the glance's logits and state (None without a glance).
 
         Refuses images with NaN or infinite values (``ValueError``)."""
-        return self._choose(images)[:5]
+        configs, per_input, input_tokens, glance_logits, state = self._choose(images)[:5]
+        if state is not None:
+            state = GlanceState(state.config, self._owned(state.latents), self._owned(state.read_kv))
+        return configs, per_input, *self._owned((input_tokens, glance_logits)), state
 
     def _choose(self, images: torch.Tensor):
         # ``choose`` without entering inference mode again (at batch 1 every microsecond shows), and with the
@@ -165,7 +184,7 @@ class AdaptiveClassifier:
     @torch.inference_mode()
     def extend(self, state: GlanceState, config: GridPoint, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B', C)`` of the glance's inputs ``rows`` (all if None) extended to ``config``, on this path."""
-        return self._extend(state, config, rows)
+        return self._owned(self._extend(state, config, rows))
 
     def _extend(self, state: GlanceState, config: GridPoint, rows: torch.Tensor | None) -> torch.Tensor:
         # one exit depth of ``_extend_exits``, whose programs it shares
@@ -187,7 +206,16 @@ class AdaptiveClassifier:
                            (state.latents, *state.read_kv, *rows_at_depth),
                            (["batch"] * len(state.latents), "batch", "batch",
                             *[f"rows_{d}" for d in range(1, len(rows_at_depth) + 1)]))
-        return fn(state.latents, *state.read_kv, *rows_at_depth)
+        if self.path != "graphs":
+            return fn(state.latents, *state.read_kv, *rows_at_depth)
+        # a graph replays fixed shapes: each depth's rows padded to a power of two (a handful of graphs per
+        # program, not one per row count), the padding's logits dropped
+        padded = padded_rows(rows_at_depth)
+        logits = fn(state.latents, *state.read_kv, *padded)
+        if all(p is rows for p, rows in zip(padded, rows_at_depth, strict=True)):
+            return logits
+        parts = logits.split([len(rows) for rows in padded])
+        return torch.cat([part[: len(rows)] for part, rows in zip(parts, rows_at_depth, strict=True)])
 
     def _adaptive(self, images: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint], np.ndarray, tuple | None]:
         """The glance, the policy's actions, then each group of inputs answered by the glance or extended.
@@ -226,6 +254,17 @@ class AdaptiveClassifier:
             return self.predict(images, config)  # raises the empty-batch error
         starts = range(0, len(images), batch_size)
         return Prediction.cat([self.predict(images[i : i + batch_size], config) for i in starts])
+
+
+def padded_rows(rows_at_depth: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each ``(n,)`` row tensor padded at its end to the next power of two by repeating its first row (empty
+    ones stay empty): ``extend_exits`` of the padded rows gives each depth's real rows first, then its padding."""
+    padded = []
+    for rows in rows_at_depth:
+        n = len(rows)
+        size = 1 << (n - 1).bit_length() if n else 0
+        padded.append(torch.cat([rows, rows[:1].expand(size - n)]) if size > n else rows)
+    return padded
 
 
 def _check_finite(finite: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from PIL import Image
 
 from backbone import flops
@@ -15,6 +16,7 @@ from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
 from experiments import bench_inference, infer
 from policy import AdaptiveClassifier, PolicyArtifact, PolicyArtifactError, save_policy
 from policy.artifact import make_policy
+from policy.classifier import padded_rows
 from policy.inputs import load_images
 
 
@@ -212,13 +214,76 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
     assert kinds == {"glance", "exits", "forward"}, "every part ran on the compiled path"
 
 
+def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_images, monkeypatch):
+    # the graphs path's own logic on a CPU: each extension's rows padded to a power of two, the padding's logits
+    # dropped, outputs handed over as copies; only the recording into a CUDA graph is left out (eager stands in)
+    x = digits_images[0][:24]
+    eager, graphs = AdaptiveClassifier.from_dirs(*dirs), AdaptiveClassifier.from_dirs(*dirs)
+    graphs.path = "graphs"
+    seen = []
+
+    def stand_in(fn, path, modules, args, batch_dims):
+        if path == "eager":
+            return fn
+
+        def call(*args):
+            seen.extend(len(a) for a, name in zip(args, pytree.tree_flatten(batch_dims)[0], strict=False)
+                        if isinstance(name, str) and name.startswith("rows_"))
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr("policy.classifier.for_path", stand_in)
+    ref, out = eager.predict(x), graphs.predict(x)
+    assert out.configs == ref.configs and len(set(ref.configs)) >= 3
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-5
+    assert seen and all(n & (n - 1) == 0 for n in seen), f"row counts not padded to powers of two: {seen}"
+    counts = [ref.configs.count(cfg) for cfg in set(ref.configs)]
+    assert any(n & (n - 1) for n in counts), "the random policy should give some depth a row count to pad"
+    assert_answers_are_the_logits(out)
+    _, _, _, _, state = graphs.choose(x)
+    rows = torch.tensor([5, 0, 2])  # 3 rows, padded to 4
+    with torch.inference_mode():
+        reference = eager.backbone.extend(state, 4, 2, 0.5, rows=rows)
+    assert torch.allclose(graphs.extend(state, (4, 2, 0.5), rows), reference, atol=1e-5)
+
+
+def test_padded_rows():
+    rows = [torch.tensor([7, 3, 9]), torch.tensor([], dtype=torch.long), torch.tensor([4]), torch.tensor([1, 2])]
+    assert [r.tolist() for r in padded_rows(rows)] == [[7, 3, 9, 7], [], [4], [1, 2]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphs_path_gives_the_eager_logits_and_choices_on_cuda(dirs, digits_images):
+    x = digits_images[0][:24].cuda()
+    eager = AdaptiveClassifier.from_dirs(*dirs, device="cuda")
+    graphs = AdaptiveClassifier.from_dirs(*dirs, device="cuda", path="graphs")
+    for batch in (x, x[:6], x[2:3], x[:6]):  # the second x[:6] replays the graphs the first recorded
+        ref, out = eager.predict(batch), graphs.predict(batch)
+        assert out.configs == ref.configs
+        assert (out.logits - ref.logits).abs().max().item() <= 1e-4
+        np.testing.assert_array_equal(out.flops, ref.flops)
+        assert_answers_are_the_logits(out)
+    recorded = sum(len(fn.graphs) for fn in graphs._compiled.values())
+    graphs.predict(x[:6])
+    assert sum(len(fn.graphs) for fn in graphs._compiled.values()) == recorded, "same shapes, no new graph"
+    full = eager.backbone.resolve(None, None, None)
+    first = graphs.forward_config(x[:6], full)
+    kept = first.clone()
+    graphs.forward_config(x[6:12], full)  # replays the same graph into the same buffers
+    assert torch.equal(first, kept), "a returned tensor must not change on the next call"
+    assert (first - eager.forward_config(x[:6], full)).abs().max().item() <= 1e-4
+    assert {key[0] for key in graphs._compiled} == {"glance", "exits", "forward"}
+
+
 def test_inference_path_errors(dirs, monkeypatch):
-    with pytest.raises(InferencePathError, match="unknown inference path 'jit'; choose one of eager, compiled, aot"):
+    with pytest.raises(InferencePathError, match="unknown inference path 'jit'; choose one of eager, compiled, aot, graphs"):
         AdaptiveClassifier.from_dirs(*dirs, path="jit")
     monkeypatch.setattr("backbone.compiled.shutil.which", lambda name: None)
     with pytest.raises(InferencePathError, match="needs a C.. compiler"):
         AdaptiveClassifier.from_dirs(*dirs, path="aot")
     assert AdaptiveClassifier.from_dirs(*dirs).path == "eager", "the eager path needs no compiler"
+    with pytest.raises(InferencePathError, match="graphs path replays CUDA graphs and needs a CUDA device"):
+        AdaptiveClassifier.from_dirs(*dirs, path="graphs")
     with pytest.raises(SystemExit):
         infer.main(["--backbone", str(dirs[0]), "--policy", str(dirs[1]), "--input", "x.npz", "--path", "jit"])
 
