@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from backbone import flops
 from backbone.grid import GridPoint
-from policy.classifier import AdaptiveClassifier
+from policy.classifier import AdaptiveClassifier, extension_groups
 
 KEYS = ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flop_speedup", "realized_speedup",
         "efficiency")
@@ -115,6 +115,14 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
          for p in predictions], weights=[len(p.configs) for p in predictions])) + classifier.network_flops
     full_flops = flops(c)
     flop_speedup = full_flops / adaptive_flops
+    passes = {}
+    if glance is not None:
+        # what the adaptive classifier launches beyond the glance: one extension pass per (tokens, width) group,
+        # as deep as its deepest input; against the full model's one pass of ``depth`` blocks
+        groups = [extension_groups(p.configs, glance)[1] for p in predictions]
+        passes = {"extension_passes_per_batch": float(np.mean([len(g) for g in groups])),
+                  "extension_blocks_per_batch": float(np.mean([sum(max(d) for d in g.values()) for g in groups])),
+                  "full_blocks": c.depth}
     realized = speed["adaptive"] / speed["full"]
     ceiling = {}
     if glance is not None:
@@ -138,6 +146,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         "full_gflop_per_s": speed["full"] * full_flops / 1e9,
         "adaptive_gflop_per_s": speed["adaptive"] * adaptive_flops / 1e9,
         **ceiling,
+        **passes,
         "rounds": rounds,
     }
 
@@ -233,6 +242,9 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
     glance = all("glance_efficiency" in r for r in results)
     if glance:
         header += ["glance alone: efficiency"]
+    passes = all("extension_passes_per_batch" in r for r in results)
+    if passes:
+        header += ["extension passes / blocks per batch (full: 1 / L)"]
     if peak:
         header += ["full: share of matmul peak", "adaptive: share of matmul peak"]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
@@ -242,6 +254,9 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
                f"{r['realized_speedup']:.2f} | {r['efficiency']:.2f} |")
         if glance:
             row += f" {r['glance_efficiency']:.2f} |"
+        if passes:
+            row += (f" {r['extension_passes_per_batch']:.1f} / {r['extension_blocks_per_batch']:.1f}"
+                    f" (1 / {r['full_blocks']}) |")
         if peak:
             row += (f" {100 * r['full_gflop_per_s'] / peak['gflop_per_s']:.0f}% |"
                     f" {100 * r['adaptive_gflop_per_s'] / peak['gflop_per_s']:.0f}% |")

@@ -226,14 +226,7 @@ class AdaptiveClassifier:
         configs, per_input, input_tokens, glance_logits, state, glance_top = self._choose(images)
         if state is None:  # no glance to continue from: fresh passes, packed (eager on either path)
             return model.run_mixed(input_tokens, configs).float(), configs, per_input, None
-        # inputs the glance answers, and the others by (tokens, width), then by exit depth: each such group is
-        # extended in one pass (``extend_exits``), its shared blocks run once whatever its inputs' depths
-        answered, groups = [], {}
-        for i, cfg in enumerate(configs):
-            if cfg == state.config:
-                answered.append(i)
-            else:
-                groups.setdefault((cfg.tokens, cfg.width), {}).setdefault(cfg.depth, []).append(i)
+        answered, groups = extension_groups(configs, state.config)
         if not groups:  # the glance answers every input
             return glance_logits.float(), configs, per_input, glance_top
         logits = torch.empty_like(glance_logits, dtype=torch.float32)
@@ -254,6 +247,18 @@ class AdaptiveClassifier:
             return self.predict(images, config)  # raises the empty-batch error
         starts = range(0, len(images), batch_size)
         return Prediction.cat([self.predict(images[i : i + batch_size], config) for i in starts])
+
+
+def extension_groups(configs: list[GridPoint], glance: GridPoint) -> tuple[list[int], dict[tuple, dict[int, list[int]]]]:
+    """The inputs the glance answers, and the others by ``(tokens, width)``, then by exit depth: each such group
+    is extended in one pass (``extend_exits``), its shared blocks run once whatever its inputs' depths."""
+    answered, groups = [], {}
+    for i, cfg in enumerate(configs):
+        if cfg == glance:
+            answered.append(i)
+        else:
+            groups.setdefault((cfg.tokens, cfg.width), {}).setdefault(cfg.depth, []).append(i)
+    return answered, groups
 
 
 def padded_rows(rows_at_depth: list[torch.Tensor]) -> list[torch.Tensor]:

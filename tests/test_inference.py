@@ -10,13 +10,14 @@ from PIL import Image
 from backbone import flops
 from backbone.checkpoint import backbone_hash, save_checkpoint
 from backbone.compiled import InferencePathError
+from backbone.grid import GridPoint
 from backbone.data import DataError, load_dataset
 from envs import FeatureSpec, compute_features, staged_flops
 from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
 from experiments import bench_inference, infer
 from policy import AdaptiveClassifier, PolicyArtifact, PolicyArtifactError, save_policy
 from policy.artifact import make_policy
-from policy.classifier import padded_rows
+from policy.classifier import extension_groups, padded_rows
 from policy.inputs import load_images
 
 
@@ -247,6 +248,14 @@ def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_image
     assert torch.allclose(graphs.extend(state, (4, 2, 0.5), rows), reference, atol=1e-5)
 
 
+def test_extension_groups():
+    glance = GridPoint(4, 1, 0.25)
+    configs = [glance, GridPoint(8, 3, 0.5), GridPoint(8, 1, 0.5), GridPoint(4, 2, 0.25), GridPoint(8, 3, 0.5)]
+    answered, groups = extension_groups(configs, glance)
+    assert answered == [0]
+    assert groups == {(8, 0.5): {3: [1, 4], 1: [2]}, (4, 0.25): {2: [3]}}
+
+
 def test_padded_rows():
     rows = [torch.tensor([7, 3, 9]), torch.tensor([], dtype=torch.long), torch.tensor([4]), torch.tensor([1, 2])]
     assert [r.tolist() for r in padded_rows(rows)] == [[7, 3, 9, 7], [], [4], [1, 2]]
@@ -338,6 +347,12 @@ def test_benchmark_reports_every_key(classifier, digits_images):
     glance_rate = result["glance_images_per_s"] * result["glance_gflops"]
     assert result["glance_efficiency"] == pytest.approx(glance_rate / result["full_gflop_per_s"])
     assert largest_in_batch([(2, 3, 0.25), (8, 1, 0.5)]) == (8, 3, 0.5)
+    extended = [{cfg for cfg in classifier.predict(batch).configs if cfg != glance}
+                for batch in digits_images[0][:32].split(16)]
+    assert min(len(e) for e in extended) >= 2, "the random policy should extend to several configurations"
+    deepest = [{(t, w): max(d for t2, d, w2 in e if (t2, w2) == (t, w)) for t, _, w in e} for e in extended]
+    assert result["extension_passes_per_batch"] == np.mean([len(d) for d in deepest])
+    assert result["extension_blocks_per_batch"] == np.mean([sum(d.values()) for d in deepest])
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         benchmark_inference(classifier, digits_images[0][:32], batch_size=16, rounds=0)
 
