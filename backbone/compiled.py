@@ -160,7 +160,8 @@ class _GraphReplay:
 
     The inputs are copied into the graph's own input buffers before each replay; the outputs are its output
     buffers (see ``for_path``). Each graph keeps a private memory pool, so replaying one never overwrites another's
-    outputs.
+    outputs. Graphs are kept for the life of the program: a server that sends many batch sizes records (and
+    holds memory for) each, so it pads its batches to a few sizes.
     """
 
     def __init__(self, fn: Callable) -> None:

@@ -37,7 +37,7 @@ def test_conv_stem_roundtrip_keeps_batchnorm_statistics(tiny_stem_model, tmp_pat
     with torch.no_grad():
         assert torch.equal(loaded(x), tiny_stem_model(x))
         fresh = torch.nn.BatchNorm2d(4)
-        stats = [m for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+        stats = next(m for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d))
         assert not torch.allclose(stats.running_mean, fresh.running_mean)
 
 

@@ -125,7 +125,7 @@ def test_extend_exits_equals_extend_per_depth(tiny_model, tiny_config, inputs, g
                 paid = sum(len(rows) * extension_flops(tiny_config, glance, (tokens, d, width))
                            for d, rows in enumerate(parts, start=1) if (tokens, d, width) != glance)
                 if (tokens, width) != (glance[0], glance[2]):
-                    counted = measure_flops(lambda: tiny_model.extend_exits(state, tokens, width, parts))
+                    counted = measure_flops(lambda t=tokens, w=width, p=parts: tiny_model.extend_exits(state, t, w, p))
                     assert counted == paid, (tokens, depth, width)
         none = [torch.tensor([], dtype=torch.long)] * 2
         assert tiny_model.extend_exits(state, 8, 1.0, none).shape == (0, 10)

@@ -10,8 +10,8 @@ from PIL import Image
 from backbone import flops
 from backbone.checkpoint import backbone_hash, save_checkpoint
 from backbone.compiled import InferencePathError
-from backbone.grid import GridPoint
 from backbone.data import DataError, load_dataset
+from backbone.grid import GridPoint
 from envs import FeatureSpec, compute_features, staged_flops
 from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
 from experiments import bench_inference, infer
