@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +17,6 @@ from backbone.grid import GridPoint
 from backbone.model import GlanceState
 from envs import features_from, staged_flops
 from policy.artifact import PolicyArtifact, PolicyArtifactError, check_backbone_hash, load_policy
-
-GROUP_STREAMS = 4
-"""Side streams of the graphs path: a batch has 1-5 extension groups on the Fashion-MNIST policy."""
 
 
 @dataclass
@@ -85,8 +81,6 @@ class AdaptiveClassifier:
                         for index in np.ndindex(*c.grid_shape)}
         # each function compiled on first use (``_on_path``); the glance, its features and the policy are one
         self._compiled: dict[tuple, Callable] = {}
-        # the graphs path extends each (tokens, width) group of a batch on a side stream (``_group_stream``)
-        self._streams = [torch.cuda.Stream(self.device) for _ in range(GROUP_STREAMS)] if self.path == "graphs" else []
 
     @classmethod
     def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu",
@@ -239,29 +233,11 @@ class AdaptiveClassifier:
         if answered:
             rows = torch.tensor(answered, device=images.device)
             logits[rows] = glance_logits[rows].float()
-        extended = []
-        for i, ((tokens, width), by_depth) in enumerate(groups.items()):
+        for (tokens, width), by_depth in groups.items():
             rows_at_depth = [torch.tensor(by_depth.get(d, []), dtype=torch.long, device=images.device)
                              for d in range(1, max(by_depth) + 1)]
-            with self._group_stream(i):
-                extended.append((torch.cat(rows_at_depth), self._extend_exits(state, tokens, width, rows_at_depth)))
-        for stream in self._streams[: len(groups)]:
-            torch.cuda.current_stream().wait_stream(stream)
-        for rows, group_logits in extended:
-            logits[rows] = group_logits.float()
+            logits[torch.cat(rows_at_depth)] = self._extend_exits(state, tokens, width, rows_at_depth).float()
         return logits, configs, per_input, None
-
-    @contextmanager
-    def _group_stream(self, i: int):
-        """Group ``i``'s extension on a side stream of its own (graphs path): its kernels are small, so the GPU
-        runs several groups' graphs at once; the caller then makes the current stream wait for them."""
-        if not self._streams:
-            yield
-            return
-        stream = self._streams[i % len(self._streams)]
-        stream.wait_stream(torch.cuda.current_stream())  # the glance's outputs and the rows are ready
-        with torch.cuda.stream(stream):
-            yield
 
     def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: GridPoint | None = None) -> Prediction:
         """``predict`` over ``images`` ``(N, C, H, W)`` in chunks of ``batch_size`` (bounds memory), in input order."""

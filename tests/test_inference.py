@@ -17,7 +17,7 @@ from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
 from experiments import bench_inference, infer
 from policy import AdaptiveClassifier, PolicyArtifact, PolicyArtifactError, save_policy
 from policy.artifact import make_policy
-from policy.classifier import GROUP_STREAMS, extension_groups, padded_rows
+from policy.classifier import extension_groups, padded_rows
 from policy.inputs import load_images
 
 
@@ -272,11 +272,6 @@ def test_graphs_path_gives_the_eager_logits_and_choices_on_cuda(dirs, digits_ima
         assert (out.logits - ref.logits).abs().max().item() <= 1e-4
         np.testing.assert_array_equal(out.flops, ref.flops)
         assert_answers_are_the_logits(out)
-    reference = eager.predict(x)
-    assert len(graphs._streams) == GROUP_STREAMS
-    assert len(extension_groups(reference.configs, graphs.glance_point)[1]) >= 2, "several groups, several streams"
-    for _ in range(20):  # groups extended on side streams at once: a missing wait would show as wrong logits
-        assert (graphs.predict(x).logits - reference.logits).abs().max().item() <= 1e-4
     recorded = sum(len(fn.graphs) for fn in graphs._compiled.values())
     graphs.predict(x[:6])
     assert sum(len(fn.graphs) for fn in graphs._compiled.values()) == recorded, "same shapes, no new graph"
