@@ -115,22 +115,22 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
          for p in predictions], weights=[len(p.configs) for p in predictions])) + classifier.network_flops
     full_flops = flops(c)
     flop_speedup = full_flops / adaptive_flops
-    passes = {}
-    if glance is not None:
-        # what the adaptive classifier launches beyond the glance: one extension pass per (tokens, width) group,
-        # as deep as its deepest input; against the full model's one pass of ``depth`` blocks
-        groups = [extension_groups(p.configs, glance)[1] for p in predictions]
-        passes = {"extension_passes_per_batch": float(np.mean([len(g) for g in groups])),
-                  "extension_blocks_per_batch": float(np.mean([sum(max(d) for d in g.values()) for g in groups])),
-                  "full_blocks": c.depth}
     realized = speed["adaptive"] / speed["full"]
-    ceiling = {}
+    with_glance = {}
     if glance is not None:
         # efficiency if every input stopped at the glance and nothing else cost time: the glance's achieved
         # GFLOP/s over the full model's, a ceiling while most inputs stop there
         glance_flops = flops(c, *glance)
-        ceiling = {"glance_images_per_s": speed["glance"], "glance_gflops": glance_flops / 1e9,
-                   "glance_efficiency": speed["glance"] * glance_flops / (speed["full"] * full_flops)}
+        # and what the adaptive classifier launches beyond the glance: one extension pass per (tokens, width)
+        # group, as deep as its deepest input; against the full model's one pass of ``depth`` blocks
+        groups = [extension_groups(p.configs, glance)[1] for p in predictions]
+        with_glance = {
+            "glance_images_per_s": speed["glance"], "glance_gflops": glance_flops / 1e9,
+            "glance_efficiency": speed["glance"] * glance_flops / (speed["full"] * full_flops),
+            "extension_passes_per_batch": float(np.mean([len(g) for g in groups])),
+            "extension_blocks_per_batch": float(np.mean([sum(max(d) for d in g.values()) for g in groups])),
+            "full_blocks": c.depth,
+        }
     return {
         "batch_size": batch_size,
         "images": sum(len(b) for b in batches),
@@ -145,8 +145,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         "efficiency": realized / flop_speedup,
         "full_gflop_per_s": speed["full"] * full_flops / 1e9,
         "adaptive_gflop_per_s": speed["adaptive"] * adaptive_flops / 1e9,
-        **ceiling,
-        **passes,
+        **with_glance,
         "rounds": rounds,
     }
 

@@ -227,8 +227,10 @@ def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_image
         if path == "eager":
             return fn
 
+        names = pytree.tree_leaves(batch_dims)
+
         def call(*args):
-            seen.extend(len(a) for a, name in zip(args, pytree.tree_flatten(batch_dims)[0], strict=False)
+            seen.extend(len(a) for a, name in zip(pytree.tree_leaves(args), names, strict=True)
                         if isinstance(name, str) and name.startswith("rows_"))
             return fn(*args)
         return call
