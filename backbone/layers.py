@@ -117,12 +117,14 @@ class MatryoshkaFFN(nn.Module):
     def forward(
         self, x: torch.Tensor, hidden_units: int | None = None, hidden_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x ``(B, N, D)``; ``hidden_units`` slices, ``hidden_mask`` ``(B, H)`` masks per sample."""
-        if hidden_mask is not None:
-            hidden = self.act(self.fc1(x)) * hidden_mask[:, None, :].to(x.dtype)
-            return self.fc2(hidden)
+        """x ``(B, N, D)``; ``hidden_units`` slices, then ``hidden_mask`` ``(B, >= units)`` masks per sample.
+
+        Both together run samples of several widths at the largest of them: a masked unit adds exactly zero.
+        """
         n = self.fc1.out_features if hidden_units is None else hidden_units
         hidden = self.act(F.linear(x, self.fc1.weight[:n], self.fc1.bias[:n]))
+        if hidden_mask is not None:
+            hidden = hidden * hidden_mask[:, None, :n].to(x.dtype)
         return F.linear(hidden, self.fc2.weight[:, :n], self.fc2.bias)
 
 

@@ -138,13 +138,18 @@ class AdaPerceiver(nn.Module):
         cos, sin = self._rope(tokens)
         return latents + self.read(self.read_norm_q(latents), kv=kv, rope_q=(cos[start:], sin[start:]))
 
-    def _write(self, latents: torch.Tensor, grans: Sequence[int]) -> torch.Tensor:
-        """Logits ``(B, len(grans), C)``, the write over the first ``g`` latents for each ``g``."""
+    def _write(self, latents: torch.Tensor, grans: Sequence[int], row_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, len(grans), C)``, the write over the first ``g`` latents for each ``g``.
+
+        ``row_tokens`` ``(B,)`` (with one ``g``): input ``i`` reads only its first ``row_tokens[i]`` latents.
+        """
         n = max(grans)
         latents = latents[:, :n]
         queries = self.write_query.expand(latents.shape[0], len(grans), -1)
         mask = None
-        if any(g != n for g in grans):
+        if row_tokens is not None:
+            mask = (torch.arange(n, device=latents.device)[None, :] < row_tokens[:, None])[:, None, None, :]
+        elif any(g != n for g in grans):
             mask = torch.arange(n, device=latents.device)[None, :] < torch.tensor(grans, device=latents.device)[:, None]
         out = queries + self.write(queries, self.write_norm_kv(latents), rope_k=self._rope(n), mask=mask)
         return self.head(self.head_norm(out))
@@ -242,7 +247,13 @@ class AdaPerceiver(nn.Module):
         return self._write(latents, (g,))[:, 0]
 
     def extend_exits(
-        self, state: GlanceState, tokens: int | None, width: float | None, rows_at_depth: Sequence[torch.Tensor]
+        self,
+        state: GlanceState,
+        tokens: int | None,
+        width: float | None,
+        rows_at_depth: Sequence[torch.Tensor],
+        tokens_at_depth: Sequence[torch.Tensor] | None = None,
+        hidden_at_depth: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``extend`` for inputs at one ``(tokens, width)`` and several exit depths, their shared blocks run once.
 
@@ -251,13 +262,28 @@ class AdaPerceiver(nn.Module):
         ``torch.cat(rows_at_depth)``, each equal to ``extend(state, tokens, d, width, rows)`` up to float
         noise, at the same FLOPs: an input leaves after its own exit depth. One pass instead of one per
         depth means fewer, larger operator calls, which is what a CPU pays for at small row counts.
+
+        Inputs of fewer tokens or a narrower width can share the pass: ``tokens_at_depth[d - 1]`` and
+        ``hidden_at_depth[d - 1]`` ``(n_d,)`` (int64) give each row's own token count (at most ``tokens``) and
+        FFN hidden units (at most ``width``'s). Its logits are then those of its own configuration: by the
+        block mask's prefix property its first latents never see the others, the write reads only its own,
+        and its hidden units beyond its width are masked to zero. The pass then does more arithmetic than
+        those inputs' configurations count (the larger token count, the larger width, and with several widths
+        no reuse of the glance's blocks), in fewer operator calls.
         """
         g, depth, width = self.resolve(tokens, len(rows_at_depth), width)
         g0, l0, w0 = state.config
         hidden = self.config.ffn_hidden_units(width)
-        reused = min(depth, l0) if hidden == self.config.ffn_hidden_units(w0) else 0
+        # rows :g0 after block b are the glance's only at the same FFN width
+        same_width = hidden == self.config.ffn_hidden_units(w0) and hidden_at_depth is None
+        reused = min(depth, l0) if same_width else 0
         # deepest first, so that the inputs still running after each block are a prefix of the batch
         order = torch.cat(list(rows_at_depth)[::-1])
+        row_tokens = None if tokens_at_depth is None else torch.cat(list(tokens_at_depth)[::-1])
+        hidden_mask = None
+        if hidden_at_depth is not None:
+            units = torch.cat(list(hidden_at_depth)[::-1])
+            hidden_mask = torch.arange(hidden, device=units.device)[None, :] < units[:, None]
         sizes = [rows.shape[0] for rows in rows_at_depth]
         running = [sum(sizes[b:]) for b in range(depth)] + [0]  # running[b]: inputs that run block b + 1
         stored = [z[order] for z in state.latents[: reused + 1]]
@@ -276,8 +302,10 @@ class AdaPerceiver(nn.Module):
                     kept = torch.cat([kept, self.blocks[b].forward_rows(latents, g0, rope, mask, hidden)], dim=1)
                 latents = kept
             else:
-                latents = self.blocks[b](latents, rope, mask, hidden_units=hidden)
-            exits.append(self._write(latents[running[b + 1] :], (g,))[:, 0])  # the inputs whose exit is b + 1
+                masked = None if hidden_mask is None else hidden_mask[: running[b]]
+                latents = self.blocks[b](latents, rope, mask, hidden_units=hidden, hidden_mask=masked)
+            leaving = slice(running[b + 1], running[b])  # the inputs whose exit is b + 1
+            exits.append(self._write(latents[leaving], (g,), None if row_tokens is None else row_tokens[leaving])[:, 0])
         return torch.cat(exits)
 
     def _pass(

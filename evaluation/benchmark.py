@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backbone import flops
+from backbone import flops, measure_flops
 from backbone.grid import GridPoint
-from policy.classifier import AdaptiveClassifier, extension_groups
+from policy.classifier import AdaptiveClassifier, extension_passes
 
 KEYS = ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flop_speedup", "realized_speedup",
         "efficiency")
@@ -113,6 +113,10 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     naive_flops = float(np.average(
         [classifier.staged_flops[GridPoint(*largest_in_batch(p.configs)).action(c.token_grans, c.ffn_widths)]
          for p in predictions], weights=[len(p.configs) for p in predictions])) + classifier.network_flops
+    # what the adaptive classifier's arithmetic really is (merged extension passes do more than the configurations
+    # count), by torch's FLOP counter on an eager twin: the counter cannot see inside a compiled program
+    twin = AdaptiveClassifier(model, classifier.artifact, lam=classifier.lam, merge_passes=classifier.merge_passes)
+    performed_flops = sum(measure_flops(lambda b=b: twin.predict(b)) for b in batches) / sum(len(b) for b in batches)
     full_flops = flops(c)
     flop_speedup = full_flops / adaptive_flops
     realized = speed["adaptive"] / speed["full"]
@@ -121,9 +125,9 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         # efficiency if every input stopped at the glance and nothing else cost time: the glance's achieved
         # GFLOP/s over the full model's, a ceiling while most inputs stop there
         glance_flops = flops(c, *glance)
-        # and what the adaptive classifier launches beyond the glance: one extension pass per (tokens, width)
-        # group, as deep as its deepest input; against the full model's one pass of ``depth`` blocks
-        groups = [extension_groups(p.configs, glance)[1] for p in predictions]
+        # and what the adaptive classifier launches beyond the glance: its extension passes (``extension_passes``),
+        # each as deep as its deepest input; against the full model's one pass of ``depth`` blocks
+        groups = [extension_passes(p.configs, glance)[1] for p in predictions]
         with_glance = {
             "glance_images_per_s": speed["glance"], "glance_gflops": glance_flops / 1e9,
             "glance_efficiency": speed["glance"] * glance_flops / (speed["full"] * full_flops),
@@ -139,6 +143,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         "naive_images_per_s": speed["naive"],
         "full_gflops": full_flops / 1e9,
         "adaptive_gflops": adaptive_flops / 1e9,
+        "adaptive_performed_gflops": performed_flops / 1e9,
         "naive_gflops": naive_flops / 1e9,
         "flop_speedup": flop_speedup,
         "realized_speedup": realized,
@@ -244,6 +249,9 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
     passes = all("extension_passes_per_batch" in r for r in results)
     if passes:
         header += ["extension passes / blocks per batch (full: 1 / L)"]
+    performed = all("adaptive_performed_gflops" in r for r in results)
+    if performed:
+        header += ["adaptive: performed / counted FLOPs"]
     if peak:
         header += ["full: share of matmul peak", "adaptive: share of matmul peak"]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
@@ -256,6 +264,8 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
         if passes:
             row += (f" {r['extension_passes_per_batch']:.1f} / {r['extension_blocks_per_batch']:.1f}"
                     f" (1 / {r['full_blocks']}) |")
+        if performed:
+            row += f" {r['adaptive_performed_gflops'] / r['adaptive_gflops']:.3f} |"
         if peak:
             row += (f" {100 * r['full_gflop_per_s'] / peak['gflop_per_s']:.0f}% |"
                     f" {100 * r['adaptive_gflop_per_s'] / peak['gflop_per_s']:.0f}% |")

@@ -47,7 +47,7 @@ class AdaptiveClassifier:
     """A frozen backbone with a policy that picks each input's configuration."""
 
     def __init__(self, backbone: AdaPerceiver, artifact: PolicyArtifact, backbone_hash: str | None = None,
-                 lam: float | None = None, path: str = "eager") -> None:
+                 lam: float | None = None, path: str = "eager", merge_passes: bool = True) -> None:
         """Check the policy's action grid is the backbone's and, given ``backbone_hash``, that it was made for it.
 
         ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price). ``path`` is the
@@ -55,7 +55,9 @@ class AdaptiveClassifier:
         (AOTInductor) or ``"graphs"`` (CUDA graphs, on a GPU); the compiled paths compile each configuration on
         its first use (seconds each), the graphs path records each configuration and input shapes on their first
         use (milliseconds), and all give the same logits within float noise. The policy network moves to the
-        backbone's device.
+        backbone's device. ``merge_passes``: extend inputs of several configurations in one pass where
+        ``extension_passes`` says so (fewer, larger operator calls, some arithmetic beyond their configurations'
+        FLOPs); off, one pass per (tokens, width), whose arithmetic is exactly the FLOPs ``predict`` reports.
         """
         c = backbone.config
         for key, value in c.grid_axes().items():
@@ -71,6 +73,7 @@ class AdaptiveClassifier:
         self.glance_point = GridPoint(*backbone.resolve(*self.spec.glance_config(c))) if self.spec.glance else None
         self.device = next(backbone.parameters()).device
         self.path = check_inference_path(path, self.device)
+        self.merge_passes = merge_passes
         # the policy runs where the glance runs: a host round trip inside the glance would cost more than the
         # policy's few small products on a GPU, and a CUDA graph cannot record one
         artifact.to(self.device)
@@ -195,23 +198,31 @@ class AdaptiveClassifier:
         none = torch.zeros(0, dtype=torch.long, device=device)
         return self._extend_exits(state, tokens, width, [none] * (depth - 1) + [rows])
 
-    def _extend_exits(self, state: GlanceState, tokens: int, width: float, rows_at_depth: list[torch.Tensor]):
-        """``AdaPerceiver.extend_exits`` on this path: one program per (tokens, width, deepest exit)."""
+    def _extend_exits(self, state: GlanceState, tokens: int, width: float, rows_at_depth: list[torch.Tensor],
+                      tokens_at_depth: list[torch.Tensor] | None = None,
+                      hidden_at_depth: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``AdaPerceiver.extend_exits`` on this path: one program per (tokens, width, deepest exit, which per-row
+        token counts and widths are given)."""
         glance = state.config
+        given = [p for p in (tokens_at_depth, hidden_at_depth) if p is not None]
+        has_tokens, has_hidden = tokens_at_depth is not None, hidden_at_depth is not None
 
-        def extend_exits(latents: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, *rows_at_depth):
-            return self.backbone.extend_exits(GlanceState(glance, list(latents), (k, v)), tokens, width, rows_at_depth)
+        def extend_exits(latents: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, rows, *per_row):
+            per_row = iter(per_row)
+            row_tokens, row_hidden = (next(per_row) if has else None for has in (has_tokens, has_hidden))
+            return self.backbone.extend_exits(GlanceState(glance, list(latents), (k, v)), tokens, width, rows,
+                                              row_tokens, row_hidden)
 
-        fn = self._on_path(("exits", glance, tokens, width, len(rows_at_depth)), extend_exits,
-                           (state.latents, *state.read_kv, *rows_at_depth),
-                           (["batch"] * len(state.latents), "batch", "batch",
-                            *[f"rows_{d}" for d in range(1, len(rows_at_depth) + 1)]))
+        depths = [f"rows_{d}" for d in range(1, len(rows_at_depth) + 1)]
+        fn = self._on_path(("exits", glance, tokens, width, len(rows_at_depth), has_tokens, has_hidden), extend_exits,
+                           (state.latents, *state.read_kv, rows_at_depth, *given),
+                           (["batch"] * len(state.latents), "batch", "batch", depths, *[depths] * len(given)))
         if self.path != "graphs":
-            return fn(state.latents, *state.read_kv, *rows_at_depth)
-        # a graph replays fixed shapes: each depth's rows padded to a power of two (a handful of graphs per
-        # program, not one per row count), the padding's logits dropped
+            return fn(state.latents, *state.read_kv, rows_at_depth, *given)
+        # a graph replays fixed shapes: each depth's rows (and their token counts and widths) padded to a power of
+        # two, a handful of graphs per program instead of one per row count; the padding's logits dropped
         padded = padded_rows(rows_at_depth)
-        logits = fn(state.latents, *state.read_kv, *padded)
+        logits = fn(state.latents, *state.read_kv, padded, *map(padded_rows, given))
         if all(p is rows for p, rows in zip(padded, rows_at_depth, strict=True)):
             return logits
         parts = logits.split([len(rows) for rows in padded])
@@ -226,17 +237,28 @@ class AdaptiveClassifier:
         configs, per_input, input_tokens, glance_logits, state, glance_top = self._choose(images)
         if state is None:  # no glance to continue from: fresh passes, packed (eager on either path)
             return model.run_mixed(input_tokens, configs).float(), configs, per_input, None
-        answered, groups = extension_groups(configs, state.config)
-        if not groups:  # the glance answers every input
+        answered, passes = extension_passes(configs, state.config, self.merge_passes)
+        if not passes:  # the glance answers every input
             return glance_logits.float(), configs, per_input, glance_top
         logits = torch.empty_like(glance_logits, dtype=torch.float32)
         if answered:
             rows = torch.tensor(answered, device=images.device)
             logits[rows] = glance_logits[rows].float()
-        for (tokens, width), by_depth in groups.items():
-            rows_at_depth = [torch.tensor(by_depth.get(d, []), dtype=torch.long, device=images.device)
-                             for d in range(1, max(by_depth) + 1)]
-            logits[torch.cat(rows_at_depth)] = self._extend_exits(state, tokens, width, rows_at_depth).float()
+
+        def per_depth(by_depth: dict[int, list[int]], value: Callable[[int], int | float] = lambda i: i) -> list:
+            return [torch.tensor([value(i) for i in by_depth.get(d, [])], dtype=torch.long, device=images.device)
+                    for d in range(1, max(by_depth) + 1)]
+
+        for (tokens, width), by_depth in passes.items():
+            inputs = [configs[i] for rows in by_depth.values() for i in rows]
+            # per-row token counts and FFN widths only where they differ from the pass's
+            row_tokens = None if all(cfg.tokens == tokens for cfg in inputs) else per_depth(
+                by_depth, lambda i: configs[i].tokens)
+            row_hidden = None if all(cfg.width == width for cfg in inputs) else per_depth(
+                by_depth, lambda i: model.config.ffn_hidden_units(configs[i].width))
+            rows_at_depth = per_depth(by_depth)
+            logits[torch.cat(rows_at_depth)] = self._extend_exits(state, tokens, width, rows_at_depth, row_tokens,
+                                                                  row_hidden).float()
         return logits, configs, per_input, None
 
     def predict_batched(self, images: torch.Tensor, batch_size: int = 256, config: GridPoint | None = None) -> Prediction:
@@ -249,16 +271,33 @@ class AdaptiveClassifier:
         return Prediction.cat([self.predict(images[i : i + batch_size], config) for i in starts])
 
 
-def extension_groups(configs: list[GridPoint], glance: GridPoint) -> tuple[list[int], dict[tuple, dict[int, list[int]]]]:
-    """The inputs the glance answers, and the others by ``(tokens, width)``, then by exit depth: each such group
-    is extended in one pass (``extend_exits``), its shared blocks run once whatever its inputs' depths."""
-    answered, groups = [], {}
+def extension_passes(configs: list[GridPoint], glance: GridPoint, merge: bool = True
+                     ) -> tuple[list[int], dict[tuple, dict[int, list[int]]]]:
+    """The inputs the glance answers, and the extension passes of the others: ``{(tokens, width): {depth: inputs}}``.
+
+    Merged: one pass (``extend_exits``) per token count, at the widest of its inputs' FFN widths; inputs at the
+    glance's token count join the next larger token count's pass when there is one. Each input still gets its
+    own configuration's logits. On a CPU a pass costs a fixed ~0.5 ms at a few rows, which merging saves at the
+    price of some arithmetic beyond the configurations' FLOPs (docs/experiments.md, part 6). Not merged: one
+    pass per (tokens, width), whose arithmetic is exactly those FLOPs.
+    """
+    glance = GridPoint(*glance)
+    answered, by_tokens = [], {}
     for i, cfg in enumerate(configs):
         if cfg == glance:
             answered.append(i)
         else:
-            groups.setdefault((cfg.tokens, cfg.width), {}).setdefault(cfg.depth, []).append(i)
-    return answered, groups
+            by_tokens.setdefault(cfg.tokens if merge else (cfg.tokens, cfg.width), []).append(i)
+    larger = sorted(t for t in by_tokens if merge and t > glance.tokens)
+    if glance.tokens in by_tokens and larger:
+        by_tokens[larger[0]] += by_tokens.pop(glance.tokens)
+    passes = {}
+    for inputs in by_tokens.values():
+        by_depth: dict[int, list[int]] = {}
+        for i in inputs:
+            by_depth.setdefault(configs[i].depth, []).append(i)
+        passes[(max(configs[i].tokens for i in inputs), max(configs[i].width for i in inputs))] = by_depth
+    return answered, passes
 
 
 def padded_rows(rows_at_depth: list[torch.Tensor]) -> list[torch.Tensor]:

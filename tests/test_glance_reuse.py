@@ -129,3 +129,38 @@ def test_extend_exits_equals_extend_per_depth(tiny_model, tiny_config, inputs, g
                     assert counted == paid, (tokens, depth, width)
         none = [torch.tensor([], dtype=torch.long)] * 2
         assert tiny_model.extend_exits(state, 8, 1.0, none).shape == (0, 10)
+
+
+@pytest.mark.parametrize("glance", [(2, 1, 0.25), (4, 2, 0.5)])
+def test_extend_exits_of_mixed_tokens_and_widths_gives_each_input_its_own_configuration(tiny_model, tiny_config,
+                                                                                        inputs, glance):
+    # one pass at (8, 1.0): each row at its own (tokens, depth, width), all no larger than the pass's
+    rows_at_depth = [torch.tensor([3, 1]), torch.tensor([], dtype=torch.long), torch.tensor([0, 4, 2])]
+    per_row = {3: (2, 0.25), 1: (8, 1.0), 0: (4, 0.5), 4: (8, 0.25), 2: (2, 1.0)}
+    h = tiny_config.ffn_hidden_units
+    tokens_at_depth = [torch.tensor([per_row[r][0] for r in rows.tolist()], dtype=torch.long) for rows in rows_at_depth]
+    hidden_at_depth = [torch.tensor([h(per_row[r][1]) for r in rows.tolist()], dtype=torch.long) for rows in rows_at_depth]
+    with torch.inference_mode():
+        _, state = tiny_model.glance(inputs, *glance)
+        out = tiny_model.extend_exits(state, 8, 1.0, rows_at_depth, tokens_at_depth, hidden_at_depth)
+        expected = torch.cat([tiny_model.extend(state, per_row[r][0], d, per_row[r][1], rows=torch.tensor([r]))
+                              for d, rows in enumerate(rows_at_depth, start=1) for r in rows.tolist()])
+        assert (out - expected).abs().max().item() <= 1e-5
+        # only the token counts differ (the pass at the glance's width reuses its blocks), or only the widths
+        same_width = [torch.full_like(t, h(glance[2])) for t in hidden_at_depth]
+        tokens_only = tiny_model.extend_exits(state, 8, glance[2], rows_at_depth, tokens_at_depth)
+        expected = torch.cat([tiny_model.extend(state, per_row[r][0], d, glance[2], rows=torch.tensor([r]))
+                              for d, rows in enumerate(rows_at_depth, start=1) for r in rows.tolist()])
+        assert (tokens_only - expected).abs().max().item() <= 1e-5
+        widths_only = tiny_model.extend_exits(state, 8, glance[2], rows_at_depth, None, same_width)
+        assert (widths_only - tiny_model.extend_exits(state, 8, glance[2], rows_at_depth)).abs().max().item() <= 1e-5
+        # at the glance's width with narrower rows among them, the glance's blocks are not theirs to reuse
+        narrower = [w for w in tiny_config.ffn_widths if w < glance[2]]
+        if narrower:
+            widths = {r: narrower[0] if r % 2 else glance[2] for r in per_row}
+            mixed = tiny_model.extend_exits(state, 8, glance[2], rows_at_depth, None,
+                                            [torch.tensor([h(widths[r]) for r in rows.tolist()], dtype=torch.long)
+                                             for rows in rows_at_depth])
+            expected = torch.cat([tiny_model.extend(state, 8, d, widths[r], rows=torch.tensor([r]))
+                                  for d, rows in enumerate(rows_at_depth, start=1) for r in rows.tolist()])
+            assert (mixed - expected).abs().max().item() <= 1e-5

@@ -17,7 +17,7 @@ from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
 from experiments import bench_inference, infer
 from policy import AdaptiveClassifier, PolicyArtifact, PolicyArtifactError, save_policy
 from policy.artifact import make_policy
-from policy.classifier import extension_groups, padded_rows
+from policy.classifier import extension_passes, padded_rows
 from policy.inputs import load_images
 
 
@@ -81,7 +81,7 @@ def test_order_is_preserved_for_shuffled_batches(classifier, digits_images):
     assert torch.allclose(chunked.logits, a.logits, atol=1e-5) and chunked.configs == a.configs
 
 
-def test_the_glance_answers_or_is_extended_once_per_tokens_and_width(classifier, digits_images, monkeypatch):
+def test_the_glance_answers_or_is_extended_in_merged_passes(classifier, digits_images, monkeypatch):
     x, _ = digits_images
     model = classifier.backbone
     glance = classifier.spec.glance_config(model.config)
@@ -95,23 +95,28 @@ def test_the_glance_answers_or_is_extended_once_per_tokens_and_width(classifier,
     monkeypatch.setattr(model, "run", lambda *a, **k: calls.__setitem__("run", calls["run"] + 1))
     monkeypatch.setattr(model, "glance", lambda *a, **k: calls.__setitem__("glance", calls["glance"] + 1) or real_glance(*a, **k))
 
-    def recording_exits(state, tokens, width, rows_at_depth):
+    def recording_exits(state, tokens, width, rows_at_depth, tokens_at_depth=None, hidden_at_depth=None):
         calls["passes"] += 1
+        hidden_to_width = {model.config.ffn_hidden_units(w): w for w in model.config.ffn_widths}
         for d, rows in enumerate(rows_at_depth, start=1):
-            calls["extend_exits"] += [((tokens, d, width), len(rows))] if len(rows) else []
-        return real_exits(state, tokens, width, rows_at_depth)
+            row_tokens = [tokens] * len(rows) if tokens_at_depth is None else tokens_at_depth[d - 1].tolist()
+            row_widths = ([width] * len(rows) if hidden_at_depth is None
+                          else [hidden_to_width[h] for h in hidden_at_depth[d - 1].tolist()])
+            calls["extend_exits"] += [(t, d, w) for t, w in zip(row_tokens, row_widths, strict=True)]
+        return real_exits(state, tokens, width, rows_at_depth, tokens_at_depth, hidden_at_depth)
 
     monkeypatch.setattr(model, "extend_exits", recording_exits)
     out = classifier.predict(x)
     assert calls["run"] == 0 and calls["glance"] == 1
     expected = {cfg: configs.count(cfg) for cfg in set(configs) if cfg != glance}
-    assert dict(calls["extend_exits"]) == expected and len(calls["extend_exits"]) == len(expected), "each input once"
+    extended = {cfg: calls["extend_exits"].count(cfg) for cfg in set(calls["extend_exits"])}
+    assert extended == expected, "each input once, at its own configuration"
     groups = {(cfg[0], cfg[2]) for cfg in expected}
-    assert len(groups) < len(expected), "the random policy should send one (tokens, width) to several depths"
-    assert calls["passes"] == len(groups), "one pass per (tokens, width)"
+    assert len(groups) >= 3, "the random policy should send inputs to several (tokens, width)"
+    assert calls["passes"] == len(extension_passes(configs, glance)[1]) < len(groups), "merged passes"
     assert torch.allclose(out.logits[answered], glance_logits, atol=1e-5)
     only_glance = classifier.predict(x[answered])  # its class and confidence come with the glance
-    assert set(only_glance.configs) == {glance} and len(calls["extend_exits"]) == len(expected)
+    assert set(only_glance.configs) == {glance} and len(calls["extend_exits"]) == sum(expected.values())
     assert torch.allclose(only_glance.logits, glance_logits, atol=1e-5)
     assert_answers_are_the_logits(only_glance)
     _, _, _, _, state = classifier.choose(x)
@@ -213,6 +218,7 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
     assert (compiled.forward_config(x, full) - eager.forward_config(x, full)).abs().max().item() <= 1e-4
     kinds = {key[0] for key in compiled._compiled}
     assert kinds == {"glance", "exits", "forward"}, "every part ran on the compiled path"
+    assert any(key[0] == "exits" and any(key[-2:]) for key in compiled._compiled), "a merged pass with per-row configs"
 
 
 def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_images, monkeypatch):
@@ -250,12 +256,20 @@ def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_image
     assert torch.allclose(graphs.extend(state, (4, 2, 0.5), rows), reference, atol=1e-5)
 
 
-def test_extension_groups():
+def test_extension_passes():
     glance = GridPoint(4, 1, 0.25)
-    configs = [glance, GridPoint(8, 3, 0.5), GridPoint(8, 1, 0.5), GridPoint(4, 2, 0.25), GridPoint(8, 3, 0.5)]
-    answered, groups = extension_groups(configs, glance)
+    configs = [glance, GridPoint(8, 3, 0.5), GridPoint(8, 1, 0.25), GridPoint(4, 2, 0.25), GridPoint(8, 3, 0.5),
+               GridPoint(16, 2, 0.25), GridPoint(4, 5, 0.5)]
+    answered, passes = extension_passes(configs, glance)
     assert answered == [0]
-    assert groups == {(8, 0.5): {3: [1, 4], 1: [2]}, (4, 0.25): {2: [3]}}
+    # one pass per token count at its widest width; the glance's token count joins the next larger one
+    assert passes == {(8, 0.5): {3: [1, 4], 1: [2], 2: [3], 5: [6]}, (16, 0.25): {2: [5]}}
+    # alone, the glance's token count keeps its own pass
+    assert extension_passes([glance, GridPoint(4, 3, 0.25)], glance) == ([0], {(4, 0.25): {3: [1]}})
+    assert extension_passes([glance, glance], glance) == ([0, 1], {})
+    # not merged: one pass per (tokens, width), in the order of their first input
+    assert extension_passes(configs, glance, merge=False)[1] == {
+        (8, 0.5): {3: [1, 4]}, (8, 0.25): {1: [2]}, (4, 0.25): {2: [3]}, (16, 0.25): {2: [5]}, (4, 0.5): {5: [6]}}
 
 
 def test_padded_rows():
@@ -352,9 +366,12 @@ def test_benchmark_reports_every_key(classifier, digits_images):
     extended = [{cfg for cfg in classifier.predict(batch).configs if cfg != glance}
                 for batch in digits_images[0][:32].split(16)]
     assert min(len(e) for e in extended) >= 2, "the random policy should extend to several configurations"
-    deepest = [{(t, w): max(d for t2, d, w2 in e if (t2, w2) == (t, w)) for t, _, w in e} for e in extended]
+    passes = [extension_passes(classifier.predict(batch).configs, glance)[1] for batch in digits_images[0][:32].split(16)]
+    deepest = [[max(by_depth) for by_depth in p.values()] for p in passes]
     assert result["extension_passes_per_batch"] == np.mean([len(d) for d in deepest])
-    assert result["extension_blocks_per_batch"] == np.mean([sum(d.values()) for d in deepest])
+    assert result["extension_blocks_per_batch"] == np.mean([sum(d) for d in deepest])
+    # merged passes: more arithmetic than counted, as torch's counter sees it
+    assert result["adaptive_performed_gflops"] > result["adaptive_gflops"]
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         benchmark_inference(classifier, digits_images[0][:32], batch_size=16, rounds=0)
 
@@ -400,8 +417,13 @@ def test_reported_flops_match_torch_flop_counter(dirs, digits_images):
         counted = measure_flops(lambda x=x: classifier.predict(x))
         assert reported == counted, (reported, counted)
     x = digits_images[0]  # a batch mixing the glance's answers and several extensions: exactly what torch counts
-    reported = classifier.predict(x).flops.sum()
-    assert reported == measure_flops(lambda: classifier.predict(x))
+    exact = AdaptiveClassifier.from_dirs(*dirs)
+    exact.merge_passes = False
+    reported = exact.predict(x).flops.sum()
+    assert reported == measure_flops(lambda: exact.predict(x))
+    # merged passes do more arithmetic than the configurations count, for the same logits
+    merged = measure_flops(lambda: classifier.predict(x))
+    assert merged > reported and torch.allclose(classifier.predict(x).logits, exact.predict(x).logits, atol=1e-5)
 
 
 def test_bench_attention_cli(tmp_path, capsys):
