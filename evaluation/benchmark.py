@@ -74,9 +74,10 @@ def largest_in_batch(configs: list[GridPoint]) -> GridPoint:
 
 def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, batch_size: int,
                         min_seconds: float = 1.0, warmup: int = 3, rounds: int = 3, progress: bool = False) -> dict:
-    """Images/s of full, adaptive and naive inference on ``images`` ``(N, C, H, W)`` at one batch size.
+    """Images/s of full, adaptive and naive inference on ``images`` ``(N, C, H, W)`` at one batch size; also of the
+    glance's grid point alone and, when the classifier merges its extension passes, of the same classifier without.
 
-    The three are measured in the same run on the same batches, interleaved over ``rounds`` rounds
+    All are measured in the same run on the same batches, interleaved over ``rounds`` rounds
     of at least ``min_seconds`` each; each variant's speed is its median round, so a burst of load
     on a shared machine moves one round, not the ratio. FLOPs are per image (policy included where paid).
     """
@@ -94,7 +95,17 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     full = GridPoint(*model.resolve(None, None, None))
+    def unmerged(x: torch.Tensor):
+        # the adaptive classifier with one extension pass per (tokens, width), on the same compiled programs' path
+        merge, classifier.merge_passes = classifier.merge_passes, False
+        try:
+            return classifier.predict(x)
+        finally:
+            classifier.merge_passes = merge
+
     variants = {"full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict, "naive": naive}
+    if classifier.merge_passes:  # what merging the extension passes buys, measured in the same rounds
+        variants["unmerged"] = unmerged
     glance = classifier.glance_point
     if glance is not None:  # the glance's grid point alone, fresh: what the classifier pays at the least
         variants["glance"] = lambda x: classifier.forward_config(x, glance)
@@ -135,6 +146,8 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
             "extension_blocks_per_batch": float(np.mean([sum(max(d) for d in g.values()) for g in groups])),
             "full_blocks": c.depth,
         }
+    if "unmerged" in speed:
+        with_glance["unmerged_images_per_s"] = speed["unmerged"]
     return {
         "batch_size": batch_size,
         "images": sum(len(b) for b in batches),
@@ -252,6 +265,9 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
     performed = all("adaptive_performed_gflops" in r for r in results)
     if performed:
         header += ["adaptive: performed / counted FLOPs"]
+    unmerged = all("unmerged_images_per_s" in r for r in results)
+    if unmerged:
+        header += ["adaptive img/s over one pass per (tokens, width)"]
     if peak:
         header += ["full: share of matmul peak", "adaptive: share of matmul peak"]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
@@ -266,6 +282,8 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
                     f" (1 / {r['full_blocks']}) |")
         if performed:
             row += f" {r['adaptive_performed_gflops'] / r['adaptive_gflops']:.3f} |"
+        if unmerged:
+            row += f" {r['adaptive_images_per_s'] / r['unmerged_images_per_s']:.2f} |"
         if peak:
             row += (f" {100 * r['full_gflop_per_s'] / peak['gflop_per_s']:.0f}% |"
                     f" {100 * r['adaptive_gflop_per_s'] / peak['gflop_per_s']:.0f}% |")

@@ -372,6 +372,7 @@ def test_benchmark_reports_every_key(classifier, digits_images):
     assert result["extension_blocks_per_batch"] == np.mean([sum(d) for d in deepest])
     # merged passes: more arithmetic than counted, as torch's counter sees it
     assert result["adaptive_performed_gflops"] > result["adaptive_gflops"]
+    assert result["unmerged_images_per_s"] > 0 and classifier.merge_passes, "timed without merging, then restored"
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         benchmark_inference(classifier, digits_images[0][:32], batch_size=16, rounds=0)
 
