@@ -252,22 +252,24 @@ def latency_batch1(classifier: AdaptiveClassifier, images: torch.Tensor, rounds:
     return {"images": len(images), "rounds": rounds, "variants": out}
 
 
+OPTIONAL_COLUMNS: tuple[tuple[str, str, Callable[[dict], str]], ...] = (
+    ("glance_efficiency", "glance alone: efficiency", lambda r: f"{r['glance_efficiency']:.2f}"),
+    ("extension_passes_per_batch", "extension passes / blocks per batch (full: 1 / L)",
+     lambda r: f"{r['extension_passes_per_batch']:.1f} / {r['extension_blocks_per_batch']:.1f} (1 / {r['full_blocks']})"),
+    ("adaptive_performed_gflops", "adaptive: performed / counted FLOPs",
+     lambda r: f"{r['adaptive_performed_gflops'] / r['adaptive_gflops']:.3f}"),
+    ("unmerged_images_per_s", "adaptive img/s over one pass per (tokens, width)",
+     lambda r: f"{r['adaptive_images_per_s'] / r['unmerged_images_per_s']:.2f}"),
+)
+"""``format_table``'s columns shown when every result has their key: (key, header, cell)."""
+
+
 def format_table(results: list[dict], peak: dict | None = None) -> str:
     """A markdown table of ``benchmark_inference`` results, one row per batch size."""
     header = ["batch", "images", "full img/s", "adaptive img/s", "naive img/s", "FLOP speedup", "realized speedup",
               "efficiency"]
-    glance = all("glance_efficiency" in r for r in results)
-    if glance:
-        header += ["glance alone: efficiency"]
-    passes = all("extension_passes_per_batch" in r for r in results)
-    if passes:
-        header += ["extension passes / blocks per batch (full: 1 / L)"]
-    performed = all("adaptive_performed_gflops" in r for r in results)
-    if performed:
-        header += ["adaptive: performed / counted FLOPs"]
-    unmerged = all("unmerged_images_per_s" in r for r in results)
-    if unmerged:
-        header += ["adaptive img/s over one pass per (tokens, width)"]
+    optional = [column for column in OPTIONAL_COLUMNS if all(column[0] in r for r in results)]
+    header += [name for _, name, _ in optional]
     if peak:
         header += ["full: share of matmul peak", "adaptive: share of matmul peak"]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
@@ -275,15 +277,7 @@ def format_table(results: list[dict], peak: dict | None = None) -> str:
         row = (f"| {r['batch_size']} | {r['images']} | {r['full_images_per_s']:,.0f} | "
                f"{r['adaptive_images_per_s']:,.0f} | {r['naive_images_per_s']:,.0f} | {r['flop_speedup']:.2f} | "
                f"{r['realized_speedup']:.2f} | {r['efficiency']:.2f} |")
-        if glance:
-            row += f" {r['glance_efficiency']:.2f} |"
-        if passes:
-            row += (f" {r['extension_passes_per_batch']:.1f} / {r['extension_blocks_per_batch']:.1f}"
-                    f" (1 / {r['full_blocks']}) |")
-        if performed:
-            row += f" {r['adaptive_performed_gflops'] / r['adaptive_gflops']:.3f} |"
-        if unmerged:
-            row += f" {r['adaptive_images_per_s'] / r['unmerged_images_per_s']:.2f} |"
+        row += "".join(f" {cell(r)} |" for _, _, cell in optional)
         if peak:
             row += (f" {100 * r['full_gflop_per_s'] / peak['gflop_per_s']:.0f}% |"
                     f" {100 * r['adaptive_gflop_per_s'] / peak['gflop_per_s']:.0f}% |")
