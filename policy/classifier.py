@@ -282,17 +282,17 @@ def extension_passes(configs: list[GridPoint], glance: GridPoint, merge: bool = 
     pass per (tokens, width), whose arithmetic is exactly those FLOPs.
     """
     glance = GridPoint(*glance)
-    answered, by_tokens = [], {}
+    answered, by_pass = [], {}
     for i, cfg in enumerate(configs):
         if cfg == glance:
             answered.append(i)
         else:
-            by_tokens.setdefault(cfg.tokens if merge else (cfg.tokens, cfg.width), []).append(i)
-    larger = sorted(t for t in by_tokens if merge and t > glance.tokens)
-    if glance.tokens in by_tokens and larger:
-        by_tokens[larger[0]] += by_tokens.pop(glance.tokens)
+            by_pass.setdefault(cfg.tokens if merge else (cfg.tokens, cfg.width), []).append(i)
+    larger = sorted(t for t in by_pass if merge and t > glance.tokens)
+    if glance.tokens in by_pass and larger:
+        by_pass[larger[0]] += by_pass.pop(glance.tokens)
     passes = {}
-    for inputs in by_tokens.values():
+    for inputs in by_pass.values():
         by_depth: dict[int, list[int]] = {}
         for i in inputs:
             by_depth.setdefault(configs[i].depth, []).append(i)
