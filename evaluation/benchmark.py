@@ -95,6 +95,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     full = GridPoint(*model.resolve(None, None, None))
+
     def unmerged(x: torch.Tensor):
         # the adaptive classifier with one extension pass per (tokens, width), on the same compiled programs' path
         merge, classifier.merge_passes = classifier.merge_passes, False
@@ -131,7 +132,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     full_flops = flops(c)
     flop_speedup = full_flops / adaptive_flops
     realized = speed["adaptive"] / speed["full"]
-    with_glance = {}
+    optional = {}  # what only some classifiers have: a glance, merged passes
     if glance is not None:
         # efficiency if every input stopped at the glance and nothing else cost time: the glance's achieved
         # GFLOP/s over the full model's, a ceiling while most inputs stop there
@@ -139,7 +140,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         # and what the adaptive classifier launches beyond the glance: its extension passes (``extension_passes``),
         # each as deep as its deepest input; against the full model's one pass of ``depth`` blocks
         groups = [extension_passes(p.configs, glance)[1] for p in predictions]
-        with_glance = {
+        optional |= {
             "glance_images_per_s": speed["glance"], "glance_gflops": glance_flops / 1e9,
             "glance_efficiency": speed["glance"] * glance_flops / (speed["full"] * full_flops),
             "extension_passes_per_batch": float(np.mean([len(g) for g in groups])),
@@ -147,7 +148,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
             "full_blocks": c.depth,
         }
     if "unmerged" in speed:
-        with_glance["unmerged_images_per_s"] = speed["unmerged"]
+        optional["unmerged_images_per_s"] = speed["unmerged"]
     return {
         "batch_size": batch_size,
         "images": sum(len(b) for b in batches),
@@ -163,7 +164,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         "efficiency": realized / flop_speedup,
         "full_gflop_per_s": speed["full"] * full_flops / 1e9,
         "adaptive_gflop_per_s": speed["adaptive"] * adaptive_flops / 1e9,
-        **with_glance,
+        **optional,
         "rounds": rounds,
     }
 

@@ -204,25 +204,24 @@ class AdaptiveClassifier:
         """``AdaPerceiver.extend_exits`` on this path: one program per (tokens, width, deepest exit, which per-row
         token counts and widths are given)."""
         glance = state.config
-        given = [p for p in (tokens_at_depth, hidden_at_depth) if p is not None]
-        has_tokens, has_hidden = tokens_at_depth is not None, hidden_at_depth is not None
+        # absent per-row values travel as empty lists: one argument list for every program, none of their tensors
+        per_row = [tokens_at_depth or [], hidden_at_depth or []]
 
-        def extend_exits(latents: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, rows, *per_row):
-            per_row = iter(per_row)
-            row_tokens, row_hidden = (next(per_row) if has else None for has in (has_tokens, has_hidden))
+        def extend_exits(latents: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, rows, row_tokens, row_hidden):
             return self.backbone.extend_exits(GlanceState(glance, list(latents), (k, v)), tokens, width, rows,
-                                              row_tokens, row_hidden)
+                                              row_tokens or None, row_hidden or None)
 
         depths = [f"rows_{d}" for d in range(1, len(rows_at_depth) + 1)]
-        fn = self._on_path(("exits", glance, tokens, width, len(rows_at_depth), has_tokens, has_hidden), extend_exits,
-                           (state.latents, *state.read_kv, rows_at_depth, *given),
-                           (["batch"] * len(state.latents), "batch", "batch", depths, *[depths] * len(given)))
+        fn = self._on_path(("exits", glance, tokens, width, len(rows_at_depth), *map(bool, per_row)), extend_exits,
+                           (state.latents, *state.read_kv, rows_at_depth, *per_row),
+                           (["batch"] * len(state.latents), "batch", "batch", depths,
+                            *[depths if p else [] for p in per_row]))
         if self.path != "graphs":
-            return fn(state.latents, *state.read_kv, rows_at_depth, *given)
+            return fn(state.latents, *state.read_kv, rows_at_depth, *per_row)
         # a graph replays fixed shapes: each depth's rows (and their token counts and widths) padded to a power of
         # two, a handful of graphs per program instead of one per row count; the padding's logits dropped
         padded = padded_rows(rows_at_depth)
-        logits = fn(state.latents, *state.read_kv, padded, *map(padded_rows, given))
+        logits = fn(state.latents, *state.read_kv, padded, *map(padded_rows, per_row))
         if all(p is rows for p, rows in zip(padded, rows_at_depth, strict=True)):
             return logits
         parts = logits.split([len(rows) for rows in padded])
@@ -288,9 +287,10 @@ def extension_passes(configs: list[GridPoint], glance: GridPoint, merge: bool = 
             answered.append(i)
         else:
             by_pass.setdefault(cfg.tokens if merge else (cfg.tokens, cfg.width), []).append(i)
-    larger = sorted(t for t in by_pass if merge and t > glance.tokens)
-    if glance.tokens in by_pass and larger:
-        by_pass[larger[0]] += by_pass.pop(glance.tokens)
+    if merge:
+        larger = sorted(t for t in by_pass if t > glance.tokens)
+        if glance.tokens in by_pass and larger:
+            by_pass[larger[0]] += by_pass.pop(glance.tokens)
     passes = {}
     for inputs in by_pass.values():
         by_depth: dict[int, list[int]] = {}
