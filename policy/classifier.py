@@ -123,8 +123,7 @@ class AdaptiveClassifier:
 
     def _forward_config(self, images: torch.Tensor, config: GridPoint) -> torch.Tensor:
         config = GridPoint(*config)
-        fn = self._on_path(("forward", config), lambda x: self.backbone(x, *config), (images,), ("batch",))
-        return fn(images)
+        return self._of_images(("forward", config), lambda x: self.backbone(x, *config), images)(images)
 
     def _owned(self, out):
         """``out`` (a tensor, or a tuple or list of them) made the caller's: on the graphs path a program returns
@@ -140,6 +139,14 @@ class AdaptiveClassifier:
             found = self._compiled[key] = for_path(fn, self.path, [self.backbone, self.artifact.policy], args,
                                                    batch_dims)
         return found
+
+    def _of_images(self, key: tuple, fn: Callable, images: torch.Tensor) -> Callable:
+        """``fn`` of a batch of images alone, on this path. On the aot path one image gets a program of its own,
+        compiled for that shape, as ``torch.compile`` does by itself: the glance's program is about 10% faster for
+        one image than the program that serves every batch size (docs/experiments.md, part 7)."""
+        if self.path == "aot" and len(images) == 1:
+            return self._on_path((*key, "one image"), fn, (images,), (None,))
+        return self._on_path(key, fn, (images,), ("batch",))
 
     def _glance_and_act(self, images: torch.Tensor):
         """Embed, the read's keys and values, the glance, its features and the policy's actions ``(B, 3)``: torch
@@ -172,8 +179,7 @@ class AdaptiveClassifier:
     def _choose(self, images: torch.Tensor):
         # ``choose`` without entering inference mode again (at batch 1 every microsecond shows), and with the
         # glance's confidence and class, or None
-        front = self._on_path(("glance",), self._glance_and_act, (images,), ("batch",))
-        finite, input_tokens, actions, *glance = front(images)
+        finite, input_tokens, actions, *glance = self._of_images(("glance",), self._glance_and_act, images)(images)
         _check_finite(finite)
         glance_logits, state, glance_top = None, None, None
         if glance:
@@ -211,13 +217,19 @@ class AdaptiveClassifier:
             return self.backbone.extend_exits(GlanceState(glance, list(latents), (k, v)), tokens, width, rows,
                                               row_tokens or None, row_hidden or None)
 
+        key = ("exits", glance, tokens, width, len(rows_at_depth), *map(bool, per_row))
+        args = (state.latents, *state.read_kv, rows_at_depth, *per_row)
+        if self.path == "aot" and len(state.latents[0]) == 1:
+            # one image, compiled for its shapes (``_of_images``): 20-30% faster than the program of every batch
+            # size at one image, whose exits at the depths where no input leaves cost calls on empty tensors
+            fn = self._on_path((*key, "one image", *(len(rows) for rows in rows_at_depth)), extend_exits, args,
+                               pytree.tree_map(lambda _: None, args))
+            return fn(*args)
         depths = [f"rows_{d}" for d in range(1, len(rows_at_depth) + 1)]
-        fn = self._on_path(("exits", glance, tokens, width, len(rows_at_depth), *map(bool, per_row)), extend_exits,
-                           (state.latents, *state.read_kv, rows_at_depth, *per_row),
-                           (["batch"] * len(state.latents), "batch", "batch", depths,
-                            *[depths if p else [] for p in per_row]))
+        fn = self._on_path(key, extend_exits, args, (["batch"] * len(state.latents), "batch", "batch", depths,
+                                                      *[depths if p else [] for p in per_row]))
         if self.path != "graphs":
-            return fn(state.latents, *state.read_kv, rows_at_depth, *per_row)
+            return fn(*args)
         # a graph replays fixed shapes: each depth's rows (and their token counts and widths) padded to a power of
         # two, a handful of graphs per program instead of one per row count; the padding's logits dropped
         padded = padded_rows(rows_at_depth)
@@ -236,6 +248,8 @@ class AdaptiveClassifier:
         configs, per_input, input_tokens, glance_logits, state, glance_top = self._choose(images)
         if state is None:  # no glance to continue from: fresh passes, packed (eager on either path)
             return model.run_mixed(input_tokens, configs).float(), configs, per_input, None
+        if len(configs) == 1 and configs[0] != state.config:  # one image, extended: no grouping needed
+            return self._extend(state, configs[0], None).float(), configs, per_input, None
         answered, passes = extension_passes(configs, state.config, self.merge_passes)
         if not passes:  # the glance answers every input
             return glance_logits.float(), configs, per_input, glance_top

@@ -67,6 +67,8 @@ def test_adaptive_equals_each_image_alone(classifier, digits_images):
         for i in range(len(x)):
             alone = classifier.backbone(x[i : i + 1], *out.configs[i])
             assert (alone[0] - out.logits[i]).abs().max().item() <= 1e-5
+            one = classifier.predict(x[i : i + 1])  # one image takes a shorter way (no grouping)
+            assert one.configs == [out.configs[i]] and (one.logits[0] - out.logits[i]).abs().max().item() <= 1e-5
     assert_answers_are_the_logits(out)
     assert out.logits.shape == (len(x), 10) and out.flops.shape == (len(x),) and out.flops.dtype == np.float64
 
@@ -219,6 +221,16 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
     kinds = {key[0] for key in compiled._compiled}
     assert kinds == {"glance", "exits", "forward"}, "every part ran on the compiled path"
     assert any(key[0] == "exits" and any(key[-2:]) for key in compiled._compiled), "a merged pass with per-row configs"
+    if path == "aot":  # one image has programs compiled for its shapes; a batch, the programs of every batch size
+        batch = eager.predict(x)
+        extended = next(i for i, cfg in enumerate(batch.configs) if cfg != glance)
+        for i in (extended, answered[0]):
+            one = compiled.predict(x[i : i + 1])
+            assert one.configs == [batch.configs[i]]
+            assert (one.logits[0] - batch.logits[i]).abs().max().item() <= 1e-4
+        assert (compiled.forward_config(x[:1], full) - eager.forward_config(x[:1], full)).abs().max().item() <= 1e-4
+        assert {key[0] for key in compiled._compiled if "one image" in key} == {"glance", "exits", "forward"}
+        assert ("glance",) in compiled._compiled
 
 
 def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_images, monkeypatch):
