@@ -222,8 +222,8 @@ class AdaptiveClassifier:
         if self.path == "aot" and len(state.latents[0]) == 1:
             # one image, compiled for its shapes (``_of_images``): 20-30% faster than the program of every batch
             # size at one image, whose exits at the depths where no input leaves cost calls on empty tensors
-            fn = self._on_path((*key, "one image", *(len(rows) for rows in rows_at_depth)), extend_exits, args,
-                               pytree.tree_map(lambda _: None, args))
+            static = ([None] * len(state.latents), None, None, *([None] * len(p) for p in (rows_at_depth, *per_row)))
+            fn = self._on_path((*key, "one image", *map(len, rows_at_depth)), extend_exits, args, static)
             return fn(*args)
         depths = [f"rows_{d}" for d in range(1, len(rows_at_depth) + 1)]
         fn = self._on_path(key, extend_exits, args, (["batch"] * len(state.latents), "batch", "batch", depths,
