@@ -220,7 +220,7 @@ class AdaptiveClassifier:
         key = ("exits", glance, tokens, width, len(rows_at_depth), *map(bool, per_row))
         args = (state.latents, *state.read_kv, rows_at_depth, *per_row)
         if self.path == "aot" and len(state.latents[0]) == 1:
-            # one image, compiled for its shapes (``_of_images``): 20-30% faster than the program of every batch
+            # one image, compiled for its shapes (``_of_images``): 18-30% faster than the program of every batch
             # size at one image, whose exits at the depths where no input leaves cost calls on empty tensors
             static = ([None] * len(state.latents), None, None, *([None] * len(p) for p in (rows_at_depth, *per_row)))
             fn = self._on_path((*key, "one image", *map(len, rows_at_depth)), extend_exits, args, static)
