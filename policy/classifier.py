@@ -140,11 +140,15 @@ class AdaptiveClassifier:
                                                    batch_dims)
         return found
 
+    def _compiled_for_one(self, batch_size: int) -> bool:
+        """Whether a call on ``batch_size`` inputs gets a program compiled for its shapes: one image on the aot path,
+        as ``torch.compile`` does by itself (AOTInductor's programs otherwise serve every batch size). The glance's
+        program is about 10% faster for one image that way (docs/experiments.md, part 7)."""
+        return self.path == "aot" and batch_size == 1
+
     def _of_images(self, key: tuple, fn: Callable, images: torch.Tensor) -> Callable:
-        """``fn`` of a batch of images alone, on this path. On the aot path one image gets a program of its own,
-        compiled for that shape, as ``torch.compile`` does by itself: the glance's program is about 10% faster for
-        one image than the program that serves every batch size (docs/experiments.md, part 7)."""
-        if self.path == "aot" and len(images) == 1:
+        """``fn`` of a batch of images alone, on this path (one image: see ``_compiled_for_one``)."""
+        if self._compiled_for_one(len(images)):
             return self._on_path((*key, "one image"), fn, (images,), (None,))
         return self._on_path(key, fn, (images,), ("batch",))
 
@@ -208,7 +212,7 @@ class AdaptiveClassifier:
                       tokens_at_depth: list[torch.Tensor] | None = None,
                       hidden_at_depth: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``AdaPerceiver.extend_exits`` on this path: one program per (tokens, width, deepest exit, which per-row
-        token counts and widths are given)."""
+        token counts and widths are given), and for one image (``_compiled_for_one``) per rows at each depth too."""
         glance = state.config
         # absent per-row values travel as empty lists: one argument list for every program, none of their tensors
         per_row = [tokens_at_depth or [], hidden_at_depth or []]
@@ -219,9 +223,9 @@ class AdaptiveClassifier:
 
         key = ("exits", glance, tokens, width, len(rows_at_depth), *map(bool, per_row))
         args = (state.latents, *state.read_kv, rows_at_depth, *per_row)
-        if self.path == "aot" and len(state.latents[0]) == 1:
-            # one image, compiled for its shapes (``_of_images``): 18-30% faster than the program of every batch
-            # size at one image, whose exits at the depths where no input leaves cost calls on empty tensors
+        if self._compiled_for_one(len(state.latents[0])):
+            # 18-30% faster than the program of every batch size at one image, whose exits at the depths where no
+            # input leaves cost calls on empty tensors
             static = ([None] * len(state.latents), None, None, *([None] * len(p) for p in (rows_at_depth, *per_row)))
             fn = self._on_path((*key, "one image", *map(len, rows_at_depth)), extend_exits, args, static)
             return fn(*args)
