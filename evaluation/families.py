@@ -4,9 +4,14 @@ A family maps an outcome table and one of its knobs to an ``Outcome``: each inpu
 predicted class and its FLOPs, every cost counted where it is paid, and the grid point its
 answer is computed at (``Outcome.actions``, timed with a latency table's ``fresh_ms`` or
 ``staged_ms`` as the family's ``timing`` says). ``choose_and_apply`` picks the knob on
-calibration inputs with ``policy.selection.select`` (the cheapest by ``Outcome.cost``: FLOPs,
-unless the family was given another cost grid) and applies it to evaluation inputs: the same
-code for every family and both selection modes.
+calibration inputs with ``policy.selection.select`` and applies it to evaluation inputs: the same
+code for every family and every selection mode.
+
+``knobs()`` lists a family's candidates safest first, in an order that depends on nothing but the
+family's settings and the analytic FLOP grid, so that it is fixed before a calibration input is
+read (fixed-sequence testing needs that): the lowest price first, the highest threshold first, the
+smallest router margin first, the largest random share first. Fixed configurations have no single
+natural order, so they go by FLOPs, the dearest first (by the family's cost grid when it has one).
 """
 
 from __future__ import annotations
@@ -52,11 +57,12 @@ class FixedFamily:
     timing = "fresh"
 
     def __init__(self, table: OutcomeTable, cost: np.ndarray | None = None) -> None:
-        self.grid_shape, self.configuration = table.grid_shape, table.configuration
+        self.grid_shape, self.configuration, self.flops = table.grid_shape, table.configuration, table.flops
         self.cost = None if cost is None else np.asarray(cost, dtype=np.float64)
 
     def knobs(self) -> list:
-        return list(np.ndindex(*self.grid_shape))
+        price = self.flops if self.cost is None else self.cost
+        return sorted(np.ndindex(*self.grid_shape), key=lambda knob: (-float(price[knob]), knob))
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         n = len(table)
@@ -78,7 +84,7 @@ class EarlyExitFamily:
         self.width_index, self.readout_flops, self.taus = width_index, readout_flops, taus
 
     def knobs(self) -> list:
-        return list(self.taus)
+        return sorted(self.taus, reverse=True)
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         result = early_exit(table, knob, self.width_index, self.readout_flops)
@@ -101,7 +107,7 @@ class RandomFamily:
         self.seed, self.fractions = seed, fractions
 
     def knobs(self) -> list:
-        return list(self.fractions)
+        return sorted(self.fractions, reverse=True)
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         actions = matched_random_actions(table, knob * table.full_flops, self.seed)
@@ -145,7 +151,7 @@ class GlanceThresholdFamily(_StagedFamily):
         self.glance_index, self.taus = glance_index, taus
 
     def knobs(self) -> list:
-        return list(self.taus)
+        return sorted(self.taus, reverse=True)
 
     def actions(self, table: OutcomeTable, knob) -> np.ndarray:
         confident = table.confidence[(slice(None), *self.glance_index)] >= knob
@@ -185,7 +191,7 @@ class RouterFamily(_StagedFamily):
         return self.network_flops
 
     def knobs(self) -> list:
-        return list(self.epsilons)
+        return sorted(self.epsilons)
 
     def actions(self, table: OutcomeTable, knob) -> np.ndarray:
         if id(table) not in self._proba:
@@ -222,7 +228,7 @@ class PolicyFamily(_StagedFamily):
         self.network_flops = [artifact.network_flops() for artifact in artifacts]
 
     def knobs(self) -> list:
-        return list(self._knobs)
+        return sorted(self._knobs, key=lambda knob: (knob[1], knob[0]))  # the lowest price first
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
         key = (id(table), knob)

@@ -25,7 +25,7 @@ from evaluation.latency import (
     load_latency_table,
     ms_per_input,
 )
-from evaluation.report import paired_stats
+from evaluation.uncertainty import paired_stats
 from policy.artifact import PolicyArtifact, save_policy
 from policy.train import PolicyTrainConfig, train_and_calibrate
 
@@ -106,7 +106,7 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
         **timing,
         "reference_accuracy": float(reference.mean()),
         "policy_accuracy": float(correct.mean()),
-        **paired_stats(correct, reference),
+        **paired_stats(correct, reference, config.selection.tolerance_pp),
         "disagreement": float(np.mean(outcome.predicted != test.predicted[:, -1, -1, -1])),
         "reference_gflops": test.full_flops / 1e9,
         "policy_gflops": policy_flops / 1e9,
@@ -116,6 +116,7 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
         "selection": artifact.meta["selection"],
         "calibration_delta_pp": artifact.meta["calibration_delta_pp"],
         "calibration_disagreement": artifact.meta["calibration_disagreement"],
+        "calibration_bound_pp": artifact.meta.get("calibration_bound_pp"),
         "meets_calibration_target": artifact.meta["meets_target"],
         "fixed_baseline": {
             "config": list(test.configuration(knob)),
@@ -183,26 +184,37 @@ def run_policy_job(job: PolicyJob) -> dict:
     save_policy(artifact, job.out, extra_files)
     if latency is None:  # a table a previous run left there is not this policy's
         (Path(job.out) / LATENCY_FILE).unlink(missing_ok=True)
-    summary = {"dataset": job.dataset,
+    summary = {"dataset": job.dataset, "saved_to": str(job.out),
                **summarize(artifact, tables["test"], tables["calibration"], job.train, latency)}
     write_json(Path(job.out) / "summary.json", summary)
     return summary
 
 
 def format_summary(summary: dict) -> str:
-    """The main job's closing lines, readable without the docs."""
-    fixed, tol = summary["fixed_baseline"], summary["selection"]["tolerance_pp"]
+    """The main job's closing lines, readable without the docs, in the vocabulary of the rule that chose."""
+    fixed, selection = summary["fixed_baseline"], summary["selection"]
+    tol, mode = selection["tolerance_pp"], selection["mode"]
     low, high = summary["delta_pp_ci"]
     price = "" if summary.get("cost", "flops") == "flops" else f"{summary['cost']} "
+    rel = "<=" if summary["meets_calibration_target"] else ">"
+    chosen = {"certified": f"certified rule: {100 * (1 - selection.get('delta', 0.1)):g}% bound on disagreement "
+                           f"{summary.get('calibration_bound_pp') or 100:.3f}% {rel} {tol:g}% on calibration",
+              "certified_accuracy": f"certified accuracy rule: {100 * (1 - selection.get('delta', 0.1)):g}% bound on "
+                                    f"the drop {summary.get('calibration_bound_pp') or 100:.3f} pp {rel} {tol:g} pp on "
+                                    "calibration",
+              "point_estimate": f"point-estimate rule: calibration drop {-(summary['calibration_delta_pp'] or 0):+.2f} "
+                                f"pp {rel} {tol - selection.get('margin_pp', 0):g} pp, not a bound"}
     lines = [
         f"test split of {summary['dataset']}: {summary['n_test']} images",
         f"  full model               {100 * summary['reference_accuracy']:.2f}%   {summary['reference_gflops'] * 1e3:.3f} MFLOPs/image",
         (f"  policy                   {100 * summary['policy_accuracy']:.2f}%   {summary['policy_gflops'] * 1e3:.3f} MFLOPs/image"
          f" (glance and policy network included)"),
-        (f"  difference               {summary['delta_pp']:+.2f} pp, 95% interval [{low:+.2f}, {high:+.2f}] pp; "
-        f"prediction differs from the full model's on {100 * summary['disagreement']:.2f}% of images"),
+        (f"  difference               {summary['delta_pp']:+.2f} pp, 95% interval [{low:+.2f}, {high:+.2f}] pp, "
+         f"P(difference < -{tol:g} pp) = {summary['p_below_tolerance']:.2f}; prediction differs from the full "
+         f"model's on {100 * summary['disagreement']:.2f}% of images"),
         (f"  FLOP reduction           {100 * summary['flop_reduction']:.1f}%  ({price}price lambda {summary['lambda']:.4g}, "
-        f"chosen on calibration: {summary['selection']['mode']} rule, tolerance {tol:g} pp)"),
+         f"chosen by the {chosen[mode]}"
+         + ("" if summary["meets_calibration_target"] else "; no price passed, the safest taken") + ")"),
         (f"  fixed config, same rule  {tuple(fixed['config'])}: {fixed['delta_pp']:+.2f} pp, "
          f"FLOP reduction {100 * fixed['flop_reduction']:.1f}%"
          + (f", {fixed['ms_per_image']:.3f} ms/image" if "ms_per_image" in fixed else "")),
@@ -213,9 +225,9 @@ def format_summary(summary: dict) -> str:
             f"  latency (measured)       full {summary['reference_ms_per_image']:.3f} ms/image, policy "
             f"{summary['policy_ms_per_image']:.3f} ms/image ({100 * summary['latency_reduction']:.1f}% less; policy "
             f"network not timed), batch {where['batch_size']} on {where['device']}, {where['threads']} threads")
-    if not summary["meets_calibration_target"]:
-        lines.append("  note: no price kept the promise on calibration, so the rule took the safest one")
     if high - low > 2 * tol:
         lines.append(f"  note: the 95% interval is {high - low:.2f} pp wide, wider than ±{tol:g} pp: {summary['n_test']} "
                      "test images alone cannot confirm the tolerance (docs/results.md: how it is certified)")
+    if "saved_to" in summary:
+        lines.append(f"  policy saved to          {summary['saved_to']}")
     return "\n".join(lines)

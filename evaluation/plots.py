@@ -36,55 +36,97 @@ def _what(name: str, e: dict) -> str:
     return ", ".join(parts)
 
 
-def _row(name: str, e: dict, tolerance_pp: float) -> str:
+def _bound(name: str, e: dict) -> str:
+    """The calibration bound the rule certified for the chosen knob (the largest over folds), or '–'."""
+    if name in ("reference", "oracle"):
+        return ""
+    folds = [fold["calibration"] for fold in e["selection"]["folds"]]
+    if "disagreement_bound" in folds[0]:
+        return f"{100 * max(f['disagreement_bound'] for f in folds):.3f}%"
+    if "drop_bound_pp" in folds[0]:
+        return f"{max(f['drop_bound_pp'] for f in folds):.3f} pp"
+    return "– (point estimate)"
+
+
+def _seeds(e: dict, key: str, scale: float, fmt: str) -> str:
+    """`` (mean ± sd over n seeds)`` of a trained family's figure, or nothing."""
+    seeds = e.get("over_seeds")
+    if not seeds or key not in seeds:
+        return ""
+    return f" ({format(scale * seeds[key]['mean'], fmt)} ± {format(scale * seeds[key]['sd'], fmt)}, {seeds['n_seeds']} seeds)"
+
+
+def _row(name: str, e: dict) -> str:
     speed = "–" if e.get("images_per_s") is None else f"{e['images_per_s']:,.0f}"
     ratio = "–" if e.get("front_ratio") is None else f"{e['front_ratio']:.2f}"
-    kept = "" if name in ("reference", "oracle") else (" yes" if e["delta_pp"] >= -tolerance_pp - 1e-9 else " **no**")
+    if "front_ratio_bootstrap" in e:
+        low, high = e["front_ratio_bootstrap"]["ci"]
+        ratio += f" [{low:.2f}, {high:.2f}]"
+    chance = "" if name == "reference" else f"{e['p_below_tolerance']:.2f}"
     return (f"| {name} | {_what(name, e)} | {100 * e['accuracy']:.2f}% | {e['delta_pp']:+.2f} "
-            f"[{e['delta_pp_ci'][0]:+.2f}, {e['delta_pp_ci'][1]:+.2f}] |{kept} | {100 * e['disagreement']:.2f}% | "
-            f"{1e3 * e['gflops']:.3f} | {100 * e['flop_reduction']:.1f}% | {ratio} | {100 * e['oracle_capture']:.1f}% | {speed} |"
+            f"[{e['delta_pp_ci'][0]:+.2f}, {e['delta_pp_ci'][1]:+.2f}]{_seeds(e, 'delta_pp', 1, '+.2f')} | {chance} | "
+            f"{100 * e['disagreement']:.2f}% | {_bound(name, e)} | {1e3 * e['gflops']:.3f} | "
+            f"{100 * e['flop_reduction']:.1f}%{_seeds(e, 'flop_reduction', 100, '.1f')} | {ratio} | "
+            f"{100 * e['oracle_capture']:.1f}% | {speed} |"
             + ("" if "ms_per_image" not in e else f" {e['ms_per_image']:.3f} |"))
 
 
+RULE_TITLES = {
+    "certified": "certified rule: a {confidence} upper bound on disagreement with the full model, no labels",
+    "certified_accuracy": "certified accuracy rule: a {confidence} upper bound on the accuracy drop, labels",
+    "point_estimate": "point-estimate rule: the calibration accuracy drop, labels (margin {margin} pp; not a bound)",
+}
+
+
 def markdown_table(report: dict) -> str:
-    """One table per selection run: each family's test accuracy, Δ with 95% CI, disagreement with the full model,
-    MFLOPs, reduction, front ratio, oracle capture and images/s; then the verdict."""
+    """One table per selection run: each family's test accuracy, Δ with its 95% interval (and over seeds),
+    P(Δ < −tolerance), disagreement with the full model, the bound certified on calibration, MFLOPs, reduction,
+    front ratio with its interval, oracle capture and images/s; then the verdict."""
     tol = report["tolerance_pp"]
     header = [
-        (f"| family | chosen | accuracy | Δ pp [95% CI] | kept ±{tol:g} pp | disagreement | MFLOPs/image | FLOP reduction "
-        "| front ratio | oracle capture | images/s |"),
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        (f"| family | chosen | accuracy | Δ pp [95% CI] | P(Δ < −{tol:g} pp) | disagreement | bound on calibration "
+         "| MFLOPs/image | FLOP reduction | front ratio [95% CI] | oracle capture | images/s |"),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     if "ms_per_image" in report["reference"]:  # a measured latency table was given: ms per image beside FLOPs
         batch = (report.get("latency") or {}).get("batch_size", "?")
         header = [header[0] + f" ms/image (batch {batch}) |", header[1] + " ---: |"]
     lines = []
     for run in report["selections"]:
-        rule = (f"margin {run['margin_pp']:g} pp" if run["mode"] == "empirical" else f"delta {run['delta']:g}")
-        lines += [(f"**{run['mode']} rule** (tolerance {run['tolerance_pp']:g} pp, {rule}), calibrated on "
-                  f"{run['calibrated_on'].replace('_', ' ')}:"), "", *header]
-        lines.append(_row("reference", report["reference"], tol))
-        lines += [_row(name, run["families"][name], tol) for name in FAMILIES if name in run["families"]]
-        lines.append(_row("oracle", report["oracle"], tol))
-        lines += ["", verdict(run["families"], tol), ""]
+        title = RULE_TITLES[run["mode"]].format(confidence=f"{100 * (1 - run.get('delta', 0.1)):g}%",
+                                                margin=run.get("margin_pp"))
+        lines += [(f"**{title}**; tolerance {run['tolerance_pp']:g} {'%' if run['mode'] == 'certified' else 'pp'}, "
+                   f"fixed-sequence over each family's candidates, calibrated on {run['calibrated_on'].replace('_', ' ')}:"),
+                  "", *header]
+        lines.append(_row("reference", report["reference"]))
+        lines += [_row(name, run["families"][name]) for name in FAMILIES if name in run["families"]]
+        lines.append(_row("oracle", report["oracle"]))
+        lines += ["", verdict(run, tol), ""]
         if any(not f["meets_target"] for e in run["families"].values() for f in e["selection"]["folds"]):
-            lines += ["† no candidate kept the promise on calibration; the rule took the safest one.", ""]
+            lines += ["† the family's safest candidate already failed on calibration: nothing certified, the safest "
+                      "taken.", ""]
     return "\n".join(lines).rstrip()
 
 
-def verdict(families: dict, tolerance_pp: float) -> str:
-    """One plain sentence: which families kept the tolerance on test, and which of them saved the most FLOPs."""
-    kept = {n: e for n, e in families.items() if e["delta_pp"] >= -tolerance_pp - 1e-9}
-    missed = [n for n in families if n not in kept]
-    if not kept:
-        return f"No family kept ±{tolerance_pp:g} pp on test."
-    best = max(kept, key=lambda n: kept[n]["flop_reduction"])
-    ranking = ", ".join(f"{n} {100 * kept[n]['flop_reduction']:.1f}%" for n in sorted(kept, key=lambda n: -kept[n]["flop_reduction"]))
-    text = (f"Kept ±{tolerance_pp:g} pp on test: {ranking} (FLOP reduction); {best} saves the most"
-            f" (front ratio {kept[best]['front_ratio']:.2f}).")
-    if missed:
-        text += " Missed it: " + ", ".join(f"{n} ({families[n]['delta_pp']:+.2f} pp)" for n in missed) + "."
-    return text
+def verdict(run: dict, tolerance_pp: float) -> str:
+    """One plain sentence: what the rule guarantees, and which family saves the most under it."""
+    families = run["families"]
+    passed = {n: e for n, e in families.items() if all(f["meets_target"] for f in e["selection"]["folds"])}
+    if not passed:
+        return "No family had a candidate pass on calibration."
+    best = max(passed, key=lambda n: passed[n]["flop_reduction"])
+    e = passed[best]
+    ranking = ", ".join(f"{n} {100 * passed[n]['flop_reduction']:.1f}%" for n in
+                        sorted(passed, key=lambda n: -passed[n]["flop_reduction"]))
+    low, high = e["delta_pp_ci"]
+    measured = (f"measured on held-out inputs: Δ {e['delta_pp']:+.2f} pp [{low:+.2f}, {high:+.2f}], "
+                f"P(Δ < −{tolerance_pp:g} pp) = {e['p_below_tolerance']:.2f}, disagreement {100 * e['disagreement']:.2f}%")
+    if run["mode"] == "point_estimate":
+        return (f"Chosen on a point estimate (no guarantee): {ranking} (FLOP reduction); {best} saves the most, "
+                f"{measured}.")
+    what = "disagreement" if run["mode"] == "certified" else "accuracy drop"
+    return (f"Certified on calibration ({what} ≤ {tolerance_pp:g}{'%' if what == 'disagreement' else ' pp'} with "
+            f"probability ≥ {1 - run['delta']:g} per fold): {ranking} (FLOP reduction); {best} saves the most, {measured}.")
 
 
 def pareto_plot(report: dict, path: str | Path, title: str = "") -> None:

@@ -1,9 +1,13 @@
 """The evaluation report: every family on the test split against the full configuration.
 
-Every deployable family is chosen by one selection rule (``policy.selection``), in each of
-the report's selection runs: the empirical rule on the calibration split, and the certified
-rule cross-fitted on the two halves of the test split (calibrate on one half without its
-labels, measure on the other, swap, pool). The hindsight fixed front, each configuration
+Every deployable family is chosen by one selection rule (``policy.selection``: fixed-sequence
+testing, safest first), in each of the report's selection runs: the certified rule (a bound on
+disagreement, no labels) cross-fitted on two halves of the test split drawn without labels
+(calibrate on one half, measure on the other, swap, pool); the certified accuracy rule (a bound
+on the accuracy drop, labels) on the calibration split; and the point-estimate rule on the
+calibration split. Every accuracy difference comes with its paired bootstrap interval and the
+probability that it is below the tolerance, every front ratio with its bootstrap interval, and
+the trained families (PPO, router) with their figures over seeds (``evaluation.uncertainty``). The hindsight fixed front, each configuration
 scored on test itself, is the optimistic static bound; a family's ``front_ratio`` is its
 test FLOPs over that front's FLOPs at its test accuracy (< 1: it beats every fixed
 configuration, even one picked on test). Statistics come from scipy; only the throughput
@@ -18,12 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from backbone import AdaPerceiver, readout_flops
-from backbone.compare import paired_interval_pp
 from envs import OutcomeTable
 from evaluation.baselines import early_exit, oracle_actions, pareto_front
 from evaluation.benchmark import batches_of, images_per_second
@@ -40,6 +42,7 @@ from evaluation.families import (
     choose_and_apply,
 )
 from evaluation.latency import check_latency_table, latency_grid, ms_per_input
+from evaluation.uncertainty import front_ratio_interval, over_seeds, paired_stats
 from policy.artifact import PolicyArtifact
 from policy.classifier import AdaptiveClassifier
 from policy.selection import SelectionRule
@@ -47,15 +50,6 @@ from policy.selection import SelectionRule
 LATENCY_KEYS = ("source", "batch_size", "threads", "device", "device_name", "cpu", "torch", "backbone_hash", "rounds",
                 "full_ms", "glance_ms", "note")
 """What the report says about the latency table its ``ms_per_image`` come from."""
-
-
-def paired_stats(correct: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:
-    """Accuracy difference in pp with a 95% paired bootstrap interval and the exact McNemar p-value."""
-    diff = correct.astype(np.float64) - reference.astype(np.float64)
-    ci = paired_interval_pp(diff, seed)
-    lost, gained = int(np.sum(reference & ~correct)), int(np.sum(~reference & correct))
-    p = 1.0 if lost + gained == 0 else binomtest(min(lost, gained), lost + gained, 0.5).pvalue
-    return {"delta_pp": 100 * diff.mean(), "delta_pp_ci": [float(ci[0]), float(ci[1])], "mcnemar_p": float(p)}
 
 
 def front_flops(front: list[dict], accuracy: float) -> float:
@@ -66,18 +60,23 @@ def front_flops(front: list[dict], accuracy: float) -> float:
 
 
 def entry(correct: np.ndarray, flops_per_input: np.ndarray | float, reference: np.ndarray, full_flops: float,
-          oracle_flops: float, front: list[dict] | None = None, **extra) -> dict:
-    """One report row: accuracy, paired statistics against the reference, FLOPs, oracle capture, front ratio."""
-    mean_flops = float(np.mean(flops_per_input))
+          oracle_flops: float, front: list[dict] | None = None, tolerance_pp: float = 0.1,
+          grid: tuple[np.ndarray, np.ndarray] | None = None, **extra) -> dict:
+    """One report row: accuracy, paired statistics against the reference, FLOPs, oracle capture, front ratio
+    (with its bootstrap interval given ``grid``, every fixed configuration's ``(correct (n, G), flops (G,))``)."""
+    per_input = np.broadcast_to(np.asarray(flops_per_input, dtype=np.float64), correct.shape)
+    mean_flops = float(np.mean(per_input))
     saving = full_flops - mean_flops
     accuracy = float(correct.mean())
+    ratio = None if front is None else mean_flops / front_flops(front, accuracy)
     return {
         "accuracy": accuracy,
-        **paired_stats(correct, reference),
+        **paired_stats(correct, reference, tolerance_pp),
         "gflops": mean_flops / 1e9,
         "flop_reduction": saving / full_flops,
         "oracle_capture": saving / (full_flops - oracle_flops) if full_flops > oracle_flops else 0.0,
-        "front_ratio": None if front is None else mean_flops / front_flops(front, accuracy),
+        "front_ratio": ratio,
+        **({} if ratio is None or grid is None else {"front_ratio_bootstrap": front_ratio_interval(correct, per_input, *grid)}),
         **extra,
     }
 
@@ -95,15 +94,17 @@ class SelectionRun:
 
 
 DEFAULT_RUNS = (
-    SelectionRun(SelectionRule("empirical")),
     SelectionRun(SelectionRule("certified"), "test_halves"),
+    SelectionRun(SelectionRule("certified_accuracy")),
+    SelectionRun(SelectionRule("point_estimate")),
 )
+"""The claim that holds by construction first (it is the report's top level), then the labeled ones."""
 
 
 def split_halves(test: OutcomeTable, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two stratified, seeded halves of the test rows (scikit-learn's split)."""
+    """Two seeded halves of the test rows, drawn without their labels (scikit-learn's split, unstratified)."""
     rows = np.arange(len(test))
-    first, second = train_test_split(rows, test_size=0.5, random_state=seed, stratify=test.labels)
+    first, second = train_test_split(rows, test_size=0.5, random_state=seed, shuffle=True)
     return np.sort(first), np.sort(second)
 
 
@@ -165,6 +166,8 @@ def build_report(
     seed: int = 0,
     quiet: bool = False,
     latency: dict | None = None,
+    seed_policies: list[PolicyArtifact] | None = None,
+    router_seeds: tuple[int, ...] = (0, 1, 2),
 ) -> dict:
     """Every family on ``test``, its knob chosen by each selection run.
 
@@ -190,9 +193,13 @@ def build_report(
                "gflops": float(test.flops[idx]) / 1e9} for idx in np.ndindex(*test.grid_shape)]
     hindsight = pareto_front(points)
 
+    tolerance_pp = runs[0].rule.tolerance_pp
+    grid = (test.correct.reshape(len(test), -1), test.flops.reshape(-1))
+
     def row(predicted, flops, ms: dict | None = None, **extra) -> dict:
         correct = predicted == test.labels
-        return {**entry(correct, flops, ref_correct, test.full_flops, oracle_flops, hindsight, **extra),
+        return {**entry(correct, flops, ref_correct, test.full_flops, oracle_flops, hindsight, tolerance_pp, grid,
+                        **extra),
                 "disagreement": float(np.mean(predicted != full_predicted)), **(ms or {})}
 
     index_batches = None if images is None else batches_of(torch.arange(len(images)), 256)
@@ -242,15 +249,33 @@ def build_report(
         families.append(PolicyFamily(policies, cost=None if latency is None else latency_grid(latency, "staged")))
 
     halves = split_halves(test, seed)
+    report["halves"] = {"seed": seed, "sizes": [len(h) for h in halves], "drawn": "without labels"}
     report["selections"] = []
     work = [(run, family) for run in runs for family in families]
     results: dict[str, dict] = {run.name(): {} for run in runs}
-    for run, family in tqdm(work, desc="families x selection rules", disable=quiet):
+
+    def run_row(run: SelectionRun, family: Family) -> dict:
         outcome, records = run_family(family, run, calibration, test, halves)
         note = MS_NOTES["early_exit"] if family.name == "early_exit" else MS_NOTES[family.timing]
         ms = latency_columns(latency, family.timing, outcome.actions, note)
-        results[run.name()][family.name] = row(outcome.predicted, outcome.flops, ms, selection={
+        return row(outcome.predicted, outcome.flops, ms, selection={
             **run.rule.to_dict(), "calibrated_on": run.calibrate_on, "folds": records})
+
+    for run, family in tqdm(work, desc="families x selection rules", disable=quiet):
+        results[run.name()][family.name] = run_row(run, family)
+    # the trained families again with their other seeds: one figure per seed, then mean and sd
+    seeded: dict[str, tuple[list[str], list[Family]]] = {}
+    if policies and seed_policies:
+        seeded["ppo"] = ([str(policies[0].meta.get("train_config", {}).get("seed", "shipped"))]
+                         + [str(a.meta.get("train_config", {}).get("seed", i + 1)) for i, a in enumerate(seed_policies)],
+                         [PolicyFamily([a]) for a in seed_policies])
+    if policy_train is not None and len(router_seeds) > 1:
+        seeded["router"] = ([str(seed)] + [str(s) for s in router_seeds if s != seed],
+                            [RouterFamily(policy_train, seed=s) for s in router_seeds if s != seed])
+    for name, (labels, others) in tqdm(seeded.items(), desc="other seeds", disable=quiet):
+        for run in runs:
+            rows = [results[run.name()][name]] + [run_row(run, family) for family in others]
+            results[run.name()][name]["over_seeds"] = over_seeds(rows, labels)
     for run in runs:
         report["selections"].append({"name": run.name(), **run.rule.to_dict(), "calibrated_on": run.calibrate_on,
                                      "families": results[run.name()]})

@@ -1,6 +1,8 @@
 """Compare a policy with fixed configurations, early exit, random, a glance threshold, a supervised router
-and the oracle on the test split; every family's knob is chosen by the same selection rule, once with the
-empirical rule on the calibration split and once with the certified rule cross-fitted on the test halves.
+and the oracle on the test split; every family's knob is chosen by the same selection rule (fixed-sequence
+testing), three times: the certified rule cross-fitted on unlabeled halves of test (the report's top level),
+the certified accuracy rule on the calibration split, and the point-estimate rule on the calibration split.
+With --seed-policies (the same recipe trained with other seeds), PPO and the router are reported over seeds.
 
     python experiments/evaluate.py                                   # digits, policies/digits
     python experiments/evaluate.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist \\
@@ -32,15 +34,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
-    parser.add_argument("--policy", nargs="*", default=None, help="artifact directories; the first is the named policy")
+    parser.add_argument("--policy", nargs="*", default=None,
+                        help="artifact directories; the first is the named policy (default policies/<dataset>)")
+    parser.add_argument("--seed-policies", nargs="*", default=[],
+                        help="the first policy's recipe trained with other seeds: PPO reported over seeds (default none)")
+    parser.add_argument("--router-seeds", default="0,1,2", help="seeds the router is trained with (default %(default)s)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--plot", default=None)
     rule = SelectionRule()
     parser.add_argument("--tolerance-pp", type=float, default=rule.tolerance_pp,
-                        help="accuracy drop (empirical) or disagreement (certified) allowed, pp")
-    parser.add_argument("--margin-pp", type=float, default=rule.margin_pp, help="empirical rule's safety margin, pp")
-    parser.add_argument("--delta", type=float, default=rule.delta, help="certified rule's failure probability")
+                        help="disagreement (certified, %%) or accuracy drop (the labeled rules, pp) allowed (default %(default)s)")
+    parser.add_argument("--margin-pp", type=float, default=rule.margin_pp, help="point-estimate rule: safety margin, pp (default %(default)s)")
+    parser.add_argument("--delta", type=float, default=rule.delta, help="certified rules: failure probability of the whole fixed sequence (default %(default)s)")
     parser.add_argument("--no-throughput", action="store_true", help="skip the images/s measurements")
     parser.add_argument("--latency", default=None,
                         help="latency table (experiments/measure_latency.py): adds ms/image to every family "
@@ -52,8 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_output_path(args.markdown, "--markdown")
     check_output_path(args.plot, "--plot")
     try:
-        runs = (SelectionRun(SelectionRule("empirical", args.tolerance_pp, args.margin_pp, args.delta)),
-                SelectionRun(SelectionRule("certified", args.tolerance_pp, args.margin_pp, args.delta), "test_halves"))
+        runs = (SelectionRun(SelectionRule("certified", args.tolerance_pp, args.margin_pp, args.delta), "test_halves"),
+                SelectionRun(SelectionRule("certified_accuracy", args.tolerance_pp, args.margin_pp, args.delta)),
+                SelectionRun(SelectionRule("point_estimate", args.tolerance_pp, args.margin_pp, args.delta)))
+        router_seeds = tuple(int(v) for v in args.router_seeds.split(","))
     except ValueError as err:
         parser.error(str(err))
 
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         policy_dirs += sorted(str(p) for p in (Path(policy_dirs[0]) / "sweep").iterdir() if p.is_dir())
     digest = backbone_hash(backbone_dir)
     policies = [load_policy(p, digest) for p in policy_dirs]
+    seed_policies = [load_policy(p, digest) for p in args.seed_policies]
     spec = policies[0].feature_spec if policies else FeatureSpec()
     latency_path = args.latency
     if latency_path is None and policy_dirs and (Path(policy_dirs[0]) / LATENCY_FILE).is_file():
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_throughput:
         images = job_dataset(job).splits["test"].x
     report = build_report(tables["test"], tables["calibration"], model, policies, images, tables["policy_train"], runs,
-                          quiet=args.quiet, latency=latency)
+                          quiet=args.quiet, latency=latency, seed_policies=seed_policies, router_seeds=router_seeds)
     report["dataset"] = args.dataset
     table = markdown_table(report)
     print(table)

@@ -1,6 +1,6 @@
 """Train the adaptive-compute policy (PPO) on a frozen backbone and report it on the test split.
 
-    python experiments/train_policy.py                       # digits, checkpoints/digits -> policies/digits
+    python experiments/train_policy.py                       # digits, checkpoints/digits -> runs/digits/policy
     python experiments/train_policy.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist
     python experiments/train_policy.py --cost latency --latency runs/digits/latency.json   # priced by measured ms
 """
@@ -15,7 +15,7 @@ from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
 from evaluation.pipeline import PolicyJob, format_summary, run_policy_job
-from policy.selection import MODES, SelectionRule
+from policy.selection import ALIASES, MODES, SelectionRule
 from policy.train import COSTS, PolicyTrainConfig
 
 
@@ -45,13 +45,18 @@ def main(argv: list[str] | None = None) -> dict:
                         "checked against the backbone's grid and copied beside the policy as latency.json")
     parser.add_argument("--net-arch", type=lambda s: [int(v) for v in s.split(",")], default=defaults.net_arch,
                         help="hidden layers of the policy and value networks, e.g. 64,64")
-    parser.add_argument("--selection", choices=MODES, default=rule.mode,
-                        help="empirical: calibration accuracy drop <= tolerance - margin; certified: the "
-                        "(1 - delta) upper bound on disagreement with the full model <= tolerance")
-    parser.add_argument("--tolerance-pp", type=float, default=rule.tolerance_pp)
+    parser.add_argument("--selection", choices=MODES + tuple(ALIASES), default=rule.mode,
+                        help="how the price is chosen on calibration, by fixed-sequence testing from the lowest price: "
+                        "certified: the (1 - delta) upper bound on disagreement with the full model <= tolerance (%%), "
+                        "no labels; certified_accuracy: the (1 - delta) upper bound on the accuracy drop <= tolerance "
+                        "(pp); point_estimate (alias empirical): the calibration drop <= tolerance - margin, a point "
+                        "estimate, not a bound (default %(default)s)")
+    parser.add_argument("--tolerance-pp", type=float, default=rule.tolerance_pp,
+                        help="disagreement (certified, %%) or accuracy drop (pp) allowed (default %(default)s)")
     parser.add_argument("--margin-pp", type=float, default=rule.margin_pp,
-                        help="empirical rule: safety margin (pp) subtracted from the tolerance")
-    parser.add_argument("--delta", type=float, default=rule.delta, help="certified rule: the bound's failure probability")
+                        help="point-estimate rule: safety margin (pp) subtracted from the tolerance (default %(default)s)")
+    parser.add_argument("--delta", type=float, default=rule.delta,
+                        help="certified rules: failure probability of the whole fixed sequence (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=positive_int, default=defaults.threads, help="torch threads for PPO")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,20 +1,33 @@
-"""One selection rule for every family: the cheapest candidate that keeps the promise on calibration.
+"""One selection rule for every family: fixed-sequence testing of candidates ordered safest first.
 
 A family (fixed configurations, early-exit thresholds, random mixes, router margins, PPO
-prices) offers candidates; each is scored on calibration inputs; the rule keeps the
-cheapest one that passes. Two modes, one rule:
+prices) offers its candidates in an order fixed before any calibration input is read, the
+safest first (the most compute: the lowest price, the highest threshold, the dearest
+configuration). Each candidate in turn is tested on the calibration inputs; the first that
+fails stops the sequence, and the choice is the cheapest candidate before it. This is
+fixed-sequence testing (Learn-then-Test, Angelopoulos et al. 2021): every candidate before
+the first failure keeps the promise at once with probability ``1 - delta``, so taking the
+cheapest of them is valid. Taking the cheapest candidate that passes *anywhere* is not: with
+many candidates, one whose true statistic is past the tolerance passes by chance far more
+often than ``delta`` (``tests/test_selection.py`` simulates both).
 
-- ``empirical``: the calibration accuracy drop against the full configuration is at most
-  ``tolerance_pp - margin_pp`` (a point estimate plus a safety margin; needs labels).
-- ``certified``: the one-sided ``1 - delta`` Clopper-Pearson upper confidence bound on the
+What a test checks, by mode:
+
+- ``certified`` (no labels): the one-sided ``1 - delta`` Clopper-Pearson upper bound on the
   share of inputs whose prediction differs from the full configuration's is at most
   ``tolerance_pp`` (CATs, EMNLP 2021; CALM, NeurIPS 2022). Disagreement bounds the accuracy
-  loss and needs no labels, so it can be calibrated on unlabeled images of the deployment
-  distribution.
+  loss, so it can be calibrated on unlabeled images of the deployment distribution.
+- ``certified_accuracy`` (labels): the same bound on the share of inputs the full
+  configuration gets right and the candidate gets wrong ("lost"). The accuracy drop is lost
+  minus gained, so this bounds the drop itself, and it is never looser than the disagreement
+  bound.
+- ``point_estimate`` (labels): the calibration accuracy drop is at most ``tolerance_pp -
+  margin_pp``. A point estimate with a margin, not a bound: nothing says how often it fails.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,33 +36,53 @@ from scipy.stats import beta
 
 from envs import OutcomeTable
 
-MODES = ("empirical", "certified")
+MODES = ("certified", "certified_accuracy", "point_estimate")
+ALIASES = {"empirical": "point_estimate"}
+"""Older name of a mode, still accepted (artifacts and scripts written before it was renamed)."""
+LABEL_FREE = ("certified",)
+"""Modes that read no labels."""
 
 
 @dataclass(frozen=True)
 class SelectionRule:
-    """What "keeps the promise" means on calibration inputs."""
+    """What "keeps the promise" means for one candidate on calibration inputs."""
 
-    mode: str = "empirical"
-    """'empirical' (accuracy drop, labels) or 'certified' (upper bound on disagreement, no labels)."""
+    mode: str = "point_estimate"
+    """'certified' (bound on disagreement, no labels), 'certified_accuracy' (bound on the accuracy drop, labels)
+    or 'point_estimate' (the calibration accuracy drop, labels)."""
     tolerance_pp: float = 0.1
-    """Largest accuracy drop (empirical) or disagreement (certified) allowed, in percentage points."""
+    """Largest disagreement (certified) or accuracy drop (the other modes) allowed, in percentage points."""
     margin_pp: float = 0.1
-    """Empirical mode: the calibration drop must be at most ``tolerance_pp - margin_pp``."""
+    """Point-estimate mode: the calibration drop must be at most ``tolerance_pp - margin_pp``."""
     delta: float = 0.1
-    """Certified mode: the bound holds with probability ``1 - delta``."""
+    """Certified modes: the bound holds with probability ``1 - delta`` (for the whole sequence of tests)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", ALIASES.get(self.mode, self.mode))
         if self.mode not in MODES:
             raise ValueError(f"selection mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("tolerance_pp", "margin_pp", "delta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.tolerance_pp < 0 or self.margin_pp < 0:
             raise ValueError(f"tolerance and margin must be >= 0 pp, got {self.tolerance_pp}, {self.margin_pp}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
+    @property
+    def certified(self) -> bool:
+        """Whether the rule tests a (1 - delta) bound rather than a point estimate."""
+        return self.mode != "point_estimate"
+
+    @property
+    def statistic(self) -> str:
+        """What the rule bounds or estimates: 'disagreement' or 'accuracy drop'."""
+        return "disagreement" if self.mode == "certified" else "accuracy drop"
+
     def to_dict(self) -> dict:
-        keep = ("mode", "tolerance_pp", "margin_pp") if self.mode == "empirical" else ("mode", "tolerance_pp", "delta")
-        return {key: value for key, value in asdict(self).items() if key in keep}
+        keep = ("mode", "tolerance_pp", "delta") if self.certified else ("mode", "tolerance_pp", "margin_pp")
+        return {key: value for key, value in asdict(self).items() if key in keep} | {
+            "statistic": self.statistic, "procedure": "fixed_sequence"}
 
 
 @dataclass
@@ -111,13 +144,32 @@ def score(candidate: Candidate, reference_correct: np.ndarray, rule: SelectionRu
     n = len(candidate.agree)
     disagreements = int(np.sum(~candidate.agree))
     out = {"flops": float(candidate.flops), "cost": float(candidate.cost), "disagreement": disagreements / max(n, 1)}
-    if rule.mode == "empirical":
-        drop_pp = 100 * (reference_correct.mean() - candidate.correct.mean())
-        out.update(delta_pp=-float(drop_pp), passes=bool(drop_pp <= rule.tolerance_pp - rule.margin_pp + 1e-9))
-    else:
+    if rule.mode == "certified":
         bound = disagreement_upper_bound(disagreements, n, rule.delta)
         out.update(disagreement_bound=bound, passes=bool(bound <= rule.tolerance_pp / 100 + 1e-12))
+        return out
+    drop_pp = 100 * (reference_correct.mean() - candidate.correct.mean())
+    out["delta_pp"] = -float(drop_pp)
+    if rule.mode == "certified_accuracy":
+        lost = int(np.sum(reference_correct & ~candidate.correct))
+        bound = disagreement_upper_bound(lost, n, rule.delta)
+        out.update(lost=lost / max(n, 1), drop_bound_pp=100 * bound, passes=bool(bound <= rule.tolerance_pp / 100 + 1e-12))
+    else:
+        out["passes"] = bool(drop_pp <= rule.tolerance_pp - rule.margin_pp + 1e-9)
     return out
+
+
+def describe_score(stats: dict, rule: SelectionRule) -> str:
+    """One phrase for a candidate's calibration statistic in the rule's own vocabulary."""
+    confidence = f"{100 * (1 - rule.delta):g}%"
+    if rule.mode == "certified":
+        return (f"calibration disagreement {100 * stats['disagreement']:.2f}%, {confidence} bound "
+                f"{100 * stats['disagreement_bound']:.3f}% (tolerance {rule.tolerance_pp:g}%)")
+    drop = f"calibration accuracy drop {-stats['delta_pp']:+.2f} pp"
+    if rule.mode == "certified_accuracy":
+        return f"{drop}, {confidence} bound {stats['drop_bound_pp']:.3f} pp (tolerance {rule.tolerance_pp:g} pp)"
+    return (f"{drop} (a point estimate; passes at <= {rule.tolerance_pp - rule.margin_pp:g} pp = tolerance "
+            f"{rule.tolerance_pp:g} - margin {rule.margin_pp:g})")
 
 
 @dataclass
@@ -127,25 +179,104 @@ class Selection:
     index: int
     """The chosen candidate."""
     meets_target: bool
-    """False when no candidate passed and the safest one was taken instead."""
+    """False when the first (safest) candidate failed: nothing was certified, and the first is taken."""
     scores: list[dict]
-    """Every candidate's statistic, in the candidates' order."""
+    """Every candidate's statistic, in the candidates' (safest-first) order; ``tested`` says which the
+    sequence reached."""
+    tested: int
+    """How many candidates the sequence tested: those before the first failure, and that failure."""
 
 
 def select(candidates: list[Candidate], reference_correct: np.ndarray, rule: SelectionRule) -> Selection:
-    """The cheapest candidate (by ``Candidate.cost``: FLOPs unless a family prices otherwise) that passes
-    ``rule`` (ties: the better statistic).
+    """Fixed-sequence testing over ``candidates``, given safest first in an order fixed before the calibration
+    inputs were read: test each in turn, stop at the first that fails, and take the cheapest (by
+    ``Candidate.cost``: FLOPs unless a family prices otherwise; ties: the earlier) of those before it.
 
-    When none passes, the safest candidate is taken (highest calibration accuracy, or fewest
-    disagreements in certified mode; ties: the cheaper) and ``meets_target`` is False.
+    When the first candidate fails nothing is certified: it is taken (the safest by the family's own order)
+    and ``meets_target`` is False. Every candidate is scored (for the record); only the tested prefix decides.
     """
     if not candidates:
         raise ValueError("no candidates to select from")
     scores = [score(c, reference_correct, rule) for c in candidates]
-    safety = [s["delta_pp"] if rule.mode == "empirical" else -s["disagreement"] for s in scores]
-    passing = [i for i, s in enumerate(scores) if s["passes"]]
-    if passing:
-        best = min(passing, key=lambda i: (scores[i]["cost"], -safety[i]))
-        return Selection(best, True, scores)
-    best = min(range(len(candidates)), key=lambda i: (-safety[i], scores[i]["cost"]))
-    return Selection(best, False, scores)
+    passed = 0
+    while passed < len(scores) and scores[passed]["passes"]:
+        passed += 1
+    tested = min(passed + 1, len(scores))
+    for i, s in enumerate(scores):
+        s["tested"] = i < tested
+    if passed == 0:
+        return Selection(0, False, scores, tested)
+    best = min(range(passed), key=lambda i: (scores[i]["cost"], i))
+    return Selection(best, True, scores, tested)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One price of a price-conditioned policy, measured on calibration inputs (labels not read)."""
+
+    lam: float
+    """The FLOP price."""
+    mflops: float
+    """Mean MFLOPs per input at this price, every cost counted."""
+    disagreement: float
+    """Share of the calibration inputs whose prediction differs from the full configuration's."""
+    bound: float
+    """One-sided ``1 - delta`` Clopper-Pearson upper bound on that share."""
+    n: int
+    """Calibration inputs."""
+    delta: float
+    ms: float | None = None
+    """Mean ms per input from a latency table (None without one)."""
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def operating_points(candidates: list[Candidate], delta: float, ms: list[float] | None = None) -> list[OperatingPoint]:
+    """The curve of a price-conditioned policy: one point per candidate (knob ``(artifact, lam)``), lowest price
+    first, each with its disagreement bound at ``delta``."""
+    points = []
+    for i, c in enumerate(candidates):
+        n, k = len(c.agree), int(np.sum(~c.agree))
+        points.append(OperatingPoint(float(c.knob[1]), c.flops / 1e6, k / max(n, 1), disagreement_upper_bound(k, n, delta),
+                                     n, float(delta), None if ms is None else float(ms[i])))
+    return sorted(points, key=lambda p: p.lam)
+
+
+class NothingCertifiedError(ValueError):
+    """No operating point is certified at the tolerance asked for."""
+
+
+def certified_point(points: list[OperatingPoint], tolerance_pp: float) -> OperatingPoint:
+    """The cheapest operating point certified at ``tolerance_pp`` (disagreement, pp) by fixed-sequence testing
+    along the curve, lowest price first; ``NothingCertifiedError`` when the first point's bound is already
+    above the tolerance."""
+    if not math.isfinite(tolerance_pp) or tolerance_pp < 0:
+        raise NothingCertifiedError(f"a tolerance must be a finite number of pp >= 0, got {tolerance_pp}")
+    ordered = sorted(points, key=lambda p: p.lam)
+    passed = []
+    for point in ordered:
+        if point.bound > tolerance_pp / 100 + 1e-12:
+            break
+        passed.append(point)
+    if not ordered:
+        raise NothingCertifiedError("this policy carries no operating points; calibrate it with experiments/calibrate.py")
+    if not passed:
+        first = ordered[0]
+        raise NothingCertifiedError(
+            f"no operating point is certified at a disagreement of {tolerance_pp:g}%: at the safest price the "
+            f"{100 * (1 - first.delta):g}% bound is {100 * first.bound:.3g}% on {first.n} calibration images; ask for "
+            f"a tolerance of at least {100 * first.bound:.3g}%, or calibrate on more images (a tolerance of "
+            f"{tolerance_pp:g}% needs at least {images_to_certify(tolerance_pp, first.delta)} with no disagreement)")
+    return min(passed, key=lambda p: (p.mflops, p.lam))
+
+
+def images_to_certify(tolerance_pp: float, delta: float) -> int:
+    """The fewest inputs on which zero disagreements certify ``tolerance_pp`` at ``delta``:
+    ``(1 - t)^n <= delta``."""
+    t = tolerance_pp / 100
+    if t <= 0:
+        return -1
+    if t >= 1:
+        return 1
+    return int(math.ceil(math.log(delta) / math.log1p(-t)))

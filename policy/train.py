@@ -17,7 +17,7 @@ from tqdm import tqdm
 from envs import OutcomeTable, TableVecEnv
 from envs.reward import cost_grid
 from policy.artifact import PolicyArtifact, make_policy, policy_outcome
-from policy.selection import SelectionRule, candidate, select
+from policy.selection import SelectionRule, candidate, describe_score, operating_points, select
 
 LAM_GRID = 61
 """Prices of a conditioned policy scanned on calibration (log-spaced over its range)."""
@@ -194,6 +194,7 @@ def train_and_calibrate(
         scored += [candidate((i, float(lam)), policy_outcome(artifact, calibration_table, lam, network, cost),
                              calibration_table)
                    for lam in lams]
+    scored.sort(key=lambda c: (c.knob[1], c.knob[0]))  # safest first: the lowest price, fixed before any is scored
     selection = select(scored, calibration_table.correct[:, -1, -1, -1], config.selection)
     artifact_index, lam = scored[selection.index].knob
     chosen = dataclasses.replace(artifacts[artifact_index], meta={**artifacts[artifact_index].meta, "lam": lam})
@@ -209,16 +210,23 @@ def train_and_calibrate(
         selection=config.selection.to_dict(),
         calibration_delta_pp=best.get("delta_pp", None),
         calibration_disagreement=best["disagreement"],
+        # the certified rules' (1 - delta) bound on what they test, in pp (None for the point estimate)
+        calibration_bound_pp=(100 * best["disagreement_bound"] if "disagreement_bound" in best
+                              else best.get("drop_bound_pp")),
         calibration_flop_reduction=best["flop_reduction"],
         meets_target=selection.meets_target,
         calibration=records,
         train_s=round(time.time() - start, 1),
     )
+    if config.lam_range is not None:  # the price is a runtime knob: the curve maps a tolerance to a price
+        mine = [c for c in scored if c.knob[0] == artifact_index]
+        chosen.meta["operating_points"] = {
+            "calibrated_on": "calibration split", "labels_read": False,
+            "points": [point.to_dict() for point in operating_points(mine, config.selection.delta)]}
     saving = f"FLOP reduction {100 * best['flop_reduction']:.1f}%"
     if cost is not None:
         chosen.meta["calibration_cost_reduction"] = best["cost_reduction"]
         saving = f"{config.cost} reduction {100 * best['cost_reduction']:.1f}%, {saving}"
-    tqdm.write(f"chosen lambda {lam:.4g}: calibration disagreement {100 * best['disagreement']:.2f}%, "
-               f"{saving} (meets target: {selection.meets_target})")
+    tqdm.write(f"chosen lambda {lam:.4g}: {describe_score(best, config.selection)}, {saving}"
+               + ("" if selection.meets_target else " (no price passed; the safest taken)"))
     return chosen, artifacts
-

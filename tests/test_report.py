@@ -6,11 +6,11 @@ import pytest
 from conftest import synthetic_table
 
 from evaluation.baselines import early_exit, matched_random_actions, oracle_actions, pareto_front
-from evaluation.report import paired_stats
+from evaluation.uncertainty import front_ratio_interval, paired_stats
 from experiments import evaluate
 
-KEYS = ("accuracy", "delta_pp", "delta_pp_ci", "mcnemar_p", "gflops", "flop_reduction", "oracle_capture", "front_ratio",
-        "disagreement", "selection")
+KEYS = ("accuracy", "delta_pp", "delta_pp_ci", "p_below_tolerance", "mcnemar_p", "gflops", "flop_reduction",
+        "oracle_capture", "front_ratio", "front_ratio_bootstrap", "disagreement", "selection")
 FAMILIES = ("fixed", "early_exit", "random", "glance_threshold", "router", "ppo")
 
 
@@ -40,7 +40,40 @@ def test_paired_stats_against_hand_computation():
     low, high = stats["delta_pp_ci"]
     assert low <= -10.0 <= high
     same = paired_stats(reference, reference)
-    assert same["delta_pp"] == 0 and same["mcnemar_p"] == 1.0
+    assert same["delta_pp"] == 0 and same["mcnemar_p"] == 1.0 and same["p_below_tolerance"] == 0.0
+
+
+def test_probability_below_the_tolerance_follows_the_evidence():
+    reference = np.ones(4000, bool)
+    worse, better, even = reference.copy(), reference.copy(), reference.copy()
+    worse[:40] = False  # -1.0 pp: surely below -0.1 pp
+    better[:40] = False
+    reference_b = reference.copy()
+    reference_b[40:120] = False  # the candidate gains 80 and loses 40: +1.0 pp
+    even[:4] = False  # -0.1 pp exactly: about half the resamples are below
+    assert paired_stats(worse, reference)["p_below_tolerance"] > 0.99
+    assert paired_stats(better, reference_b)["p_below_tolerance"] < 0.01
+    assert 0.3 < paired_stats(even, reference, tolerance_pp=0.1)["p_below_tolerance"] < 0.7
+    assert paired_stats(worse, reference, tolerance_pp=2.0)["p_below_tolerance"] < 0.01, "the tolerance is read"
+
+
+def test_front_ratio_interval_redraws_the_front():
+    # two fixed configurations: A (flops 10) right on 90% of inputs, B (flops 100) right on all; a family as
+    # accurate as B at flops 50 has ratio 0.5 on every resample; one as accurate as A at flops 5 has 0.5 too
+    n = 2000
+    grid_correct = np.ones((n, 2), bool)
+    grid_correct[: n // 10, 0] = False
+    grid_flops = np.array([10.0, 100.0])
+    out = front_ratio_interval(np.ones(n, bool), np.full(n, 50.0), grid_correct, grid_flops)
+    assert out["median"] == pytest.approx(0.5) and out["ci"] == pytest.approx([0.5, 0.5])
+    # a family exactly as accurate as A on the same inputs: ratio 5/10 on every resample, never against B
+    out = front_ratio_interval(grid_correct[:, 0], np.full(n, 5.0), grid_correct, grid_flops)
+    assert out["ci"] == pytest.approx([0.5, 0.5])
+    # one input short of A's accuracy, wrong on other inputs: some resamples put it level with A, others below
+    family = np.ones(n, bool)
+    family[n - n // 10 - 1 :] = False
+    out = front_ratio_interval(family, np.full(n, 5.0), grid_correct, grid_flops)
+    assert out["ci"] == pytest.approx([0.05, 0.5]), "against B (100) on some resamples, A (10) on others"
 
 
 def test_random_baseline_hits_its_target():
@@ -62,6 +95,7 @@ def digits_report(tiny_run, tmp_path_factory):
     root, _ = tiny_run
     out = tmp_path_factory.mktemp("report")
     argv = ["--backbone", str(root / "backbone"), "--policy", str(root / "policy"), "--cache-dir", str(root / "cache"),
+            "--seed-policies", str(root / "policy"), str(root / "policy"),
             "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--plot", str(out / "r.png")]
     report = evaluate.main(argv)
     return out, report
@@ -79,8 +113,18 @@ def test_report_json_has_every_family_and_key(digits_report):
             folds = family["selection"]["folds"]
             assert sum(f["evaluated_on"] for f in folds) == report["n_test"]
     modes = [(run["mode"], run["calibrated_on"]) for run in report["selections"]]
-    assert modes == [("empirical", "calibration"), ("certified", "test_halves")]
-    assert report["selections"][1]["families"]["ppo"]["selection"]["delta"] == 0.1
+    assert modes == [("certified", "test_halves"), ("certified_accuracy", "calibration"),
+                     ("point_estimate", "calibration")]
+    assert report["selections"][0]["families"]["ppo"]["selection"]["delta"] == 0.1
+    assert all(f["selection"]["procedure"] == "fixed_sequence" for f in report["selections"][0]["families"].values())
+    for run in report["selections"]:  # trained families over seeds: three of each, the first the shipped one
+        for name in ("ppo", "router"):
+            seeds = run["families"][name]["over_seeds"]
+            assert seeds["n_seeds"] == 3 and len(seeds["per_seed"]) == 3
+            assert seeds["per_seed"][0]["flop_reduction"] == run["families"][name]["flop_reduction"]
+            values = [s["flop_reduction"] for s in seeds["per_seed"]]
+            assert seeds["flop_reduction"]["mean"] == pytest.approx(np.mean(values))
+    assert report["halves"]["drawn"] == "without labels"
     for name in FAMILIES:  # the first run's families at the top level
         assert report[name] == report["selections"][0]["families"][name]
     for name in ("reference", "fixed", "early_exit", "ppo"):
@@ -88,7 +132,8 @@ def test_report_json_has_every_family_and_key(digits_report):
     assert report["hindsight_fixed_front"]["front"] and "optimistic" in report["hindsight_fixed_front"]["note"]
     assert all(isinstance(c, list) and c for c in report["early_exit_curves"].values())
     markdown = (out / "r.md").read_text()
-    assert "| oracle |" in markdown and "certified rule" in markdown and "Kept ±0.1 pp on test" in markdown
+    assert "| oracle |" in markdown and "certified rule" in markdown and "point-estimate rule" in markdown
+    assert "kept" not in markdown.lower(), "a point estimate is not called kept"
 
 
 def test_no_fixed_configuration_beats_the_hindsight_front(digits_report):
