@@ -65,3 +65,11 @@ def nonnegative_float(text: str) -> float:
 def positive_ints(text: str) -> list[int]:
     """argparse type: comma-separated integers, each >= 1."""
     return [positive_int(v) for v in text.split(",")]
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and infinities are refused)."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value

@@ -75,7 +75,7 @@ def largest_in_batch(configs: list[GridPoint]) -> GridPoint:
 def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, batch_size: int,
                         min_seconds: float = 1.0, warmup: int = 3, rounds: int = 3, progress: bool = False) -> dict:
     """Images/s of full, adaptive and naive inference on ``images`` ``(N, C, H, W)`` at one batch size; also of the
-    glance's grid point alone and, when the classifier merges its extension passes, of the same classifier without.
+    glance's grid point alone, and of the same classifier with the other extension-pass rule (merged or not).
 
     All are measured in the same run on the same batches, interleaved over ``rounds`` rounds
     of at least ``min_seconds`` each; each variant's speed is its median round, so a burst of load
@@ -96,17 +96,17 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     full = GridPoint(*model.resolve(None, None, None))
 
-    def unmerged(x: torch.Tensor):
-        # the adaptive classifier with one extension pass per (tokens, width), on the same compiled programs' path
-        merge, classifier.merge_passes = classifier.merge_passes, False
+    def other_passes(x: torch.Tensor):
+        # the same classifier with the other extension-pass rule (merged or not), on the same programs' path
+        classifier.merge_passes = not classifier.merge_passes
         try:
             return classifier.predict(x)
         finally:
-            classifier.merge_passes = merge
+            classifier.merge_passes = not classifier.merge_passes
 
-    variants = {"full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict, "naive": naive}
-    if classifier.merge_passes:  # what merging the extension passes buys, measured in the same rounds
-        variants["unmerged"] = unmerged
+    other = "unmerged" if classifier.merge_passes else "merged"  # what the other rule buys, in the same rounds
+    variants = {"full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict, "naive": naive,
+                other: other_passes}
     glance = classifier.glance_point
     if glance is not None:  # the glance's grid point alone, fresh: what the classifier pays at the least
         variants["glance"] = lambda x: classifier.forward_config(x, glance)
@@ -147,8 +147,7 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
             "extension_blocks_per_batch": float(np.mean([sum(max(d) for d in g.values()) for g in groups])),
             "full_blocks": c.depth,
         }
-    if "unmerged" in speed:
-        optional["unmerged_images_per_s"] = speed["unmerged"]
+    optional[f"{other}_images_per_s"] = speed[other]
     return {
         "batch_size": batch_size,
         "images": sum(len(b) for b in batches),
@@ -261,6 +260,8 @@ OPTIONAL_COLUMNS: tuple[tuple[str, str, Callable[[dict], str]], ...] = (
      lambda r: f"{r['adaptive_performed_gflops'] / r['adaptive_gflops']:.3f}"),
     ("unmerged_images_per_s", "adaptive img/s over one pass per (tokens, width)",
      lambda r: f"{r['adaptive_images_per_s'] / r['unmerged_images_per_s']:.2f}"),
+    ("merged_images_per_s", "merged passes' img/s over the adaptive's (one pass per (tokens, width))",
+     lambda r: f"{r['merged_images_per_s'] / r['adaptive_images_per_s']:.2f}"),
 )
 """``format_table``'s columns shown when every result has their key: (key, header, cell)."""
 

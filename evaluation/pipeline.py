@@ -27,6 +27,7 @@ from evaluation.latency import (
 )
 from evaluation.uncertainty import paired_stats
 from policy.artifact import PolicyArtifact, save_policy
+from policy.selection import images_to_certify
 from policy.train import PolicyTrainConfig, train_and_calibrate
 
 
@@ -46,6 +47,9 @@ class PolicyJob:
     """No progress bars."""
     replace: bool = False
     """Write over a finished policy in ``out`` (else refused)."""
+    report_test: bool = True
+    """Score the chosen policy on the test split (the summary); off for recipe search, which must not read test
+    (``experiments/develop.py`` compares recipes on calibration halves instead)."""
     latency: str | None = None
     """A latency table (``experiments/measure_latency.py``): required with ``train.cost == 'latency'``, which
     prices actions by its staged ms; checked against the backbone's grid and copied beside the policy
@@ -154,7 +158,8 @@ def run_policy_job(job: PolicyJob) -> dict:
     """Run the whole job; writes the artifact and ``summary.json`` into ``job.out`` and returns the summary."""
     check_out(job)
     latency = job_latency(job)  # checked before any table is built
-    tables, digest = load_tables(job)
+    tables, digest = load_tables(job, ("policy_train", "calibration", "test") if job.report_test
+                                 else ("policy_train", "calibration"))
     config, _ = read_config(job.backbone)
     meta = {
         "dataset": job.dataset,
@@ -163,7 +168,7 @@ def run_policy_job(job: PolicyJob) -> dict:
         **config.grid_axes(),
         "features": job.features.to_dict(),
         "net_arch": list(job.train.net_arch),
-        "action_space": {"type": "MultiDiscrete", "nvec": list(tables["test"].grid_shape),
+        "action_space": {"type": "MultiDiscrete", "nvec": list(tables["calibration"].grid_shape),
                          "axes": ["token_gran_index", "exit_depth_minus_1", "ffn_width_index"]},
     }
     extra_files = {}
@@ -184,14 +189,22 @@ def run_policy_job(job: PolicyJob) -> dict:
     save_policy(artifact, job.out, extra_files)
     if latency is None:  # a table a previous run left there is not this policy's
         (Path(job.out) / LATENCY_FILE).unlink(missing_ok=True)
-    summary = {"dataset": job.dataset, "saved_to": str(job.out),
-               **summarize(artifact, tables["test"], tables["calibration"], job.train, latency)}
+    summary = {"dataset": job.dataset, "saved_to": str(job.out)}
+    if job.report_test:
+        summary |= summarize(artifact, tables["test"], tables["calibration"], job.train, latency)
+    else:
+        summary |= {"test": "not read (report_test off)", "lambda": artifact.meta["lam"],
+                    "selection": artifact.meta["selection"], "meets_calibration_target": artifact.meta["meets_target"],
+                    "calibration_flop_reduction": artifact.meta["calibration_flop_reduction"]}
     write_json(Path(job.out) / "summary.json", summary)
     return summary
 
 
 def format_summary(summary: dict) -> str:
     """The main job's closing lines, readable without the docs, in the vocabulary of the rule that chose."""
+    if "n_test" not in summary:
+        return (f"test split not read; price lambda {summary['lambda']:.4g}, calibration FLOP reduction "
+                f"{100 * summary['calibration_flop_reduction']:.1f}%\n  policy saved to          {summary['saved_to']}")
     fixed, selection = summary["fixed_baseline"], summary["selection"]
     tol, mode = selection["tolerance_pp"], selection["mode"]
     low, high = summary["delta_pp_ci"]
@@ -202,8 +215,8 @@ def format_summary(summary: dict) -> str:
               "certified_accuracy": f"certified accuracy rule: {100 * (1 - selection.get('delta', 0.1)):g}% bound on "
                                     f"the drop {summary.get('calibration_bound_pp') or 100:.3f} pp {rel} {tol:g} pp on "
                                     "calibration",
-              "point_estimate": f"point-estimate rule: calibration drop {-(summary['calibration_delta_pp'] or 0):+.2f} "
-                                f"pp {rel} {tol - selection.get('margin_pp', 0):g} pp, not a bound"}
+              "point_estimate": f"point-estimate rule: calibration drop {-(summary['calibration_delta_pp'] or 0):.2f} "
+                                f"pp {rel} {tol - selection.get('margin_pp', 0):g} pp, a point estimate, not a bound"}
     lines = [
         f"test split of {summary['dataset']}: {summary['n_test']} images",
         f"  full model               {100 * summary['reference_accuracy']:.2f}%   {summary['reference_gflops'] * 1e3:.3f} MFLOPs/image",
@@ -228,6 +241,10 @@ def format_summary(summary: dict) -> str:
     if high - low > 2 * tol:
         lines.append(f"  note: the 95% interval is {high - low:.2f} pp wide, wider than ±{tol:g} pp: {summary['n_test']} "
                      "test images alone cannot confirm the tolerance (docs/results.md: how it is certified)")
+    if mode == "point_estimate":
+        need = images_to_certify(tol, selection.get("delta", 0.1))
+        lines.append(f"  note: a point estimate, not a bound; certifying a {tol:g}% disagreement at delta 0.1 needs at "
+                     f"least {need} unlabeled images (experiments/calibrate.py; docs/results.md)")
     if "saved_to" in summary:
         lines.append(f"  policy saved to          {summary['saved_to']}")
     return "\n".join(lines)

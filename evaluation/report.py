@@ -258,8 +258,13 @@ def build_report(
         outcome, records = run_family(family, run, calibration, test, halves)
         note = MS_NOTES["early_exit"] if family.name == "early_exit" else MS_NOTES[family.timing]
         ms = latency_columns(latency, family.timing, outcome.actions, note)
+        bound = None
+        if run.rule.certified:  # the largest (1 - delta) bound any fold certified its choice with
+            key = "disagreement_bound" if run.rule.mode == "certified" else "drop_bound_pp"
+            bound = {"statistic": run.rule.statistic, "unit": "share" if key == "disagreement_bound" else "pp",
+                     "value": max(record["calibration"][key] for record in records), "delta": run.rule.delta}
         return row(outcome.predicted, outcome.flops, ms, selection={
-            **run.rule.to_dict(), "calibrated_on": run.calibrate_on, "folds": records})
+            **run.rule.to_dict(), "calibrated_on": run.calibrate_on, "folds": records}, calibration_bound=bound)
 
     for run, family in tqdm(work, desc="families x selection rules", disable=quiet):
         results[run.name()][family.name] = run_row(run, family)

@@ -16,7 +16,7 @@ import torch
 
 from backbone import flops
 from backbone.compiled import INFERENCE_PATHS
-from backbone.errors import positive_int, run_cli
+from backbone.errors import finite_float, positive_int, run_cli
 from backbone.grid import GridPoint
 from backbone.io import check_output_path, write_json
 from policy.classifier import AdaptiveClassifier
@@ -46,11 +46,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="inference path: eager, compiled (torch.compile), aot (AOTInductor) or graphs (CUDA "
                              "graphs, --device cuda); the compiled paths compile each configuration on first use, "
                              "seconds each")
+    parser.add_argument("--tolerance", type=finite_float, default=None,
+                        help="disagreement with the full model allowed, in %%: the cheapest price the policy's "
+                             "operating points certify at it (experiments/calibrate.py writes them; default: the "
+                             "policy's own price)")
     parser.add_argument("--json", default=None, help="also write the per-image rows and totals here")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
 
-    classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device, args.path)
+    classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device, args.path,
+                                              tolerance=args.tolerance)
+    if args.tolerance is not None:
+        print(f"tolerance {args.tolerance:g}%: certified price lambda {classifier.lam:.4g}", file=sys.stderr)
     if args.path in ("compiled", "aot"):
         print(f"{args.path} path: each configuration is compiled on its first use (seconds each); wall_s includes it",
               file=sys.stderr)

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=positive_int, default=defaults.threads, help="torch threads for PPO")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-test", action="store_true",
+                        help="do not read the test split (recipe search: compare recipes with experiments/develop.py)")
     parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables")
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         features=FeatureSpec(pooled=args.pooled),
         train=train,
         latency=args.latency,
+        report_test=not args.no_test,
     )
     summary = run_policy_job(job)
     print(format_summary(summary))

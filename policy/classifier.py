@@ -17,6 +17,7 @@ from backbone.grid import GridPoint
 from backbone.model import GlanceState
 from envs import features_from, staged_flops
 from policy.artifact import PolicyArtifact, PolicyArtifactError, check_backbone_hash, load_policy
+from policy.selection import certified_point, points_of
 
 
 @dataclass
@@ -47,17 +48,22 @@ class AdaptiveClassifier:
     """A frozen backbone with a policy that picks each input's configuration."""
 
     def __init__(self, backbone: AdaPerceiver, artifact: PolicyArtifact, backbone_hash: str | None = None,
-                 lam: float | None = None, path: str = "eager", merge_passes: bool = True) -> None:
+                 lam: float | None = None, path: str = "eager", merge_passes: bool = False,
+                 tolerance: float | None = None) -> None:
         """Check the policy's action grid is the backbone's and, given ``backbone_hash``, that it was made for it.
 
-        ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price). ``path`` is the
+        ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price). ``tolerance``
+        (a disagreement with the full model, in %) sets it instead to the cheapest price the artifact's operating
+        points certify at that tolerance (``experiments/calibrate.py`` writes them); a tolerance nothing certifies
+        is refused with a ``NothingCertifiedError`` that says what would be. ``path`` is the
         inference path (``backbone.compiled``): ``"eager"``, ``"compiled"`` (torch.compile), ``"aot"``
         (AOTInductor) or ``"graphs"`` (CUDA graphs, on a GPU); the compiled paths compile each configuration on
         its first use (seconds each), the graphs path records each configuration and input shapes on their first
         use (milliseconds), and all give the same logits within float noise. The policy network moves to the
-        backbone's device. ``merge_passes``: extend inputs of several configurations in one pass where
-        ``extension_passes`` says so (fewer, larger operator calls, some arithmetic beyond their configurations'
-        FLOPs); off, one pass per (tokens, width), whose arithmetic is exactly the FLOPs ``predict`` reports.
+        backbone's device. ``merge_passes`` (off by default): extend inputs of several configurations in one pass
+        where ``extension_passes`` says so: fewer, larger operator calls, but 3-6% more arithmetic than the
+        configurations' FLOPs that ``Prediction.flops`` reports (the benchmark measures both). Off, one pass per
+        (tokens, width), whose arithmetic is exactly what ``predict`` reports (a test counts it with torch).
         """
         c = backbone.config
         for key, value in c.grid_axes().items():
@@ -67,6 +73,10 @@ class AdaptiveClassifier:
                                  "train a policy for this backbone with experiments/train_policy.py")
         check_backbone_hash(artifact.meta, backbone_hash, "the policy")
         self.backbone = backbone.eval()
+        if tolerance is not None:
+            if lam is not None:
+                raise ValueError("give a price (lam) or a tolerance, not both")
+            lam = certified_point(points_of(artifact.meta), tolerance).lam
         self.artifact, self.lam, self.spec = artifact, lam, artifact.feature_spec
         self._lam_column = artifact.lam_column(lam)
         # the glance's configuration, None for a policy without a glance
@@ -87,11 +97,13 @@ class AdaptiveClassifier:
 
     @classmethod
     def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu",
-                  path: str = "eager") -> AdaptiveClassifier:
+                  path: str = "eager", merge_passes: bool = False, tolerance: float | None = None
+                  ) -> AdaptiveClassifier:
         """Load a checkpoint and a policy artifact; refuses a policy made for another backbone."""
         digest = backbone_hash(backbone_dir)
         # __init__ checks the hash
-        return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir), digest, path=path)
+        return cls(load_checkpoint(backbone_dir, device), load_policy(policy_dir), digest, path=path,
+                   merge_passes=merge_passes, tolerance=tolerance)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, config: GridPoint | None = None) -> Prediction:

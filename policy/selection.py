@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta
 
+from backbone.errors import ProjectError
 from envs import OutcomeTable
 
 MODES = ("certified", "certified_accuracy", "point_estimate")
@@ -165,11 +166,11 @@ def describe_score(stats: dict, rule: SelectionRule) -> str:
     if rule.mode == "certified":
         return (f"calibration disagreement {100 * stats['disagreement']:.2f}%, {confidence} bound "
                 f"{100 * stats['disagreement_bound']:.3f}% (tolerance {rule.tolerance_pp:g}%)")
-    drop = f"calibration accuracy drop {-stats['delta_pp']:+.2f} pp"
+    drop = f"calibration accuracy change {stats['delta_pp']:+.2f} pp"
     if rule.mode == "certified_accuracy":
         return f"{drop}, {confidence} bound {stats['drop_bound_pp']:.3f} pp (tolerance {rule.tolerance_pp:g} pp)"
-    return (f"{drop} (a point estimate; passes at <= {rule.tolerance_pp - rule.margin_pp:g} pp = tolerance "
-            f"{rule.tolerance_pp:g} - margin {rule.margin_pp:g})")
+    return (f"{drop} (a point estimate; a drop of at most {rule.tolerance_pp - rule.margin_pp:g} pp = tolerance "
+            f"{rule.tolerance_pp:g} - margin {rule.margin_pp:g} passes)")
 
 
 @dataclass
@@ -243,8 +244,13 @@ def operating_points(candidates: list[Candidate], delta: float, ms: list[float] 
     return sorted(points, key=lambda p: p.lam)
 
 
-class NothingCertifiedError(ValueError):
+class NothingCertifiedError(ProjectError):
     """No operating point is certified at the tolerance asked for."""
+
+
+def points_of(meta: dict) -> list[OperatingPoint]:
+    """The operating points a policy artifact's ``meta`` carries (empty when it carries none)."""
+    return [OperatingPoint(**point) for point in (meta.get("operating_points") or {}).get("points", [])]
 
 
 def certified_point(points: list[OperatingPoint], tolerance_pp: float) -> OperatingPoint:

@@ -59,6 +59,11 @@ def classifier(dirs):
     return AdaptiveClassifier.from_dirs(*dirs)
 
 
+@pytest.fixture
+def merged_classifier(dirs):
+    return AdaptiveClassifier.from_dirs(*dirs, merge_passes=True)
+
+
 def test_adaptive_equals_each_image_alone(classifier, digits_images):
     x, _ = digits_images
     out = classifier.predict(x)
@@ -83,7 +88,8 @@ def test_order_is_preserved_for_shuffled_batches(classifier, digits_images):
     assert torch.allclose(chunked.logits, a.logits, atol=1e-5) and chunked.configs == a.configs
 
 
-def test_the_glance_answers_or_is_extended_in_merged_passes(classifier, digits_images, monkeypatch):
+def test_the_glance_answers_or_is_extended_in_merged_passes(merged_classifier, digits_images, monkeypatch):
+    classifier = merged_classifier
     x, _ = digits_images
     model = classifier.backbone
     glance = classifier.spec.glance_config(model.config)
@@ -200,7 +206,7 @@ def test_errors(dirs, classifier, tiny_model, tmp_path, digits_images):
 @pytest.mark.parametrize("path", ["compiled", "aot"])
 def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, path):
     x = digits_images[0][:6]
-    eager, compiled = AdaptiveClassifier.from_dirs(*dirs), AdaptiveClassifier.from_dirs(*dirs, path=path)
+    eager, compiled = AdaptiveClassifier.from_dirs(*dirs), AdaptiveClassifier.from_dirs(*dirs, path=path, merge_passes=True)
     assert compiled.path == path and eager.path == "eager"
     for batch in (x, x[2:3]):  # batch 1 is a graph of its own under torch.compile
         ref, out = eager.predict(batch), compiled.predict(batch)
@@ -365,7 +371,8 @@ def test_load_images_errors(tiny_config, tmp_path):
         load_images(tmp_path / "labels_only.npz", tiny_config)
 
 
-def test_benchmark_reports_every_key(classifier, digits_images):
+def test_benchmark_reports_every_key(merged_classifier, digits_images):
+    classifier = merged_classifier
     result = benchmark_inference(classifier, digits_images[0][:32], batch_size=16, min_seconds=0.01, warmup=1, rounds=2)
     assert result["rounds"] == 2
     for key in KEYS:
@@ -424,20 +431,20 @@ def test_reported_flops_match_torch_flop_counter(dirs, digits_images):
     # end to end: what predict() says an image costs is what torch counts it doing, glance and policy included
     from backbone import measure_flops
 
-    classifier = AdaptiveClassifier.from_dirs(*dirs)
+    classifier = AdaptiveClassifier.from_dirs(*dirs)  # the default path, as a user gets it
+    assert not classifier.merge_passes
     for i in range(4):
         x = digits_images[0][i : i + 1]
         reported = classifier.predict(x).flops[0]
         counted = measure_flops(lambda x=x: classifier.predict(x))
         assert reported == counted, (reported, counted)
     x = digits_images[0]  # a batch mixing the glance's answers and several extensions: exactly what torch counts
-    exact = AdaptiveClassifier.from_dirs(*dirs)
-    exact.merge_passes = False
-    reported = exact.predict(x).flops.sum()
-    assert reported == measure_flops(lambda: exact.predict(x))
-    # merged passes do more arithmetic than the configurations count, for the same logits
-    merged = measure_flops(lambda: classifier.predict(x))
-    assert merged > reported and torch.allclose(classifier.predict(x).logits, exact.predict(x).logits, atol=1e-5)
+    reported = classifier.predict(x).flops.sum()
+    assert len(set(classifier.predict(x).configs)) >= 3 and reported == measure_flops(lambda: classifier.predict(x))
+    # merged passes (opt-in) do more arithmetic than the configurations count, for the same logits
+    merging = AdaptiveClassifier.from_dirs(*dirs, merge_passes=True)
+    merged = measure_flops(lambda: merging.predict(x))
+    assert merged > reported and torch.allclose(merging.predict(x).logits, classifier.predict(x).logits, atol=1e-5)
 
 
 def test_bench_attention_cli(tmp_path, capsys):

@@ -19,7 +19,9 @@ def test_train_policy_end_to_end(tiny_run):
     assert on_disk["delta_pp"] == pytest.approx(100 * (on_disk["policy_accuracy"] - on_disk["reference_accuracy"]))
     assert on_disk["flop_reduction"] == pytest.approx(1 - on_disk["policy_gflops"] / on_disk["reference_gflops"])
     assert 0.01 <= on_disk["lambda"] <= 1.0  # the price the rule picked for the conditioned policy
-    assert on_disk["selection"] == {"mode": "empirical", "tolerance_pp": 0.1, "margin_pp": 0.1}
+    assert on_disk["selection"] == {"mode": "point_estimate", "tolerance_pp": 0.1, "margin_pp": 0.1,
+                                    "statistic": "accuracy drop", "procedure": "fixed_sequence"}
+    assert on_disk["saved_to"] == str(root / "policy") and "p_below_tolerance" in on_disk
     assert (root / "policy" / "policy.safetensors").is_file() and (root / "policy" / "policy.json").is_file()
     assert list((root / "tb").rglob("events.out.tfevents*")), "TensorBoard logs written"
     assert len(list((root / "cache").glob("*.npz"))) == 3, "one cached table per split"
