@@ -20,7 +20,7 @@ from policy.selection import SelectionRule
 def develop(artifact: PolicyArtifact, calibration: OutcomeTable, rule: SelectionRule, seed: int = 0) -> dict:
     """One policy on ``calibration`` cross-fitted over its two unlabeled halves: the FLOP cut and the
     disagreement measured on each held-out half, and the prices chosen."""
-    halves = split_halves(calibration, seed)
+    halves = split_halves(len(calibration), seed)
     run = SelectionRun(rule, "test_halves")  # the halves of the table passed as "test": here, calibration's
     outcome, records = run_family(PolicyFamily([artifact]), run, calibration, calibration, halves)
     full = calibration.predicted[:, -1, -1, -1]

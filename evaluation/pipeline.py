@@ -27,7 +27,7 @@ from evaluation.latency import (
 )
 from evaluation.uncertainty import paired_stats
 from policy.artifact import PolicyArtifact, save_policy
-from policy.selection import images_to_certify
+from policy.selection import NothingCertifiedError, certified_point, images_to_certify, points_of
 from policy.train import PolicyTrainConfig, train_and_calibrate
 
 
@@ -95,6 +95,7 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
     knob, selection, fixed = choose_and_apply(FixedFamily(test, fixed_cost), calibration, test, config.selection)
     fixed_correct = fixed.predicted == test.labels
     policy_flops = float(outcome.flops.mean())
+    certified = certified_summary(artifact, family, test, config.selection)
     timing = {}
     if latency is not None:
         full_ms, policy_ms = float(latency["full_ms"]), float(ms_per_input(latency, "staged", outcome.actions).mean())
@@ -122,6 +123,7 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
         "calibration_disagreement": artifact.meta["calibration_disagreement"],
         "calibration_bound_pp": artifact.meta.get("calibration_bound_pp"),
         "meets_calibration_target": artifact.meta["meets_target"],
+        "certified": certified,
         "fixed_baseline": {
             "config": list(test.configuration(knob)),
             "accuracy": float(fixed_correct.mean()),
@@ -131,6 +133,22 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
             **({} if latency is None else {"ms_per_image": float(latency_grid(latency, "fresh")[knob])}),
         },
     }
+
+
+def certified_summary(artifact: PolicyArtifact, family: PolicyFamily, test: OutcomeTable, rule) -> dict:
+    """The price the artifact's operating points certify at the rule's tolerance (a disagreement with the full
+    model, at the rule's delta, on the calibration split, labels not read), and what it does on test; or why
+    nothing is certified."""
+    try:
+        point = certified_point(points_of(artifact.meta), rule.tolerance_pp)
+    except NothingCertifiedError as err:
+        return {"tolerance_pct": rule.tolerance_pp, "certified": False, "reason": str(err)}
+    outcome = family.outcome(test, (0, point.lam))
+    return {"tolerance_pct": rule.tolerance_pp, "certified": True, "lambda": point.lam, "delta": point.delta,
+            "calibration_bound": point.bound, "calibration_n": point.n,
+            "test_disagreement": float(np.mean(outcome.predicted != test.predicted[:, -1, -1, -1])),
+            "test_flop_reduction": 1 - float(outcome.flops.mean()) / test.full_flops,
+            **paired_stats(outcome.predicted == test.labels, test.correct[:, -1, -1, -1], rule.tolerance_pp)}
 
 
 def check_out(job: PolicyJob) -> None:
@@ -200,6 +218,20 @@ def run_policy_job(job: PolicyJob) -> dict:
     return summary
 
 
+def certified_line(certified: dict | None) -> str:
+    """The summary's certified claim: the price certified on calibration and its test figures, or why none is."""
+    if not certified:
+        return "  certified                (this policy carries no operating points)"
+    tol = certified["tolerance_pct"]
+    if not certified["certified"]:
+        return f"  certified                {certified['reason']}"
+    return (f"  certified                disagreement <= {tol:g}% with probability >= {1 - certified['delta']:g}: "
+            f"price lambda {certified['lambda']:.4g} ({100 * (1 - certified['delta']):g}% bound "
+            f"{100 * certified['calibration_bound']:.3f}% on {certified['calibration_n']} unlabeled calibration images); "
+            f"on test: disagreement {100 * certified['test_disagreement']:.2f}%, difference {certified['delta_pp']:+.2f} pp, "
+            f"FLOP reduction {100 * certified['test_flop_reduction']:.1f}%")
+
+
 def format_summary(summary: dict) -> str:
     """The main job's closing lines, readable without the docs, in the vocabulary of the rule that chose."""
     if "n_test" not in summary:
@@ -220,7 +252,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"test split of {summary['dataset']}: {summary['n_test']} images",
         f"  full model               {100 * summary['reference_accuracy']:.2f}%   {summary['reference_gflops'] * 1e3:.3f} MFLOPs/image",
-        (f"  policy                   {100 * summary['policy_accuracy']:.2f}%   {summary['policy_gflops'] * 1e3:.3f} MFLOPs/image"
+        certified_line(summary.get("certified")),
+        (f"  policy, the job's rule   {100 * summary['policy_accuracy']:.2f}%   {summary['policy_gflops'] * 1e3:.3f} MFLOPs/image"
          f" (glance and policy network included)"),
         (f"  difference               {summary['delta_pp']:+.2f} pp, 95% interval [{low:+.2f}, {high:+.2f}] pp, "
          f"P(difference < -{tol:g} pp) = {summary['p_below_tolerance']:.2f}; prediction differs from the full "
@@ -243,8 +276,8 @@ def format_summary(summary: dict) -> str:
                      "test images alone cannot confirm the tolerance (docs/results.md: how it is certified)")
     if mode == "point_estimate":
         need = images_to_certify(tol, selection.get("delta", 0.1))
-        lines.append(f"  note: a point estimate, not a bound; certifying a {tol:g}% disagreement at delta 0.1 needs at "
-                     f"least {need} unlabeled images (experiments/calibrate.py; docs/results.md)")
+        lines.append(f"  note: the job's rule is a point estimate, not a bound; a certified {tol:g}% disagreement at "
+                     f"delta 0.1 needs at least {need} unlabeled images (experiments/calibrate.py on your own)")
     if "saved_to" in summary:
         lines.append(f"  policy saved to          {summary['saved_to']}")
     return "\n".join(lines)

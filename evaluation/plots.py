@@ -95,7 +95,7 @@ def markdown_table(report: dict) -> str:
     for run in report["selections"]:
         title = RULE_TITLES[run["mode"]].format(confidence=f"{100 * (1 - run.get('delta', 0.1)):g}%",
                                                 margin=run.get("margin_pp"))
-        lines += [(f"**{title}**; tolerance {run['tolerance_pp']:g} {'%' if run['mode'] == 'certified' else 'pp'}, "
+        lines += [(f"**{title}**; tolerance {run['tolerance_pp']:g}{'%' if run['mode'] == 'certified' else ' pp'}, "
                    f"fixed-sequence over each family's candidates, calibrated on {run['calibrated_on'].replace('_', ' ')}:"),
                   "", *header]
         lines.append(_row("reference", report["reference"]))
@@ -119,8 +119,13 @@ def verdict(run: dict, tolerance_pp: float) -> str:
     ranking = ", ".join(f"{n} {100 * passed[n]['flop_reduction']:.1f}%" for n in
                         sorted(passed, key=lambda n: -passed[n]["flop_reduction"]))
     low, high = e["delta_pp_ci"]
+    worst = max(fold["held_out_disagreement"] for fold in e["selection"]["folds"])
+    seeds = e.get("over_seeds")
+    if seeds:
+        worst = max(worst, seeds["worst_held_out_disagreement"])
     measured = (f"measured on held-out inputs: Δ {e['delta_pp']:+.2f} pp [{low:+.2f}, {high:+.2f}], "
-                f"P(Δ < −{tolerance_pp:g} pp) = {e['p_below_tolerance']:.2f}, disagreement {100 * e['disagreement']:.2f}%")
+                f"P(Δ < −{tolerance_pp:g} pp) = {e['p_below_tolerance']:.2f}, disagreement {100 * e['disagreement']:.2f}% "
+                f"(worst held-out fold{' of any seed' if seeds else ''} {100 * worst:.2f}%)")
     if run["mode"] == "point_estimate":
         return (f"Chosen on a point estimate (no guarantee): {ranking} (FLOP reduction); {best} saves the most, "
                 f"{measured}.")

@@ -101,9 +101,9 @@ DEFAULT_RUNS = (
 """The claim that holds by construction first (it is the report's top level), then the labeled ones."""
 
 
-def split_halves(test: OutcomeTable, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two seeded halves of the test rows, drawn without their labels (scikit-learn's split, unstratified)."""
-    rows = np.arange(len(test))
+def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two seeded halves of ``n`` rows, drawn without any label (scikit-learn's split, unstratified)."""
+    rows = np.arange(n)
     first, second = train_test_split(rows, test_size=0.5, random_state=seed, shuffle=True)
     return np.sort(first), np.sort(second)
 
@@ -129,9 +129,10 @@ def run_family(family: Family, run: SelectionRun, calibration: OutcomeTable, tes
         else:
             actions = None
         chosen = selection.scores[selection.index]
+        held_out = float(np.mean(outcome.predicted != evaluation.predicted[:, -1, -1, -1]))
         records.append({**family.describe(knob), "meets_target": selection.meets_target,
                         "calibration": {k: v for k, v in chosen.items() if k != "passes"},
-                        "evaluated_on": len(rows)})
+                        "evaluated_on": len(rows), "held_out_disagreement": held_out})
     return Outcome(predicted, flops, actions=actions), records
 
 
@@ -248,7 +249,7 @@ def build_report(
     if policies:
         families.append(PolicyFamily(policies, cost=None if latency is None else latency_grid(latency, "staged")))
 
-    halves = split_halves(test, seed)
+    halves = split_halves(len(test), seed)
     report["halves"] = {"seed": seed, "sizes": [len(h) for h in halves], "drawn": "without labels"}
     report["selections"] = []
     work = [(run, family) for run in runs for family in families]

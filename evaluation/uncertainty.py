@@ -72,6 +72,8 @@ def over_seeds(rows: list[dict], labels: list[str]) -> dict:
         values = np.array([row[key] for row in rows if row.get(key) is not None], dtype=np.float64)
         if len(values):
             summary[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    folds = [fold for row in rows for fold in row["selection"]["folds"]]
+    summary["worst_held_out_disagreement"] = max(fold["held_out_disagreement"] for fold in folds)
     summary["per_seed"] = [{"seed": label, **{key: row.get(key) for key in SEED_KEYS},
                             "chosen": [{k: v for k, v in fold.items() if k != "calibration"}
                                        for fold in row["selection"]["folds"]]}

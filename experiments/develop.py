@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{directory}: FLOP cut {100 * row['flop_reduction']:.1f}%, held-out disagreement "
               + " / ".join(f"{100 * d:.3f}%" for d in row["held_out_disagreement"])
-              + f" (prices {', '.join(f'{lam:.3g}' for lam in row['lams'])}; halves of the {row['n']}-image calibration split)")
+              + f" (prices {', '.join(f'{lam:.3g}' + ('' if ok else ' †') for lam, ok in zip(row['lams'], row['meets_target'], strict=True))}"
+              + f"; halves of the {row['n']}-image calibration split)")
+    if not all(ok for row in rows for ok in row["meets_target"]):
+        print("† the lowest price already failed on that half: nothing certified, the lowest taken")
     cuts = [row["flop_reduction"] for row in rows]
     if len(rows) > 1:
         print(f"mean FLOP cut {100 * np.mean(cuts):.1f}% ± {100 * np.std(cuts, ddof=1):.1f} (sd over {len(rows)} policies)")

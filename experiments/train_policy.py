@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lambdas", type=floats, default=None,
                         help="comma-separated prices: one policy per price instead of a conditioned one")
     parser.add_argument("--timesteps", type=positive_int, default=defaults.total_timesteps,
-                        help="PPO steps (per price with --lambdas)")
+                        help="PPO steps (per price with --lambdas); default: 2,000 passes over the policy-train table, "
+                             "at most 3,000,000")
     parser.add_argument("--reward", choices=REWARDS, default=defaults.reward)
     parser.add_argument("--cost", choices=COSTS, default=defaults.cost,
                         help="what an action is priced by in training and in the price's calibration: staged FLOPs, "

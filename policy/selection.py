@@ -166,7 +166,7 @@ def describe_score(stats: dict, rule: SelectionRule) -> str:
     if rule.mode == "certified":
         return (f"calibration disagreement {100 * stats['disagreement']:.2f}%, {confidence} bound "
                 f"{100 * stats['disagreement_bound']:.3f}% (tolerance {rule.tolerance_pp:g}%)")
-    drop = f"calibration accuracy change {stats['delta_pp']:+.2f} pp"
+    drop = f"calibration accuracy change {stats['delta_pp'] + 0.0:+.2f} pp"  # + 0.0: no "-0.00"
     if rule.mode == "certified_accuracy":
         return f"{drop}, {confidence} bound {stats['drop_bound_pp']:.3f} pp (tolerance {rule.tolerance_pp:g} pp)"
     return (f"{drop} (a point estimate; a drop of at most {rule.tolerance_pp - rule.margin_pp:g} pp = tolerance "

@@ -458,3 +458,20 @@ def test_bench_attention_cli(tmp_path, capsys):
     assert "| 4x4 | 3 |" in capsys.readouterr().out and json.loads((tmp_path / "a.json").read_text())["rows"] == rows
     with pytest.raises(SystemExit):
         bench_attention.main(["--tiles", "4by4"])
+
+
+def test_shipped_fashion_policy_reports_what_it_performs():
+    # the shipped Fashion-MNIST backbone and policy on the default path: per-image FLOPs summed over a batch that
+    # mixes the glance's answers and extensions equal what torch counts (no dataset needed: synthetic images)
+    from backbone import measure_flops
+
+    classifier = AdaptiveClassifier.from_dirs("checkpoints/fashion-mnist", "policies/fashion-mnist")
+    generator = torch.Generator().manual_seed(0)
+    shapes = torch.zeros(48, 1, 28, 28)
+    for i in range(48):  # blobs of varied size and contrast, so that some images are easy and some are not
+        r0, c0, h, w = (int(v) for v in torch.randint(2, 14, (4,), generator=generator))
+        shapes[i, 0, r0 : r0 + h, c0 : c0 + w] = 0.3 + 0.7 * torch.rand(1, generator=generator)
+    images = (shapes + 0.15 * torch.rand(shapes.shape, generator=generator)).clamp(0, 1)
+    out = classifier.predict(images)
+    assert len(set(out.configs)) >= 2, "the batch should mix the glance's answers and extensions"
+    assert out.flops.sum() == measure_flops(lambda: classifier.predict(images))

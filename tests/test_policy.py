@@ -22,6 +22,10 @@ def test_train_policy_end_to_end(tiny_run):
     assert on_disk["selection"] == {"mode": "point_estimate", "tolerance_pp": 0.1, "margin_pp": 0.1,
                                     "statistic": "accuracy drop", "procedure": "fixed_sequence"}
     assert on_disk["saved_to"] == str(root / "policy") and "p_below_tolerance" in on_disk
+    # the certified claim comes from the artifact's operating points: 154 calibration images cannot certify 0.1%
+    assert on_disk["certified"]["certified"] is False and "needs at least 2302" in on_disk["certified"]["reason"]
+    points = json.loads((root / "policy" / "policy.json").read_text())["operating_points"]
+    assert points["labels_read"] is False and len(points["points"]) == 61
     assert (root / "policy" / "policy.safetensors").is_file() and (root / "policy" / "policy.json").is_file()
     assert list((root / "tb").rglob("events.out.tfevents*")), "TensorBoard logs written"
     assert len(list((root / "cache").glob("*.npz"))) == 3, "one cached table per split"

@@ -13,4 +13,5 @@ def test_readme_python_example_runs(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     exec(compile(blocks[0], "README.md", "exec"), {})  # noqa: S102 (the project's own README)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 8 and all("MFLOPs" in line and "config" in line for line in lines)
+    assert len(lines) == 9 and all("MFLOPs" in line and "config" in line for line in lines[:8])
+    assert lines[8].startswith("certified price at 5%: lambda"), "the tolerance maps to a certified price"

@@ -235,13 +235,13 @@ def test_cross_fitting_calibrates_on_one_half_and_measures_on_the_other():
     # calibrated on B it is taken for A, where it loses; cross-fitting shows that loss instead of hiding it
     n = 2000
     table0 = synthetic_table(np.ones((n, 2, 1, 1), bool))
-    first, second = split_halves(table0)
+    first, second = split_halves(len(table0))
     assert len(np.intersect1d(first, second)) == 0 and len(first) + len(second) == n
     agree = np.ones((n, 2, 1, 1), bool)
     agree[first[:40], 0, 0, 0] = False
     table = synthetic_table(np.ones((n, 2, 1, 1), bool), agree=agree)
     run = SelectionRun(SelectionRule("certified", tolerance_pp=1.0), "test_halves")
-    outcome, records = run_family(FixedFamily(table), run, table, table, split_halves(table))
+    outcome, records = run_family(FixedFamily(table), run, table, table, split_halves(len(table)))
     assert [r["index"] for r in records] == [[1, 0, 0], [0, 0, 0]]  # calibrated on A: full; on B: the glance
     assert [r["evaluated_on"] for r in records] == [n // 2, n // 2]
     disagree = outcome.predicted != table.predicted[:, -1, -1, -1]
