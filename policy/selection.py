@@ -40,8 +40,6 @@ from envs import OutcomeTable
 MODES = ("certified", "certified_accuracy", "point_estimate")
 ALIASES = {"empirical": "point_estimate"}
 """Older name of a mode, still accepted (artifacts and scripts written before it was renamed)."""
-LABEL_FREE = ("certified",)
-"""Modes that read no labels."""
 
 
 @dataclass(frozen=True)
