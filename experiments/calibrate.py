@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = load_checkpoint(args.backbone)
     artifact = load_policy(args.policy, backbone_hash(args.backbone))
-    images, _, _ = load_images(args.unlabeled, model.config)  # labels, if the file has any, are dropped here
+    images, _, _ = load_images(args.unlabeled, model.config, labels=False)  # a 'y' in the file is never read
     try:
         model.check_images(images)
     except ValueError as err:

@@ -26,11 +26,13 @@ def _read_image(path: Path, config: AdaPerceiverConfig) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def load_images(path: str | Path, config: AdaPerceiverConfig) -> tuple[torch.Tensor, list[str], np.ndarray | None]:
+def load_images(path: str | Path, config: AdaPerceiverConfig,
+                labels: bool = True) -> tuple[torch.Tensor, list[str], np.ndarray | None]:
     """Images ``(n, C, H, W)`` float32 in ``[0, 1]`` as the backbone expects, their names, and labels ``(n,)`` if any.
 
     ``path`` is a folder (its PNG/JPEG files in name order; names are the file names, no labels) or an ``.npz``
     with ``x`` (uint8 0..255 or float 0..1 images) and optionally ``y`` (labels; names are row indices).
+    ``labels=False`` never reads ``y`` (calibration on unlabeled images).
     """
     path = Path(path)
     if path.is_dir():
@@ -41,7 +43,7 @@ def load_images(path: str | Path, config: AdaPerceiverConfig) -> tuple[torch.Ten
         return torch.from_numpy(to_images(x, str(path))), [f.name for f in files], None
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise DataError(f"{path}: give an .npz with 'x' (and optionally 'y') or a folder of PNG/JPEG images")
-    arrays = read_npz(path, ("x",), ("y",))
+    arrays = read_npz(path, ("x",), ("y",) if labels else ())
     x = to_images(arrays["x"], str(path))
     y = arrays.get("y")
     labels = None if y is None else check_labels(y, len(x), str(path), config.num_classes)

@@ -92,7 +92,9 @@ def digits_half(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrate")
     test = load_dataset("digits", None, SplitConfig(seed=0)).splits["test"]
     halves = split_halves(len(test.y))
-    np.savez(out / "half.npz", x=test.x[halves[0]].numpy())  # float in [0, 1], exactly the split's pixels
+    # float in [0, 1], exactly the split's pixels; 'y' is garbage that would be refused if calibration read it
+    np.savez(out / "half.npz", x=test.x[halves[0]].numpy(), y=np.full(7, -5))
+    np.savez(out / "half_x.npz", x=test.x[halves[0]].numpy())
     return out, halves
 
 
@@ -116,7 +118,7 @@ def test_calibrate_cli_reproduces_the_reports_certified_choice(tiny_run, digits_
                             halves)
     assert records[0]["lam"] == pytest.approx(result["chosen"]["lam"])
     # infer.py at that tolerance uses the certified price; a tolerance nothing certifies is one clear error
-    images = out / "half.npz"
+    images = out / "half_x.npz"
     ran = infer.main(["--backbone", str(root / "backbone"), "--policy", str(out / "calibrated"), "--input", str(images),
                       "--tolerance", "40"])
     assert ran["totals"]["images"] == len(halves[0])
