@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -70,6 +71,6 @@ def positive_ints(text: str) -> list[int]:
 def finite_float(text: str) -> float:
     """argparse type: a finite number (NaN and infinities are refused)."""
     value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value

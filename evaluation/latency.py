@@ -159,6 +159,9 @@ def check_table_arrays(table: dict, source: str = "latency table") -> None:
     missing = [key for key in REQUIRED if key not in table]
     if missing:
         raise LatencyTableError(f"{source}: missing {missing}; {MEASURE}")
+    for key in ("full_ms", *(f"{kind}_ms" for kind in KINDS)):
+        if _holds_a_boolean(table[key]):  # JSON true/false would read as 1.0 / 0.0 ms
+            raise LatencyTableError(f"{source}: {key} holds true/false where milliseconds belong; {MEASURE}")
     try:
         shape = tuple(len(table[axis]) for axis in ("token_grans", "depths", "ffn_widths"))
         grids = {kind: np.asarray(table[f"{kind}_ms"], dtype=np.float64) for kind in KINDS}
@@ -172,6 +175,13 @@ def check_table_arrays(table: dict, source: str = "latency table") -> None:
             raise LatencyTableError(f"{source}: {kind}_ms must be finite and > 0; {MEASURE}")
     if not (np.isfinite(full) and full > 0):
         raise LatencyTableError(f"{source}: full_ms must be finite and > 0, got {full}; {MEASURE}")
+
+
+def _holds_a_boolean(value) -> bool:
+    """Whether ``value`` (a number or nested lists of them) contains a bool anywhere."""
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, list) and any(_holds_a_boolean(v) for v in value)
 
 
 def load_latency_table(path: str | Path) -> dict:

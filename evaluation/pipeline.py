@@ -60,7 +60,7 @@ def job_dataset(job: PolicyJob) -> Dataset:
     """The job's dataset, cut with the split seed its backbone was trained with."""
     _, meta = read_config(job.backbone)
     if meta.get("dataset") not in (None, job.dataset):
-        raise ValueError(
+        raise ProjectError(
             f"backbone {job.backbone} was trained on {meta['dataset']!r}, not {job.dataset!r}; "
             "pass the matching --dataset or --backbone"
         )

@@ -103,8 +103,8 @@ def markdown_table(report: dict) -> str:
         lines.append(_row("oracle", report["oracle"]))
         lines += ["", verdict(run, tol), ""]
         if any(not f["meets_target"] for e in run["families"].values() for f in e["selection"]["folds"]):
-            lines += ["† the family's safest candidate already failed on calibration: nothing certified, the safest "
-                      "taken.", ""]
+            lines += [("† the family's safest candidate already failed on calibration: nothing certified, the safest "
+                       "taken."), ""]
     return "\n".join(lines).rstrip()
 
 

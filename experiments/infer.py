@@ -19,6 +19,7 @@ from backbone.compiled import INFERENCE_PATHS
 from backbone.errors import finite_float, positive_int, run_cli
 from backbone.grid import GridPoint
 from backbone.io import check_output_path, write_json
+from backbone.train import resolve_device
 from policy.classifier import AdaptiveClassifier
 from policy.inputs import load_images
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
 
+    resolve_device(args.device)  # refuses cuda without CUDA before anything is loaded
     classifier = AdaptiveClassifier.from_dirs(args.backbone, args.policy, args.device, args.path,
                                               tolerance=args.tolerance)
     if args.tolerance is not None:

@@ -283,4 +283,4 @@ def images_to_certify(tolerance_pp: float, delta: float) -> int:
         return -1
     if t >= 1:
         return 1
-    return int(math.ceil(math.log(delta) / math.log1p(-t)))
+    return math.ceil(math.log(delta) / math.log1p(-t))

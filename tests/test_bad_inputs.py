@@ -359,3 +359,55 @@ def test_cli_debug_shows_the_traceback(tmp_path, how):
     done = _infer(tmp_path, "--debug") if how == "flag" else _infer(tmp_path, env={"ADAPERCEIVER_DEBUG": "1"})
     assert done.returncode != 0 and done.returncode != 2
     assert "Traceback" in done.stderr and "CheckpointError" in done.stderr, done.stderr
+
+
+# ---- round two: what a careless user still found ------------------------------------------------------------
+
+def test_a_16_bit_png_is_read_at_its_full_depth_not_clipped(tmp_path, tiny_config):
+    from PIL import Image
+
+    from policy.inputs import load_images
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
+    (tmp_path / "eight").mkdir()
+    (tmp_path / "sixteen").mkdir()
+    for i, pixels in enumerate(grey):
+        Image.fromarray(pixels, "L").save(tmp_path / "eight" / f"{i}.png")
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "sixteen" / f"{i}.png")  # 16-bit grey
+    assert Image.open(tmp_path / "sixteen" / "0.png").mode.startswith("I")
+    eight, _, _ = load_images(tmp_path / "eight", tiny_config)
+    sixteen, _, _ = load_images(tmp_path / "sixteen", tiny_config)
+    assert torch.allclose(sixteen, eight, atol=1 / 255 + 1e-6), "the same pixels at either depth"
+    assert len(torch.unique(sixteen)) > 2, "not clipped to 0 and 1"
+
+
+def test_a_latency_table_with_true_for_milliseconds_is_refused():
+    from evaluation.latency import LatencyTableError, check_table_arrays
+
+    table = {"token_grans": [2, 4], "depths": [1], "ffn_widths": [1.0], "staged_ms": [[[1.0]], [[2.0]]],
+             "fresh_ms": [[[1.0]], [[2.0]]], "full_ms": 2.0, "batch_size": 1}
+    check_table_arrays(table)  # sound
+    for key, value in (("full_ms", True), ("staged_ms", [[[True]], [[2.0]]]), ("fresh_ms", [[[1.0]], [[False]]])):
+        with pytest.raises(LatencyTableError, match=f"{key} holds true/false"):
+            check_table_arrays({**table, key: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_infer_on_cuda_without_cuda_is_refused_before_loading(monkeypatch, tmp_path):
+    from experiments import infer
+    from policy.classifier import AdaptiveClassifier
+
+    monkeypatch.setattr(AdaptiveClassifier, "from_dirs", lambda *a, **k: pytest.fail("loaded before the device check"))
+    with pytest.raises(ProjectError, match="CUDA is not available"):
+        infer.main(["--backbone", "checkpoints/digits", "--policy", "policies/digits", "--input", str(tmp_path / "x.npz"),
+                    "--device", "cuda"])
+
+
+def test_a_dataset_that_is_not_the_backbones_is_one_clear_error(tmp_path):
+    from experiments import train_policy
+
+    with pytest.raises(ProjectError, match="trained on 'digits', not 'fashion-mnist'"):
+        train_policy.main(["--dataset", "fashion-mnist", "--backbone", "checkpoints/digits", "--out", str(tmp_path / "p"),
+                           "--quiet"])
+    assert not (tmp_path / "p").exists()
