@@ -15,7 +15,7 @@ import torch
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import default_paths
-from backbone.errors import nonnegative_int, positive_int, run_cli
+from backbone.errors import ProjectError, nonnegative_int, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from backbone.train import resolve_device
 from envs import FeatureSpec
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     backbone = args.backbone or paths["backbone"]
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone, quiet=args.quiet)
     images = job_dataset(job).splits["test"].x
+    if args.batch_size > len(images):
+        raise ProjectError(f"--batch-size {args.batch_size} is larger than the {len(images)} test images it is timed "
+                           f"on; give at most {len(images)}")
     model = load_checkpoint(backbone, device)
     table = measure_latency_table(model, FeatureSpec(pooled=args.pooled), images, args.batch_size, args.rounds,
                                   args.repeats, args.warmup, backbone_hash(backbone), progress=not args.quiet)

@@ -411,3 +411,11 @@ def test_a_dataset_that_is_not_the_backbones_is_one_clear_error(tmp_path):
         train_policy.main(["--dataset", "fashion-mnist", "--backbone", "checkpoints/digits", "--out", str(tmp_path / "p"),
                            "--quiet"])
     assert not (tmp_path / "p").exists()
+
+
+def test_a_latency_batch_larger_than_the_images_is_one_clear_error(tmp_path):
+    from experiments import measure_latency
+
+    with pytest.raises(ProjectError, match="--batch-size 100000 is larger than the 270 test images"):
+        measure_latency.main(["--batch-size", "100000", "--out", str(tmp_path / "l.json"), "--quiet"])
+    assert not (tmp_path / "l.json").exists()
