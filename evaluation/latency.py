@@ -31,6 +31,7 @@ from tqdm import tqdm
 from backbone import AdaPerceiver, AdaPerceiverConfig
 from backbone.errors import ProjectError
 from backbone.grid import GridPoint
+from backbone.io import sha256_file
 from envs import FeatureSpec, features_from
 from evaluation.benchmark import device_name, sync
 
@@ -182,6 +183,17 @@ def _holds_a_boolean(value) -> bool:
     if isinstance(value, bool):
         return True
     return isinstance(value, list) and any(_holds_a_boolean(v) for v in value)
+
+
+def check_latency_digest(path: str | Path, policy_meta: dict) -> None:
+    """Refuse a latency table beside a policy that is not the one the policy recorded (by its sha256)."""
+    recorded = (policy_meta.get("latency") or {}).get("sha256")
+    if recorded is None:
+        raise LatencyTableError(f"{path} lies beside a policy that records no latency table; remove it, or pass "
+                                "the table you mean with --latency")
+    if sha256_file(path) != recorded:
+        raise LatencyTableError(f"{path} is not the latency table this policy was saved with (its sha256 differs from "
+                                "the one in policy.json); restore it, or pass the table you mean with --latency")
 
 
 def load_latency_table(path: str | Path) -> dict:

@@ -13,7 +13,7 @@ import torch
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import Dataset, SplitConfig, dataset_name, load_dataset
 from backbone.errors import ProjectError
-from backbone.io import json_text, write_json
+from backbone.io import json_text
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
 from evaluation.families import FixedFamily, PolicyFamily, choose_and_apply
 from evaluation.latency import (
@@ -26,7 +26,7 @@ from evaluation.latency import (
     ms_per_input,
 )
 from evaluation.uncertainty import paired_stats
-from policy.artifact import PolicyArtifact, save_policy
+from policy.artifact import SIDECAR, WEIGHTS, PolicyArtifact, save_policy
 from policy.selection import NothingCertifiedError, certified_point, images_to_certify, points_of
 from policy.train import PolicyTrainConfig, train_and_calibrate
 
@@ -151,8 +151,18 @@ def certified_summary(artifact: PolicyArtifact, family: PolicyFamily, test: Outc
             **paired_stats(outcome.predicted == test.labels, test.correct[:, -1, -1, -1], rule.tolerance_pp)}
 
 
+SUMMARY = "summary.json"
+
+
 def check_out(job: PolicyJob) -> None:
-    """Refuse to write over a finished policy unless ``job.replace``; say so when replacing."""
+    """Refuse to write over a finished policy unless ``job.replace``, or into a place where one of its files is a
+    folder; say so when replacing. Checked before any work, so that a refusal changes nothing."""
+    out = Path(job.out)
+    if out.exists() and not out.is_dir():
+        raise ProjectError(f"--out {out} is a file; give a folder for the policy")
+    for name in (WEIGHTS, SIDECAR, SUMMARY, LATENCY_FILE):
+        if (out / name).is_dir():
+            raise ProjectError(f"{out / name} is a folder where the policy's {name} goes; remove it or use another --out")
     if (Path(job.out) / "policy.json").is_file():
         if not job.replace:
             raise ProjectError(f"{job.out} already holds a policy; pass --force to replace it, or --out for another")
@@ -204,9 +214,6 @@ def run_policy_job(job: PolicyJob) -> dict:
     if len(sweep) > 1:  # one policy per price: keep each beside the chosen one (evaluate.py reads them)
         for member in sweep:
             save_policy(member, Path(job.out) / "sweep" / f"lambda_{member.meta['lam']:g}")
-    save_policy(artifact, job.out, extra_files)
-    if latency is None:  # a table a previous run left there is not this policy's
-        (Path(job.out) / LATENCY_FILE).unlink(missing_ok=True)
     summary = {"dataset": job.dataset, "saved_to": str(job.out)}
     if job.report_test:
         summary |= summarize(artifact, tables["test"], tables["calibration"], job.train, latency)
@@ -214,7 +221,10 @@ def run_policy_job(job: PolicyJob) -> dict:
         summary |= {"test": "not read (report_test off)", "lambda": artifact.meta["lam"],
                     "selection": artifact.meta["selection"], "meets_calibration_target": artifact.meta["meets_target"],
                     "calibration_flop_reduction": artifact.meta["calibration_flop_reduction"]}
-    write_json(Path(job.out) / "summary.json", summary)
+    # the policy, its summary (and its latency table) are one unit: renamed into place together
+    save_policy(artifact, job.out, {**extra_files, SUMMARY: json_text(summary).encode()})
+    if latency is None:  # a table a previous run left there is not this policy's
+        (Path(job.out) / LATENCY_FILE).unlink(missing_ok=True)
     return summary
 
 

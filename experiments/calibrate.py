@@ -18,7 +18,7 @@ from pathlib import Path
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.errors import ProjectError, finite_float, run_cli
 from backbone.io import check_output_path, write_json
-from evaluation.latency import LATENCY_FILE, latency_grid, load_latency_table
+from evaluation.latency import LATENCY_FILE, check_latency_digest, latency_grid, load_latency_table
 from policy.artifact import load_policy, save_policy
 from policy.calibration import calibrate, unlabeled_table
 from policy.inputs import load_images
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ProjectError(f"{args.unlabeled}: {err}; give images of the backbone's shape (a folder of image files "
                            "is resized to it)") from err
     latency_path = Path(args.policy) / LATENCY_FILE
-    latency = load_latency_table(latency_path) if latency_path.is_file() else None
+    latency = None
+    if latency_path.is_file():
+        check_latency_digest(latency_path, artifact.meta)
+        latency = load_latency_table(latency_path)
     table = unlabeled_table(model, images, artifact, progress=not args.quiet)
     staged_ms = None if latency is None else latency_grid(latency, "staged")
     calibrated, point = calibrate(artifact, table, rule, str(args.unlabeled), staged_ms)

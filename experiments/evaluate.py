@@ -21,7 +21,7 @@ from backbone.data import default_paths
 from backbone.errors import run_cli
 from backbone.io import atomic_write, check_output_path, write_json
 from envs import FeatureSpec
-from evaluation.latency import LATENCY_FILE, check_latency_table, load_latency_table
+from evaluation.latency import LATENCY_FILE, check_latency_digest, check_latency_table, load_latency_table
 from evaluation.pipeline import PolicyJob, job_dataset, load_tables
 from evaluation.plots import markdown_table, pareto_plot
 from evaluation.report import SelectionRun, build_report
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     latency_path = args.latency
     if latency_path is None and policy_dirs and (Path(policy_dirs[0]) / LATENCY_FILE).is_file():
         latency_path = str(Path(policy_dirs[0]) / LATENCY_FILE)
+        check_latency_digest(latency_path, policies[0].meta)  # the table the policy was saved with, not a swapped one
     latency = None
     if latency_path is not None:  # checked before any table is built
         latency = load_latency_table(latency_path)

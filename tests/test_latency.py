@@ -263,3 +263,18 @@ def test_cost_latency_without_a_table_or_with_another_grid_stops_before_any_tabl
     with pytest.raises(LatencyTableError, match="token_grans"):
         evaluate.main(["--backbone", str(root / "backbone"), "--policy", str(root / "policy"),
                        "--latency", str(tmp_path / "other.json"), "--no-throughput", "--quiet"])
+
+
+def test_a_swapped_latency_table_beside_the_policy_is_refused(latency_run, tmp_path):
+    import shutil
+
+    from evaluation.latency import LatencyTableError
+
+    root, table, _ = latency_run
+    policy = tmp_path / "policy"
+    shutil.copytree(root / "policy", policy)
+    write_json(policy / "latency.json", {**table, "full_ms": 100 * table["full_ms"]})  # valid, but not the policy's
+    argv = ["--backbone", str(root / "backbone"), "--policy", str(policy), "--cache-dir", str(root / "cache"),
+            "--no-throughput", "--quiet"]
+    with pytest.raises(LatencyTableError, match="not the latency table this policy was saved with"):
+        evaluate.main(argv)

@@ -73,3 +73,24 @@ def test_act_is_stable_baselines3_deterministic_action(tiny_run):
         with torch.inference_mode():
             expected = artifact.policy._predict(obs, deterministic=True).numpy()
         assert np.array_equal(artifact.act(features, lam=lam), expected)
+
+
+def test_a_folder_where_the_summary_goes_is_refused_before_anything_changes(tiny_run, tmp_path):
+    import shutil
+
+    from backbone.errors import ProjectError
+    from experiments import train_policy
+
+    root, _ = tiny_run
+    out = tmp_path / "policy"
+    shutil.copytree(root / "policy", out)
+    (out / "summary.json").unlink()
+    (out / "summary.json").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ProjectError, match="summary.json is a folder"):
+        train_policy.main(["--backbone", str(root / "backbone"), "--out", str(out), "--force", "--timesteps", "2048",
+                           "--quiet", "--cache-dir", str(root / "cache"), "--log-dir", str(tmp_path / "tb")])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, "nothing replaced"
+    # the summary, written in the same unit as the policy, names the policy's own price
+    meta = json.loads((root / "policy" / "policy.json").read_text())
+    assert json.loads((root / "policy" / "summary.json").read_text())["lambda"] == meta["lam"]
