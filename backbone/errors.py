@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import itertools
 import math
 import os
+import textwrap
 import sys
 from collections.abc import Callable
 
@@ -74,3 +78,26 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' ``--help``: the description as written, and every option's default after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = "%(default)" in text or "default" in text.lower()
+        if (shown or not action.option_strings or action.default is argparse.SUPPRESS or action.required
+                or isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (its first sentence-worth, on one line), by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field, after in itertools.pairwise(body):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[field.target.id] = " ".join(after.value.value.split()).replace("%", "%%")
+    return docs

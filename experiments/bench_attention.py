@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from backbone.compiled import INFERENCE_PATHS, check_inference_path, for_path
-from backbone.errors import positive_int, positive_ints, run_cli
+from backbone.errors import HelpFormatter, positive_int, positive_ints, run_cli
 from backbone.io import check_output_path, write_json
 from backbone.layers import matmul_softmax, matmul_softmax_on_cpu
 
@@ -81,14 +81,14 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--tiles", type=tiles, default=tiles(TILES), help=f"QUERIESxKEYS,... (default {TILES})")
-    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 256])
-    parser.add_argument("--heads", type=positive_int, default=16)
-    parser.add_argument("--head-dim", type=positive_int, default=8)
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 256], help="comma-separated batch sizes")
+    parser.add_argument("--heads", type=positive_int, default=16, help="attention heads")
+    parser.add_argument("--head-dim", type=positive_int, default=8, help="width of one head")
     parser.add_argument("--path", choices=INFERENCE_PATHS, default="aot", help="eager: no compiling (a quick check)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")

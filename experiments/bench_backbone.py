@@ -13,7 +13,7 @@ import torch
 from backbone import AdaPerceiver
 from backbone.config import preset
 from backbone.data import load_dataset
-from backbone.errors import positive_int, run_cli
+from backbone.errors import HelpFormatter, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from backbone.train import TrainConfig, TrainingForward, grid_loss_weights, sample_widths, training_loss
 
@@ -48,12 +48,12 @@ def inference_images_per_s(model: AdaPerceiver, x: torch.Tensor, config: tuple, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--steps", type=positive_int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed training steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
     if args.threads:

@@ -13,7 +13,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from backbone.data import default_paths
-from backbone.errors import positive_int, run_cli
+from backbone.errors import HelpFormatter, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import AdaptiveComputeEnv, TableVecEnv
 from evaluation.pipeline import PolicyJob, load_tables
@@ -28,12 +28,12 @@ def ppo_steps_per_s(env, timesteps: int, n_steps: int, batch_size: int) -> float
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--backbone", default=None)
-    parser.add_argument("--num-envs", type=positive_int, default=256)
-    parser.add_argument("--timesteps", type=positive_int, default=100_000)
-    parser.add_argument("--json", default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--backbone", default=None, help="checkpoint directory (default: checkpoints/<dataset>)")
+    parser.add_argument("--num-envs", type=positive_int, default=256, help="inputs stepped at once by the batched env")
+    parser.add_argument("--timesteps", type=positive_int, default=100_000, help="env steps timed")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
     torch.set_num_threads(1)

@@ -19,7 +19,7 @@ import torch
 
 from backbone.compiled import INFERENCE_PATHS
 from backbone.data import default_paths
-from backbone.errors import nonnegative_float, nonnegative_int, positive_int, positive_ints, run_cli
+from backbone.errors import HelpFormatter, nonnegative_float, nonnegative_int, positive_int, positive_ints, run_cli
 from backbone.io import atomic_write, check_output_path, write_json
 from evaluation.benchmark import (
     benchmark_inference,
@@ -36,22 +36,22 @@ from policy.classifier import AdaptiveClassifier
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns one result dict per batch size (see ``evaluation.benchmark.benchmark_inference``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--data-dir", default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", default="fashion-mnist", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--policy", default=None, help="default policies/<dataset>")
-    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 64, 256])
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 64, 256], help="comma-separated batch sizes")
     parser.add_argument("--limit", type=positive_int, default=2048, help="test images per batch size")
     parser.add_argument("--limit-batch1", type=positive_int, default=256, help="test images at batch size 1 (slow)")
     parser.add_argument("--min-seconds", type=nonnegative_float, default=1.0, help="least timing per variant and round")
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; each variant reports its median")
     parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed batches before each measurement")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     parser.add_argument("--path", choices=INFERENCE_PATHS, default="eager",
                         help="inference path of every variant, the full model included (compiled first, untimed)")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     parser.add_argument("--markdown", default=None, help="write the tables here")
     parser.add_argument("--plot", default=None, help="PNG of batch-1 latency against FLOPs per configuration")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

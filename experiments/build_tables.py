@@ -10,21 +10,21 @@ import argparse
 
 from backbone.data import default_paths
 from backbone.distributed import init_distributed
-from backbone.errors import run_cli
+from backbone.errors import HelpFormatter, run_cli
 from backbone.train import resolve_device
 from envs import FeatureSpec
 from evaluation.pipeline import PolicyJob, load_tables
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--data-dir", default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
-    parser.add_argument("--splits", default="policy_train,calibration,test")
+    parser.add_argument("--splits", default="policy_train,calibration,test", help="comma-separated splits to tabulate")
     parser.add_argument("--pooled", action="store_true", help="features include the mean input token")
-    parser.add_argument("--cache-dir", default=".cache/outcome_tables")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="where outcome tables are cached, by backbone hash and split")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
-from backbone.errors import ProjectError, finite_float, run_cli
+from backbone.errors import HelpFormatter, ProjectError, finite_float, run_cli
 from backbone.io import check_output_path, write_json
 from evaluation.latency import LATENCY_FILE, check_latency_digest, latency_grid, load_latency_table
 from policy.artifact import load_policy, save_policy
@@ -26,7 +26,7 @@ from policy.selection import SelectionRule
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     rule = SelectionRule("certified")
     parser.add_argument("--backbone", required=True, help="checkpoint directory")
     parser.add_argument("--policy", required=True, help="price-conditioned policy artifact made for this backbone")

@@ -13,7 +13,7 @@ import numpy as np
 
 from backbone.checkpoint import backbone_hash
 from backbone.data import default_paths
-from backbone.errors import finite_float, run_cli
+from backbone.errors import HelpFormatter, finite_float, run_cli
 from backbone.io import check_output_path, write_json
 from evaluation.development import develop
 from evaluation.pipeline import PolicyJob, load_tables
@@ -22,7 +22,7 @@ from policy.selection import SelectionRule
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     rule = SelectionRule("certified")
     parser.add_argument("--dataset", default="digits", help="default %(default)s")
     parser.add_argument("--data-dir", default=None, help="where the dataset's files are (default: its usual place)")

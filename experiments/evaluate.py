@@ -18,7 +18,7 @@ from pathlib import Path
 
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import default_paths
-from backbone.errors import run_cli
+from backbone.errors import HelpFormatter, run_cli
 from backbone.io import atomic_write, check_output_path, write_json
 from envs import FeatureSpec
 from evaluation.latency import LATENCY_FILE, check_latency_digest, check_latency_table, load_latency_table
@@ -30,18 +30,18 @@ from policy.selection import SelectionRule
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--data-dir", default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--policy", nargs="*", default=None,
                         help="artifact directories; the first is the named policy (default policies/<dataset>)")
     parser.add_argument("--seed-policies", nargs="*", default=[],
                         help="the first policy's recipe trained with other seeds: PPO reported over seeds (default none)")
     parser.add_argument("--router-seeds", default="0,1,2", help="seeds the router is trained with (default %(default)s)")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--markdown", default=None)
-    parser.add_argument("--plot", default=None)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this Markdown file (default: none)")
+    parser.add_argument("--plot", default=None, help="also draw the Pareto plot into this PNG (default: none)")
     rule = SelectionRule()
     parser.add_argument("--tolerance-pp", type=float, default=rule.tolerance_pp,
                         help="disagreement (certified, %%) or accuracy drop (the labeled rules, pp) allowed (default %(default)s)")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--latency", default=None,
                         help="latency table (experiments/measure_latency.py): adds ms/image to every family "
                         "(default: the latency.json beside the first policy, if any)")
-    parser.add_argument("--cache-dir", default=".cache/outcome_tables")
+    parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="where outcome tables are cached, by backbone hash and split")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from backbone.data import SPLIT_NAMES, default_paths
-from backbone.errors import run_cli
+from backbone.errors import HelpFormatter, run_cli
 from backbone.io import atomic_write
 from evaluation.pipeline import PolicyJob, job_dataset
 from evaluation.report import split_halves
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default="digits", help="default %(default)s")
     parser.add_argument("--data-dir", default=None, help="where the dataset's files are (default: its usual place)")
     parser.add_argument("--backbone", default=None, help="its split seed cuts the splits (default checkpoints/<dataset>)")

@@ -16,7 +16,7 @@ import torch
 
 from backbone import flops
 from backbone.compiled import INFERENCE_PATHS
-from backbone.errors import finite_float, positive_int, run_cli
+from backbone.errors import HelpFormatter, finite_float, positive_int, run_cli
 from backbone.grid import GridPoint
 from backbone.io import check_output_path, write_json
 from backbone.train import resolve_device
@@ -35,14 +35,15 @@ def parse_config(text: str) -> GridPoint:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the CLI; returns ``{"images": [per-image rows], "totals": {...}}`` (what ``--json`` writes)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--backbone", required=True, help="checkpoint directory")
     parser.add_argument("--policy", required=True, help="policy artifact directory (made for this backbone)")
     parser.add_argument("--input", required=True, help=".npz with 'x' (and 'y') or a folder of PNG/JPEG images")
     parser.add_argument("--config", type=parse_config, default=None,
                         help="fixed TOKENS,DEPTH,WIDTH for every image instead of the policy (debugging)")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     parser.add_argument("--path", choices=INFERENCE_PATHS, default="eager",
                         help="inference path: eager, compiled (torch.compile), aot (AOTInductor) or graphs (CUDA "
                              "graphs, --device cuda); the compiled paths compile each configuration on first use, "

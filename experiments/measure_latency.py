@@ -15,7 +15,7 @@ import torch
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import default_paths
-from backbone.errors import ProjectError, nonnegative_int, positive_int, run_cli
+from backbone.errors import HelpFormatter, ProjectError, nonnegative_int, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from backbone.train import resolve_device
 from envs import FeatureSpec
@@ -24,7 +24,7 @@ from evaluation.pipeline import PolicyJob, job_dataset
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
     parser.add_argument("--backbone", default=None, help="checkpoint directory (default checkpoints/<dataset>)")

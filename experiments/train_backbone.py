@@ -15,34 +15,36 @@ import torch
 
 from backbone.config import AdaPerceiverConfig, preset
 from backbone.data import SplitConfig, default_paths, load_dataset
-from backbone.errors import positive_int, run_cli
+from backbone.errors import HelpFormatter, field_docs, positive_int, run_cli
 from backbone.train import TrainConfig, resolve_device, train_backbone
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
     parser.add_argument("--out", default=None, help="checkpoint directory (default runs/<dataset>/backbone)")
     parser.add_argument("--force", action="store_true", help="train over a finished checkpoint in --out")
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the four stratified splits")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="ignore a train_state.pt left by an earlier run")
     for field in ("embed_dim", "depth", "patch_size", "num_heads"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help="override the preset")
-    parser.add_argument("--token-grans", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
+    parser.add_argument("--token-grans", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
+                        help="latent token granularities, e.g. 4,8,16,32 (override the preset)")
     parser.add_argument(
         "--stem-channels", type=lambda s: tuple(int(v) for v in s.split(",") if v), default=None,
         help="conv patch embedding, e.g. 32,64 for patch size 4; '' for a linear one (override the preset)",
     )
-    defaults = TrainConfig()
+    defaults, docs = TrainConfig(), field_docs(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, field.name),
+                                help=docs.get(field.name))
         else:
             kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(flag, type=kind, default=getattr(defaults, field.name))
+            parser.add_argument(flag, type=kind, default=getattr(defaults, field.name), help=docs.get(field.name))
     args = parser.parse_args(argv)
 
     try:  # every flag is checked before any data is read or model built

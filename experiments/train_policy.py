@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from backbone.data import default_paths
-from backbone.errors import positive_int, run_cli
+from backbone.errors import HelpFormatter, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
@@ -20,7 +20,7 @@ from policy.train import COSTS, PolicyTrainConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
     parser.add_argument("--backbone", default=None, help="checkpoint directory (default checkpoints/<dataset>)")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timesteps", type=positive_int, default=defaults.total_timesteps,
                         help="PPO steps (per price with --lambdas); default: 2,000 passes over the policy-train table, "
                              "at most 3,000,000")
-    parser.add_argument("--reward", choices=REWARDS, default=defaults.reward)
+    parser.add_argument("--reward", choices=REWARDS, default=defaults.reward, help="accuracy term of the reward: agreement with the full model, correctness, or log-likelihood")
     parser.add_argument("--cost", choices=COSTS, default=defaults.cost,
                         help="what an action is priced by in training and in the price's calibration: staged FLOPs, "
                         "or the staged ms of a measured latency table (--latency); FLOPs are reported either way")
@@ -58,13 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="point-estimate rule: safety margin (pp) subtracted from the tolerance (default %(default)s)")
     parser.add_argument("--delta", type=float, default=rule.delta,
                         help="certified rules: failure probability of the whole fixed sequence (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of PPO (its network, its rollouts and the prices drawn)")
     parser.add_argument("--threads", type=positive_int, default=defaults.threads, help="torch threads for PPO")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-test", action="store_true",
                         help="do not read the test split (recipe search: compare recipes with experiments/develop.py)")
     parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
-    parser.add_argument("--cache-dir", default=".cache/outcome_tables")
+    parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="where outcome tables are cached, by backbone hash and split")
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
     args = parser.parse_args(argv)
 
