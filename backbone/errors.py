@@ -1,4 +1,5 @@
-"""The project's own errors: one base class, so a CLI can print them as one line."""
+"""The project's own errors and the scripts' command-line helpers: one error base class, so a CLI can print them as
+one line; argparse types; the help formatter that shows every default."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import inspect
 import itertools
 import math
 import os
-import textwrap
 import sys
+import textwrap
 from collections.abc import Callable
 
 
