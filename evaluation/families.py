@@ -27,7 +27,7 @@ from envs import OutcomeTable
 from evaluation.baselines import early_exit, matched_random_actions
 from policy.artifact import PolicyArtifact, policy_outcome
 from policy.selection import Candidate, Outcome, Selection, SelectionRule, candidate, select
-from policy.train import LAM_GRID
+from policy.train import LAM_GRID, price_grid
 
 TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
 GLANCE_TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), 1 - np.geomspace(0.08, 1e-5, 25), [1.0]]), 6))
@@ -223,7 +223,7 @@ class PolicyFamily(_StagedFamily):
         self._knobs = []
         for i, artifact in enumerate(artifacts):
             low_high = artifact.meta.get("lam_range")
-            lams = np.geomspace(*low_high, lam_grid) if low_high else [artifact.meta["lam"]]
+            lams = price_grid(low_high, lam_grid) if low_high else [artifact.meta["lam"]]
             self._knobs += [(i, float(lam)) for lam in lams]
         self.network_flops = [artifact.network_flops() for artifact in artifacts]
 

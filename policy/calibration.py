@@ -28,7 +28,7 @@ from policy.selection import (
     images_to_certify,
     operating_points,
 )
-from policy.train import LAM_GRID
+from policy.train import LAM_GRID, price_grid
 
 
 class CalibrationError(ProjectError):
@@ -54,7 +54,7 @@ def price_curve(artifact: PolicyArtifact, table: OutcomeTable, delta: float, gri
         raise CalibrationError("this policy was trained at one fixed price, so there is no price to calibrate; "
                                "train a price-conditioned one (experiments/train_policy.py --lam-range LOW,HIGH)")
     network = artifact.network_flops()
-    lams = np.geomspace(*artifact.lam_range, grid)
+    lams = price_grid(artifact.lam_range, grid)
     outcomes = [policy_outcome(artifact, table, float(lam), network) for lam in lams]
     scored = [candidate((0, float(lam)), outcome, table) for lam, outcome in zip(lams, outcomes, strict=True)]
     ms = None if latency_ms is None else [float(np.mean(latency_ms[tuple(o.actions.T)])) for o in outcomes]

@@ -186,6 +186,14 @@ class Selection:
     """How many candidates the sequence tested: those before the first failure, and that failure."""
 
 
+def passing_prefix(passes: list[bool]) -> int:
+    """How many candidates, taken in order, pass before the first failure: the set fixed-sequence testing certifies."""
+    for i, ok in enumerate(passes):
+        if not ok:
+            return i
+    return len(passes)
+
+
 def select(candidates: list[Candidate], reference_correct: np.ndarray, rule: SelectionRule) -> Selection:
     """Fixed-sequence testing over ``candidates``, given safest first in an order fixed before the calibration
     inputs were read: test each in turn, stop at the first that fails, and take the cheapest (by
@@ -197,9 +205,7 @@ def select(candidates: list[Candidate], reference_correct: np.ndarray, rule: Sel
     if not candidates:
         raise ValueError("no candidates to select from")
     scores = [score(c, reference_correct, rule) for c in candidates]
-    passed = 0
-    while passed < len(scores) and scores[passed]["passes"]:
-        passed += 1
+    passed = passing_prefix([s["passes"] for s in scores])
     tested = min(passed + 1, len(scores))
     for i, s in enumerate(scores):
         s["tested"] = i < tested
@@ -257,14 +263,10 @@ def certified_point(points: list[OperatingPoint], tolerance_pp: float) -> Operat
     above the tolerance."""
     if not math.isfinite(tolerance_pp) or tolerance_pp < 0:
         raise NothingCertifiedError(f"a tolerance must be a finite number of pp >= 0, got {tolerance_pp}")
-    ordered = sorted(points, key=lambda p: p.lam)
-    passed = []
-    for point in ordered:
-        if point.bound > tolerance_pp / 100 + 1e-12:
-            break
-        passed.append(point)
-    if not ordered:
+    if not points:
         raise NothingCertifiedError("this policy carries no operating points; calibrate it with experiments/calibrate.py")
+    ordered = sorted(points, key=lambda p: p.lam)
+    passed = ordered[: passing_prefix([p.bound <= tolerance_pp / 100 + 1e-12 for p in ordered])]
     if not passed:
         first = ordered[0]
         raise NothingCertifiedError(

@@ -24,6 +24,11 @@ PASSES = 2_000
 """PPO's default budget: this many passes over the policy-train table, at most ``MAX_TIMESTEPS`` env steps."""
 LAM_GRID = 61
 """Prices of a conditioned policy scanned on calibration (log-spaced over its range)."""
+
+
+def price_grid(lam_range: tuple[float, float], n: int = LAM_GRID) -> np.ndarray:
+    """The ``n`` prices a conditioned policy is calibrated at: log-spaced over ``lam_range``, lowest first."""
+    return np.geomspace(*lam_range, n)
 COSTS = ("flops", "latency")
 """What an action can be priced by (``PolicyTrainConfig.cost``)."""
 
@@ -202,7 +207,7 @@ def train_and_calibrate(
     scored = []
     for i, artifact in enumerate(artifacts):  # every price of a conditioned policy, or each policy at its own
         network = artifact.network_flops()
-        lams = np.geomspace(*config.lam_range, LAM_GRID) if config.lam_range is not None else [artifact.meta["lam"]]
+        lams = price_grid(config.lam_range) if config.lam_range is not None else [artifact.meta["lam"]]
         scored += [candidate((i, float(lam)), policy_outcome(artifact, calibration_table, lam, network, cost),
                              calibration_table)
                    for lam in lams]
