@@ -20,19 +20,25 @@ Both compile each function on first use (seconds to tens of seconds each, a conf
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch._dynamo
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.export import Dim
 
 from backbone.errors import ProjectError
 
 INFERENCE_PATHS = ("eager", "compiled", "aot", "graphs")
+COMPILING_PATHS = ("compiled", "aot")
+"""The paths that compile each program before its first call returns (seconds each)."""
 AOT_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "freezing": True, "cpp.weight_prepack": False}
 """Inductor options of both compiled paths. 1x1 convolutions (the conv stem's projection) as matrix products:
 15% faster for the whole stem at batch 256 on a CPU. Freezing: the weights are constants of the program, so
@@ -44,6 +50,27 @@ INDUCTOR_OPTIONS = {"cpp_wrapper": True, **AOT_INDUCTOR_OPTIONS}
 
 class InferencePathError(ProjectError):
     """An inference path that is unknown, or unavailable on this machine."""
+
+
+# inductor's C++ builder looks for a CUDA toolkit even for CPU kernels and warns when it finds one without a GPU;
+# the CPU paths never use it, so the warning would only mislead
+logging.getLogger("torch.utils.cpp_extension").addFilter(lambda record: "No CUDA runtime" not in record.getMessage())
+
+
+@contextlib.contextmanager
+def compiling(path: str) -> Iterator[None]:
+    """Turn a compiler that fails, or an inductor cache that cannot be read or written, into one
+    ``InferencePathError`` that names the fix (a failing build raises deep inside inductor otherwise)."""
+    try:
+        yield
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.CppCompileError,
+            torch._inductor.exc.InvalidCxxCompiler, OSError) as err:
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise InferencePathError(
+            f"the {path} path could not build a program ({type(err).__name__}: {reason[:200]}); check that the C++ "
+            f"compiler works (g++ --version; apt-get install g++), remove inductor's cache (rm -rf {cache}) and "
+            "run again, or use the eager path") from err
 
 
 def check_inference_path(path: str, device: torch.device | str = "cpu") -> str:
@@ -82,7 +109,7 @@ def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], args: tuple,
         def call(*args):
             # a configuration's integers and widths are constants of its graph: left to dynamo's default, a
             # second configuration would make them symbolic, and the grid checks on them break the graph
-            with torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
+            with compiling(path), torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
                 return compiled(*args)
 
         # one graph per configuration and batch-size class (1, or any other) of the same code; by default
@@ -90,7 +117,8 @@ def for_path(fn: Callable, path: str, modules: Sequence[nn.Module], args: tuple,
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
         return call
-    return _aot_compile(fn, modules, args, batch_dims)
+    with compiling(path):
+        return _aot_compile(fn, modules, args, batch_dims)
 
 
 class _Traced(nn.Module):

@@ -6,6 +6,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from backbone.errors import ProjectError
+
+
+class ConfigError(ProjectError):
+    """An architecture that cannot be built, or a configuration that is not on its grid."""
+
 
 @dataclass(frozen=True)
 class AdaPerceiverConfig:
@@ -74,7 +80,7 @@ class AdaPerceiverConfig:
         if self.num_classes < 2:
             errors.append(f"num_classes must be >= 2, got {self.num_classes}")
         if errors:
-            raise ValueError("invalid AdaPerceiverConfig: " + "; ".join(errors))
+            raise ConfigError("invalid AdaPerceiverConfig: " + "; ".join(errors))
         object.__setattr__(self, "token_grans", tuple(int(g) for g in grans))
         object.__setattr__(self, "ffn_widths", tuple(float(w) for w in widths))
         object.__setattr__(self, "stem_channels", tuple(int(ch) for ch in stem))
@@ -107,18 +113,18 @@ class AdaPerceiverConfig:
 
     def token_index(self, tokens: int) -> int:
         if tokens not in self.token_grans:
-            raise ValueError(f"tokens={tokens} is not a token granularity; allowed: {list(self.token_grans)}")
+            raise ConfigError(f"tokens={tokens} is not a token granularity; allowed: {list(self.token_grans)}")
         return self.token_grans.index(tokens)
 
     def width_index(self, width: float) -> int:
         for i, w in enumerate(self.ffn_widths):
             if math.isclose(float(width), w, rel_tol=1e-6):
                 return i
-        raise ValueError(f"width={width} is not an FFN width; allowed: {list(self.ffn_widths)}")
+        raise ConfigError(f"width={width} is not an FFN width; allowed: {list(self.ffn_widths)}")
 
     def check_depth(self, depth: int) -> int:
         if not isinstance(depth, int) or not 1 <= depth <= self.depth:
-            raise ValueError(f"depth={depth} is outside 1..{self.depth}")
+            raise ConfigError(f"depth={depth} is outside 1..{self.depth}")
         return depth
 
     def to_dict(self) -> dict:
@@ -129,7 +135,7 @@ class AdaPerceiverConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown AdaPerceiverConfig fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown AdaPerceiverConfig fields {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
         for key in ("token_grans", "ffn_widths", "stem_channels"):
             if key in data:

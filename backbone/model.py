@@ -11,11 +11,16 @@ from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from backbone.config import AdaPerceiverConfig
+from backbone.errors import ProjectError
 from backbone.layers import Attention, LatentBlock, init_weights, rope_tables
 from backbone.packed import run_mixed
 
 Width = float | Sequence[float] | torch.Tensor
 ReadKV = tuple[torch.Tensor, torch.Tensor]
+
+
+class ImageError(ProjectError):
+    """Images the backbone cannot take: the wrong shape, dtype or values."""
 
 
 @dataclass
@@ -104,7 +109,8 @@ class AdaPerceiver(nn.Module):
         c = self.config
         expected = (c.in_chans, c.img_size, c.img_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            raise ImageError(f"images must have shape (B, {', '.join(map(str, expected))}) for this backbone, got "
+                             f"{tuple(x.shape)}; resize them (a folder of PNG/JPEG files is resized on reading)")
 
     # ---- the three stages ---------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,11 @@ def load_images(path: str | Path, config: AdaPerceiverConfig,
         raise DataError(f"{path}: give an .npz with 'x' (and optionally 'y') or a folder of PNG/JPEG images")
     arrays = read_npz(path, ("x",), ("y",) if labels else ())
     x = to_images(arrays["x"], str(path))
+    expected = (config.in_chans, config.img_size, config.img_size)
+    if x.shape[1:] != expected:
+        raise DataError(f"{path}: images are {'x'.join(map(str, x.shape[1:]))} (channels x height x width), this "
+                        f"backbone takes {'x'.join(map(str, expected))}; resize them, or export them as PNG/JPEG files "
+                        "into a folder, which is resized on reading")
     y = arrays.get("y")
     labels = None if y is None else check_labels(y, len(x), str(path), config.num_classes)
     return torch.from_numpy(x), [str(i) for i in range(len(x))], labels

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -419,3 +420,95 @@ def test_a_latency_batch_larger_than_the_images_is_one_clear_error(tmp_path):
     with pytest.raises(ProjectError, match="--batch-size 100000 is larger than the 270 test images"):
         measure_latency.main(["--batch-size", "100000", "--out", str(tmp_path / "l.json"), "--quiet"])
     assert not (tmp_path / "l.json").exists()
+
+
+@pytest.mark.parametrize("shape", [(4, 10, 10), (4, 3, 8, 8), (4, 8, 8, 1)], ids=["size", "channels", "channels-last"])
+def test_images_of_another_shape_are_one_clear_error(tmp_path, tiny_config, shape):
+    np.savez(tmp_path / "odd.npz", x=np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=r"odd.npz: images are .*this backbone takes 1x8x8; resize them"):
+        load_images(tmp_path / "odd.npz", tiny_config)
+
+
+def test_the_backbone_and_classifier_refuse_odd_images_with_a_project_error(tiny_model):
+    from backbone.config import ConfigError
+    from backbone.model import ImageError
+
+    with pytest.raises(ImageError, match=r"images must have shape \(B, 1, 8, 8\) for this backbone"):
+        tiny_model.embed(torch.zeros(2, 1, 10, 10))
+    with pytest.raises(ConfigError, match="tokens=3 is not a token granularity"):
+        tiny_model.resolve(3, None, None)
+    for error in (ImageError, ConfigError):
+        assert issubclass(error, ProjectError), "the scripts print a ProjectError as one line"
+
+
+def _fake_compiler(tmp_path: Path) -> Path:
+    """A g++ that answers --version (so inductor picks it) and fails every build."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "g++"
+    script.write_text('#!/bin/sh\n[ "$1" = "--version" ] && { echo "g++ 12"; exit 0; }\necho "g++: broken" >&2; exit 1\n')
+    script.chmod(0o755)
+    return folder
+
+
+def _digits_npz(tmp_path: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "d.npz", x=(digits.images[:8] / 16).astype(np.float32))
+    return tmp_path / "d.npz"
+
+
+def _infer_aot(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    args = ["--backbone", "checkpoints/digits", "--policy", "policies/digits", "--input", str(_digits_npz(tmp_path)),
+            "--path", "aot", "--batch-size", "4", "--json", str(tmp_path / "out.json")]
+    env = {**{k: v for k, v in os.environ.items() if k != "ADAPERCEIVER_DEBUG"}, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "experiments/infer.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_a_compiler_that_fails_is_one_line_naming_the_fix(tmp_path):
+    cache = tmp_path / "inductor"
+    done = _infer_aot(tmp_path, {"PATH": f"{_fake_compiler(tmp_path)}:{os.environ['PATH']}",
+                                 "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "the aot path could not build a program" in errors[0] and "apt-get install g++" in errors[0]
+    assert f"rm -rf {cache}" in errors[0] and "eager path" in errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="the aot path needs a C++ compiler (apt-get install g++)")
+def test_a_damaged_inductor_cache_is_one_line_naming_the_cache(tmp_path):
+    # a probe compiled once fills the cache; its sources overwritten with garbage, the same probe fails to build
+    probe = ("import torch\nfrom backbone.compiled import for_path\nlinear = torch.nn.Linear(4, 3)\n"
+             "x = torch.randn(3, 4)\nprint(for_path(lambda x: linear(x).relu(), 'aot', [linear], (x,), ('batch',))(x).shape)\n")
+    cache = tmp_path / "inductor"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    run = lambda: subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=600, check=False)
+    first = run()
+    assert first.returncode == 0 and "torch.Size([3, 3])" in first.stdout, first.stderr[-2000:]
+    sources = [p for p in cache.rglob("*") if p.suffix in (".cpp", ".json")]
+    assert sources, "the probe left its sources in the cache"
+    for path in sources:
+        path.write_text("garbage\n")
+    second = run()
+    assert second.returncode != 0
+    assert "InferencePathError" in second.stderr and f"rm -rf {cache}" in second.stderr, second.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="the aot path needs a C++ compiler (apt-get install g++)")
+def test_aot_on_a_cpu_says_nothing_of_cuda_and_reports_images_per_s_without_compiling(tmp_path):
+    fake_cuda = tmp_path / "cuda"
+    (fake_cuda / "bin").mkdir(parents=True)  # a toolkit without a GPU: inductor's builder warned of it
+    done = _infer_aot(tmp_path, {"CUDA_HOME": str(fake_cuda), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CUDA" not in done.stderr, done.stderr[-2000:]
+    totals = json.loads((tmp_path / "out.json").read_text())["totals"]
+    wall, compile_s, per_s = totals["wall_s"], totals["compile_s"], totals["images_per_s"]
+    assert 0 < compile_s < wall, "compiling is part of the wall time"
+    assert per_s == pytest.approx(8 / (wall - compile_s), rel=1e-3), "images/s leave the compile time out"

@@ -10,6 +10,7 @@ from conftest import synthetic_table
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import SplitConfig, load_dataset
+from backbone.errors import ProjectError
 from evaluation.families import PolicyFamily
 from evaluation.report import SelectionRun, run_family, split_halves
 from policy.artifact import load_policy
@@ -138,7 +139,7 @@ def test_calibrate_cli_refusals_leave_nothing_behind(tiny_run, digits_half, tmp_
         calibrate_cli.main([*base, "--unlabeled", str(out / "half.npz"), "--out", str(tmp_path / "a")])
     assert not (tmp_path / "a").exists()
     np.savez(tmp_path / "wrong.npz", x=np.zeros((3000, 1, 4, 4), np.uint8))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ProjectError, match="images are 1x4x4 .* this backbone takes 1x8x8"):
         calibrate_cli.main([*base, "--unlabeled", str(tmp_path / "wrong.npz"), "--out", str(tmp_path / "b")])
     assert not (tmp_path / "b").exists()
     with pytest.raises(SystemExit):
