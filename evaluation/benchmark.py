@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from backbone import flops, measure_flops
 from backbone.grid import GridPoint
-from policy.classifier import AdaptiveClassifier, extension_passes
+from inference.classifier import AdaptiveClassifier
+from inference.plan import plan_extensions
 
 KEYS = ("full_images_per_s", "adaptive_images_per_s", "naive_images_per_s", "flop_speedup", "realized_speedup",
         "efficiency")
@@ -86,27 +87,20 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     batches = batches_of(images.to(next(model.parameters()).device), batch_size)
 
     def naive(x: torch.Tensor) -> torch.Tensor:
-        configs, _, input_tokens, glance_logits, state = classifier.choose(x)
-        largest = largest_in_batch(configs)
-        if state is None:
-            return model.run(input_tokens, *largest)
-        return glance_logits if largest == state.config else classifier.extend(state, largest)
+        choice = classifier.choose(x)
+        largest, glance = largest_in_batch(choice.configs), choice.glance
+        if glance.state is None:
+            return model.run(glance.input_tokens, *largest)
+        return glance.logits if largest == glance.state.config else classifier.extend(glance.state, largest)
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     full = GridPoint(*model.resolve(None, None, None))
 
-    def other_passes(x: torch.Tensor):
-        # the same classifier with the other extension-pass rule (merged or not), on the same programs' path
-        classifier.merge_passes = not classifier.merge_passes
-        try:
-            return classifier.predict(x)
-        finally:
-            classifier.merge_passes = not classifier.merge_passes
-
+    # the same classifier with the other extension-pass rule (merged or not), on the same runner
     other = "unmerged" if classifier.merge_passes else "merged"  # what the other rule buys, in the same rounds
     variants = {"full": lambda x: classifier.forward_config(x, full), "adaptive": classifier.predict, "naive": naive,
-                other: other_passes}
+                other: classifier.with_merge_passes(not classifier.merge_passes).predict}
     glance = classifier.glance_point
     if glance is not None:  # the glance's grid point alone, fresh: what the classifier pays at the least
         variants["glance"] = lambda x: classifier.forward_config(x, glance)
@@ -122,9 +116,8 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
     predictions = [classifier.predict(batch) for batch in batches]
     adaptive_flops = float(np.mean(np.concatenate([p.flops for p in predictions])))
     # the naive variant pays the glance and the policy, then the whole batch's extension to its largest configuration
-    naive_flops = float(np.average(
-        [classifier.staged_flops[GridPoint(*largest_in_batch(p.configs)).action(c.token_grans, c.ffn_widths)]
-         for p in predictions], weights=[len(p.configs) for p in predictions])) + classifier.network_flops
+    naive_flops = float(np.mean(np.concatenate(
+        [classifier.paid_flops([largest_in_batch(p.configs)] * len(p.configs)) for p in predictions])))
     # what the adaptive classifier's arithmetic really is (merged extension passes do more than the configurations
     # count), by torch's FLOP counter on an eager twin: the counter cannot see inside a compiled program
     twin = AdaptiveClassifier(model, classifier.artifact, lam=classifier.lam, merge_passes=classifier.merge_passes)
@@ -137,14 +130,14 @@ def benchmark_inference(classifier: AdaptiveClassifier, images: torch.Tensor, ba
         # efficiency if every input stopped at the glance and nothing else cost time: the glance's achieved
         # GFLOP/s over the full model's, a ceiling while most inputs stop there
         glance_flops = flops(c, *glance)
-        # and what the adaptive classifier launches beyond the glance: its extension passes (``extension_passes``),
+        # and what the adaptive classifier launches beyond the glance: its extension passes (``plan_extensions``),
         # each as deep as its deepest input; against the full model's one pass of ``depth`` blocks
-        groups = [extension_passes(p.configs, glance)[1] for p in predictions]
+        plans = [plan_extensions(p.configs, glance, classifier.merge_passes) for p in predictions]
         optional |= {
             "glance_images_per_s": speed["glance"], "glance_gflops": glance_flops / 1e9,
             "glance_efficiency": speed["glance"] * glance_flops / (speed["full"] * full_flops),
-            "extension_passes_per_batch": float(np.mean([len(g) for g in groups])),
-            "extension_blocks_per_batch": float(np.mean([sum(max(d) for d in g.values()) for g in groups])),
+            "extension_passes_per_batch": float(np.mean([len(plan.passes) for plan in plans])),
+            "extension_blocks_per_batch": float(np.mean([sum(p.depth for p in plan.passes) for plan in plans])),
             "full_blocks": c.depth,
         }
     optional[f"{other}_images_per_s"] = speed[other]

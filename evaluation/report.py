@@ -43,8 +43,8 @@ from evaluation.families import (
 )
 from evaluation.latency import check_latency_table, latency_grid, ms_per_input
 from evaluation.uncertainty import front_ratio_interval, over_seeds, paired_stats
+from inference.classifier import AdaptiveClassifier
 from policy.artifact import PolicyArtifact
-from policy.classifier import AdaptiveClassifier
 from policy.selection import SelectionRule
 
 LATENCY_KEYS = ("source", "batch_size", "threads", "device", "device_name", "cpu", "torch", "backbone_hash", "rounds",

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from backbone.compiled import INFERENCE_PATHS, check_inference_path, for_path
 from backbone.errors import HelpFormatter, positive_int, positive_ints, run_cli
 from backbone.io import check_output_path, write_json
 from backbone.layers import matmul_softmax, matmul_softmax_on_cpu
+from inference.paths import KERNEL_BUILDERS, compile_kernel, runner_class
 
 KERNELS = {"fused": lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "matmul_softmax": matmul_softmax}
 TILES = "4x49,4x4,1x4,8x8,8x49,16x16,16x49,32x32,32x49,1x8,1x32"
@@ -59,7 +59,7 @@ def time_kernels(shapes: list[tuple[int, int]], batch_sizes: list[int], heads: i
     compiled = {}
     for (nq, nk), name in tqdm(steps, desc="compiling kernels", disable=not progress):
         args = tuple(torch.randn(max(batch_sizes), heads, n, head_dim) for n in (nq, nk, nk))
-        compiled[(nq, nk), name] = for_path(KERNELS[name], path, [], args, ("batch",) * 3)
+        compiled[(nq, nk), name] = compile_kernel(path, KERNELS[name], args, ("batch",) * 3)
     for (nq, nk) in shapes:
         for b in batch_sizes:
             args = tuple(torch.randn(b, heads, n, head_dim) for n in (nq, nk, nk))
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 256], help="comma-separated batch sizes")
     parser.add_argument("--heads", type=positive_int, default=16, help="attention heads")
     parser.add_argument("--head-dim", type=positive_int, default=8, help="width of one head")
-    parser.add_argument("--path", choices=INFERENCE_PATHS, default="aot", help="eager: no compiling (a quick check)")
+    parser.add_argument("--path", choices=tuple(KERNEL_BUILDERS), default="aot", help="eager: no compiling (a quick check)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     check_output_path(args.json, "--json")
-    check_inference_path(args.path)
+    runner_class(args.path)  # a compiling path without a C++ compiler: one line, before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = time_kernels(args.tiles, args.batch_sizes, args.heads, args.head_dim, args.path, not args.quiet)

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from backbone import flops
-from backbone.compiled import COMPILING_PATHS, INFERENCE_PATHS
 from backbone.errors import HelpFormatter, finite_float, positive_int, run_cli
 from backbone.grid import GridPoint
 from backbone.io import check_output_path, write_json
 from backbone.train import resolve_device
-from policy.classifier import AdaptiveClassifier
-from policy.inputs import load_images
+from inference.classifier import AdaptiveClassifier
+from inference.inputs import load_images
+from inference.paths import COMPILING_PATHS, INFERENCE_PATHS
 
 
 def parse_config(text: str) -> GridPoint:

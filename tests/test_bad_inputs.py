@@ -20,8 +20,8 @@ from backbone.data import DataError, load_dataset
 from backbone.errors import ProjectError, run_cli
 from backbone.train import TrainConfig, train_backbone
 from envs import FeatureSpec
+from inference.inputs import load_images
 from policy.artifact import PolicyArtifact, PolicyArtifactError, load_policy, make_policy, save_policy
-from policy.inputs import load_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -367,7 +367,7 @@ def test_cli_debug_shows_the_traceback(tmp_path, how):
 def test_a_16_bit_png_is_read_at_its_full_depth_not_clipped(tmp_path, tiny_config):
     from PIL import Image
 
-    from policy.inputs import load_images
+    from inference.inputs import load_images
 
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
@@ -397,7 +397,7 @@ def test_a_latency_table_with_true_for_milliseconds_is_refused():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_infer_on_cuda_without_cuda_is_refused_before_loading(monkeypatch, tmp_path):
     from experiments import infer
-    from policy.classifier import AdaptiveClassifier
+    from inference.classifier import AdaptiveClassifier
 
     monkeypatch.setattr(AdaptiveClassifier, "from_dirs", lambda *a, **k: pytest.fail("loaded before the device check"))
     with pytest.raises(ProjectError, match="CUDA is not available"):
@@ -483,8 +483,8 @@ def test_a_compiler_that_fails_is_one_line_naming_the_fix(tmp_path):
 @pytest.mark.skipif(not shutil.which("g++"), reason="the aot path needs a C++ compiler (apt-get install g++)")
 def test_a_damaged_inductor_cache_is_one_line_naming_the_cache(tmp_path):
     # a probe compiled once fills the cache; its sources overwritten with garbage, the same probe fails to build
-    probe = ("import torch\nfrom backbone.compiled import for_path\nlinear = torch.nn.Linear(4, 3)\n"
-             "x = torch.randn(3, 4)\nprint(for_path(lambda x: linear(x).relu(), 'aot', [linear], (x,), ('batch',))(x).shape)\n")
+    probe = ("import torch\nfrom inference.paths import compile_kernel\nx = torch.randn(3, 4)\n"
+             "print(compile_kernel('aot', lambda x: (x @ x.T).relu(), (x,), ('batch',))(x).shape)\n")
     cache = tmp_path / "inductor"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
     run = lambda: subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,

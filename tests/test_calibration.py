@@ -147,7 +147,7 @@ def test_calibrate_cli_refusals_leave_nothing_behind(tiny_run, digits_half, tmp_
 
 
 def test_classifier_takes_the_tolerance_or_a_price_not_both(tiny_run, digits_half):
-    from policy.classifier import AdaptiveClassifier
+    from inference.classifier import AdaptiveClassifier
 
     root, _ = tiny_run
     out, _ = digits_half

@@ -9,16 +9,16 @@ from PIL import Image
 
 from backbone import flops
 from backbone.checkpoint import backbone_hash, save_checkpoint
-from backbone.compiled import InferencePathError
 from backbone.data import DataError, load_dataset
 from backbone.grid import GridPoint
 from envs import FeatureSpec, compute_features, staged_flops
 from evaluation.benchmark import KEYS, benchmark_inference, largest_in_batch
 from experiments import bench_inference, infer
-from policy import AdaptiveClassifier, PolicyArtifact, PolicyArtifactError, save_policy
+from inference import AdaptiveClassifier, InferencePathError, load_images
+from inference.graphs import GraphsRunner
+from inference.plan import ExtensionPass, padded, plan_extensions
+from policy import PolicyArtifact, PolicyArtifactError, save_policy
 from policy.artifact import make_policy
-from policy.classifier import extension_passes, padded_rows
-from policy.inputs import load_images
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_the_glance_answers_or_is_extended_in_merged_passes(merged_classifier, d
     x, _ = digits_images
     model = classifier.backbone
     glance = classifier.spec.glance_config(model.config)
-    configs, *_ = classifier.choose(x)
+    configs = classifier.choose(x).configs
     assert glance in configs and len(set(configs)) >= 3, "the random policy should answer with the glance and extend"
     answered = [i for i, cfg in enumerate(configs) if cfg == glance]
     with torch.no_grad():
@@ -121,13 +121,13 @@ def test_the_glance_answers_or_is_extended_in_merged_passes(merged_classifier, d
     assert extended == expected, "each input once, at its own configuration"
     groups = {(cfg[0], cfg[2]) for cfg in expected}
     assert len(groups) >= 3, "the random policy should send inputs to several (tokens, width)"
-    assert calls["passes"] == len(extension_passes(configs, glance)[1]) < len(groups), "merged passes"
+    assert calls["passes"] == len(plan_extensions(configs, glance, merge=True).passes) < len(groups), "merged passes"
     assert torch.allclose(out.logits[answered], glance_logits, atol=1e-5)
     only_glance = classifier.predict(x[answered])  # its class and confidence come with the glance
     assert set(only_glance.configs) == {glance} and len(calls["extend_exits"]) == sum(expected.values())
     assert torch.allclose(only_glance.logits, glance_logits, atol=1e-5)
     assert_answers_are_the_logits(only_glance)
-    _, _, _, _, state = classifier.choose(x)
+    state = classifier.choose(x).glance.state
     for cfg, rows in [((8, 3, 1.0), None), ((4, 2, 0.5), torch.tensor([5, 0, 2]))]:  # one exit of extend_exits
         with torch.inference_mode():
             reference = model.extend(state, *cfg, rows=rows)
@@ -224,10 +224,12 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
     assert_answers_are_the_logits(only_glance)
     full = eager.backbone.resolve(None, None, None)
     assert (compiled.forward_config(x, full) - eager.forward_config(x, full)).abs().max().item() <= 1e-4
-    kinds = {key[0] for key in compiled._compiled}
-    assert kinds == {"glance", "exits", "forward"}, "every part ran on the compiled path"
-    merged = [key for key in compiled._compiled if key[0] == "exits" and "one image" not in key and any(key[-2:])]
+    kinds = {key.kind for key in compiled.runner.programs}
+    assert kinds == {"glance", "extend", "forward"}, "every part ran on the compiled path"
+    merged = [key for key in compiled.runner.programs
+              if key.kind == "extend" and not key.shapes and (key.per_row_tokens or key.per_row_widths)]
     assert merged, "a merged pass with per-row configs"
+    assert compiled.runner.programs_built == len(compiled.runner.programs) and compiled.compile_seconds > 0
     if path == "aot":  # one image has programs compiled for its shapes; a batch, the programs of every batch size
         batch = eager.predict(x)
         extended = next(i for i, cfg in enumerate(batch.configs) if cfg != glance)
@@ -236,8 +238,8 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
             assert one.configs == [batch.configs[i]]
             assert (one.logits[0] - batch.logits[i]).abs().max().item() <= 1e-4
         assert (compiled.forward_config(x[:1], full) - eager.forward_config(x[:1], full)).abs().max().item() <= 1e-4
-        assert {key[0] for key in compiled._compiled if "one image" in key} == {"glance", "exits", "forward"}
-        assert ("glance",) in compiled._compiled
+        assert {key.kind for key in compiled.runner.programs if key.shapes} == {"glance", "extend", "forward"}
+        assert any(key.kind == "glance" and not key.shapes for key in compiled.runner.programs)
 
 
 def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_images, monkeypatch):
@@ -245,22 +247,19 @@ def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_image
     # dropped, outputs handed over as copies; only the recording into a CUDA graph is left out (eager stands in)
     x = digits_images[0][:24]
     eager, graphs = AdaptiveClassifier.from_dirs(*dirs), AdaptiveClassifier.from_dirs(*dirs)
-    graphs.path = "graphs"
     seen = []
 
-    def stand_in(fn, path, modules, args, batch_dims):
-        if path == "eager":
-            return fn
+    class GraphsOnCpu(GraphsRunner):
+        def build(self, program):
+            names = pytree.tree_leaves(program.batch_dims)
 
-        names = pytree.tree_leaves(batch_dims)
+            def call(*args):
+                seen.extend(len(a) for a, name in zip(pytree.tree_leaves(args), names, strict=True)
+                            if isinstance(name, str) and name.startswith("rows_"))
+                return program.fn(*args)
+            return call
 
-        def call(*args):
-            seen.extend(len(a) for a, name in zip(pytree.tree_leaves(args), names, strict=True)
-                        if isinstance(name, str) and name.startswith("rows_"))
-            return fn(*args)
-        return call
-
-    monkeypatch.setattr("policy.classifier.for_path", stand_in)
+    graphs.runner = GraphsOnCpu(graphs.backbone, graphs.artifact)
     ref, out = eager.predict(x), graphs.predict(x)
     assert out.configs == ref.configs and len(set(ref.configs)) >= 3
     assert (out.logits - ref.logits).abs().max().item() <= 1e-5
@@ -268,32 +267,48 @@ def test_graphs_path_pads_rows_and_keeps_only_the_real_logits(dirs, digits_image
     counts = [ref.configs.count(cfg) for cfg in set(ref.configs)]
     assert any(n & (n - 1) for n in counts), "the random policy should give some depth a row count to pad"
     assert_answers_are_the_logits(out)
-    _, _, _, _, state = graphs.choose(x)
+    state = graphs.choose(x).glance.state
     rows = torch.tensor([5, 0, 2])  # 3 rows, padded to 4
     with torch.inference_mode():
         reference = eager.backbone.extend(state, 4, 2, 0.5, rows=rows)
     assert torch.allclose(graphs.extend(state, (4, 2, 0.5), rows), reference, atol=1e-5)
 
 
-def test_extension_passes():
+def _layout(plan):
+    """A plan as {(tokens, width): {depth: rows}}, the shape its tests are written in."""
+    return {(p.tokens, p.width): {d: list(rows) for d, rows in enumerate(p.rows_at_depth, start=1) if rows}
+            for p in plan.passes}
+
+
+def test_plan_extensions():
     glance = GridPoint(4, 1, 0.25)
     configs = [glance, GridPoint(8, 3, 0.5), GridPoint(8, 1, 0.25), GridPoint(4, 2, 0.25), GridPoint(8, 3, 0.5),
                GridPoint(16, 2, 0.25), GridPoint(4, 5, 0.5)]
-    answered, passes = extension_passes(configs, glance)
-    assert answered == [0]
+    merged = plan_extensions(configs, glance, merge=True)
+    assert merged.answered == (0,)
     # one pass per token count at its widest width; the glance's token count joins the next larger one
-    assert passes == {(8, 0.5): {3: [1, 4], 1: [2], 2: [3], 5: [6]}, (16, 0.25): {2: [5]}}
+    assert _layout(merged) == {(8, 0.5): {1: [2], 2: [3], 3: [1, 4], 5: [6]}, (16, 0.25): {2: [5]}}
+    eight = next(p for p in merged.passes if p.tokens == 8)
+    assert eight.depth == 5 and eight.rows == [2, 3, 1, 4, 6], "logits come back by exit depth, then batch order"
+    assert eight.row_tokens == ((8,), (4,), (8, 8), (), (4,)) and eight.row_widths == ((0.25,), (0.25,), (0.5, 0.5), (), (0.5,))
+    assert next(p for p in merged.passes if p.tokens == 16).row_tokens is None, "one configuration: no per-row values"
     # alone, the glance's token count keeps its own pass
-    assert extension_passes([glance, GridPoint(4, 3, 0.25)], glance) == ([0], {(4, 0.25): {3: [1]}})
-    assert extension_passes([glance, glance], glance) == ([0, 1], {})
-    # not merged: one pass per (tokens, width), in the order of their first input
-    assert extension_passes(configs, glance, merge=False)[1] == {
-        (8, 0.5): {3: [1, 4]}, (8, 0.25): {1: [2]}, (4, 0.25): {2: [3]}, (16, 0.25): {2: [5]}, (4, 0.5): {5: [6]}}
+    assert _layout(plan_extensions([glance, GridPoint(4, 3, 0.25)], glance, merge=True)) == {(4, 0.25): {3: [1]}}
+    assert plan_extensions([glance, glance], glance) == plan_extensions([glance, glance], glance, merge=True)
+    assert plan_extensions([glance, glance], glance).passes == () and plan_extensions([glance, glance], glance).answered == (0, 1)
+    # not merged (the default): one pass per (tokens, width), in the order of their first input, no per-row values
+    plain = plan_extensions(configs, glance)
+    assert _layout(plain) == {(8, 0.5): {3: [1, 4]}, (8, 0.25): {1: [2]}, (4, 0.25): {2: [3]}, (16, 0.25): {2: [5]},
+                              (4, 0.5): {5: [6]}}
+    assert all(p.row_tokens is None and p.row_widths is None for p in plain.passes)
+    assert sorted(i for p in plain.passes for i in p.rows) == [1, 2, 3, 4, 5, 6], "every other row exactly once"
 
 
-def test_padded_rows():
-    rows = [torch.tensor([7, 3, 9]), torch.tensor([], dtype=torch.long), torch.tensor([4]), torch.tensor([1, 2])]
-    assert [r.tolist() for r in padded_rows(rows)] == [[7, 3, 9, 7], [], [4], [1, 2]]
+def test_padded_extension():
+    extension = ExtensionPass(8, 0.5, ((7, 3, 9), (), (4,), (1, 2)), row_tokens=((8, 4, 8), (), (4,), (8, 8)))
+    pad = padded(extension)
+    assert pad.rows_at_depth == ((7, 3, 9, 7), (), (4,), (1, 2)) and pad.row_tokens == ((8, 4, 8, 8), (), (4,), (8, 8))
+    assert pad.row_widths is None and (pad.tokens, pad.width) == (8, 0.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -307,22 +322,22 @@ def test_graphs_path_gives_the_eager_logits_and_choices_on_cuda(dirs, digits_ima
         assert (out.logits - ref.logits).abs().max().item() <= 1e-4
         np.testing.assert_array_equal(out.flops, ref.flops)
         assert_answers_are_the_logits(out)
-    recorded = sum(len(fn.graphs) for fn in graphs._compiled.values())
+    recorded = sum(len(fn.graphs) for fn in graphs.runner.programs.values())
     graphs.predict(x[:6])
-    assert sum(len(fn.graphs) for fn in graphs._compiled.values()) == recorded, "same shapes, no new graph"
+    assert sum(len(fn.graphs) for fn in graphs.runner.programs.values()) == recorded, "same shapes, no new graph"
     full = eager.backbone.resolve(None, None, None)
     first = graphs.forward_config(x[:6], full)
     kept = first.clone()
     graphs.forward_config(x[6:12], full)  # replays the same graph into the same buffers
     assert torch.equal(first, kept), "a returned tensor must not change on the next call"
     assert (first - eager.forward_config(x[:6], full)).abs().max().item() <= 1e-4
-    assert {key[0] for key in graphs._compiled} == {"glance", "exits", "forward"}
+    assert {key.kind for key in graphs.runner.programs} == {"glance", "extend", "forward"}
 
 
 def test_inference_path_errors(dirs, monkeypatch):
     with pytest.raises(InferencePathError, match="unknown inference path 'jit'; choose one of eager, compiled, aot, graphs"):
         AdaptiveClassifier.from_dirs(*dirs, path="jit")
-    monkeypatch.setattr("backbone.compiled.shutil.which", lambda name: None)
+    monkeypatch.setattr("inference.compiled.shutil.which", lambda name: None)
     with pytest.raises(InferencePathError, match="needs a C.. compiler"):
         AdaptiveClassifier.from_dirs(*dirs, path="aot")
     assert AdaptiveClassifier.from_dirs(*dirs).path == "eager", "the eager path needs no compiler"
@@ -386,13 +401,13 @@ def test_benchmark_reports_every_key(merged_classifier, digits_images):
     extended = [{cfg for cfg in classifier.predict(batch).configs if cfg != glance}
                 for batch in digits_images[0][:32].split(16)]
     assert min(len(e) for e in extended) >= 2, "the random policy should extend to several configurations"
-    passes = [extension_passes(classifier.predict(batch).configs, glance)[1] for batch in digits_images[0][:32].split(16)]
-    deepest = [[max(by_depth) for by_depth in p.values()] for p in passes]
+    plans = [plan_extensions(classifier.predict(batch).configs, glance, merge=True) for batch in digits_images[0][:32].split(16)]
+    deepest = [[max(d for d, rows in enumerate(p.rows_at_depth, 1) if rows) for p in plan.passes] for plan in plans]
     assert result["extension_passes_per_batch"] == np.mean([len(d) for d in deepest])
     assert result["extension_blocks_per_batch"] == np.mean([sum(d) for d in deepest])
     # merged passes: more arithmetic than counted, as torch's counter sees it
     assert result["adaptive_performed_gflops"] > result["adaptive_gflops"]
-    assert result["unmerged_images_per_s"] > 0 and classifier.merge_passes, "timed without merging, then restored"
+    assert result["unmerged_images_per_s"] > 0 and classifier.merge_passes, "timed without merging, on a twin"
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         benchmark_inference(classifier, digits_images[0][:32], batch_size=16, rounds=0)
 
