@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     parser.add_argument("--path", choices=INFERENCE_PATHS, default="eager",
-                        help="inference path: eager, compiled (torch.compile), aot (AOTInductor) or graphs (CUDA "
-                             "graphs, --device cuda); the compiled paths compile each configuration on first use, "
-                             "seconds each")
+                        help="inference path: eager, compiled (torch.compile), aot (AOTInductor), graphs (CUDA "
+                             "graphs, --device cuda) or onnx (ONNX Runtime, pip install -e '.[onnx]'); all but eager "
+                             "build each program on first use, seconds each")
     parser.add_argument("--tolerance", type=finite_float, default=None,
                         help="disagreement with the full model allowed, in %%: the cheapest price the policy's "
                              "operating points certify at it (experiments/calibrate.py writes them; default: the "

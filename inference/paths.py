@@ -9,11 +9,12 @@ from inference.aot import AotRunner, aot_compile
 from inference.compiled import CompiledRunner, compiling, torch_compiled
 from inference.eager import EagerRunner
 from inference.graphs import GraphsRunner
+from inference.onnx_runtime import OnnxRunner
 from inference.runner import InferencePathError, Runner
 from policy.artifact import PolicyArtifact
 
 RUNNERS: dict[str, type[Runner]] = {runner.name: runner for runner in (EagerRunner, CompiledRunner, AotRunner,
-                                                                        GraphsRunner)}
+                                                                        GraphsRunner, OnnxRunner)}
 INFERENCE_PATHS = tuple(RUNNERS)
 COMPILING_PATHS = ("compiled", "aot")
 """The paths that compile each program before its first call returns (seconds each)."""

@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -201,10 +203,17 @@ def test_errors(dirs, classifier, tiny_model, tmp_path, digits_images):
         AdaptiveClassifier(tiny_model, artifact)
 
 
+HAS_COMPILER = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+HAS_ONNX = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")), reason="the compiled paths need a C++ compiler (apt-get install g++)")
-@pytest.mark.parametrize("path", ["compiled", "aot"])
-def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, path):
+@pytest.mark.parametrize("path", [
+    pytest.param("compiled", marks=pytest.mark.skipif(not HAS_COMPILER, reason="needs a C++ compiler (apt-get install g++)")),
+    pytest.param("aot", marks=pytest.mark.skipif(not HAS_COMPILER, reason="needs a C++ compiler (apt-get install g++)")),
+    pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason='needs ONNX Runtime (pip install -e ".[onnx]")'))])
+def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPERCEIVER_ONNX_CACHE", str(tmp_path / "onnx"))
     x = digits_images[0][:6]
     eager, compiled = AdaptiveClassifier.from_dirs(*dirs), AdaptiveClassifier.from_dirs(*dirs, path=path, merge_passes=True)
     assert compiled.path == path and eager.path == "eager"
@@ -230,6 +239,12 @@ def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, p
               if key.kind == "extend" and not key.shapes and (key.per_row_tokens or key.per_row_widths)]
     assert merged, "a merged pass with per-row configs"
     assert compiled.runner.programs_built == len(compiled.runner.programs) and compiled.compile_seconds > 0
+    if path == "onnx":  # exported once, atomically, beside a key of the weights; a second runner loads them
+        files = sorted((tmp_path / "onnx").rglob("*.onnx"))
+        assert len(files) == len(compiled.runner.programs) and not list((tmp_path / "onnx").rglob("*.tmp*"))
+        again = AdaptiveClassifier.from_dirs(*dirs, path=path, merge_passes=True)
+        assert torch.allclose(again.predict(x).logits, compiled.predict(x).logits, atol=1e-6)
+        assert sorted((tmp_path / "onnx").rglob("*.onnx")) == files, "loaded, not exported again"
     if path == "aot":  # one image has programs compiled for its shapes; a batch, the programs of every batch size
         batch = eager.predict(x)
         extended = next(i for i, cfg in enumerate(batch.configs) if cfg != glance)
@@ -335,8 +350,11 @@ def test_graphs_path_gives_the_eager_logits_and_choices_on_cuda(dirs, digits_ima
 
 
 def test_inference_path_errors(dirs, monkeypatch):
-    with pytest.raises(InferencePathError, match="unknown inference path 'jit'; choose one of eager, compiled, aot, graphs"):
+    with pytest.raises(InferencePathError, match="unknown inference path 'jit'; choose one of eager, compiled, aot, graphs, onnx"):
         AdaptiveClassifier.from_dirs(*dirs, path="jit")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(InferencePathError, match=r"the onnx path needs ONNX Runtime .*pip install -e \".\[onnx\]\""):
+        AdaptiveClassifier.from_dirs(*dirs, path="onnx")
     monkeypatch.setattr("inference.compiled.shutil.which", lambda name: None)
     with pytest.raises(InferencePathError, match="needs a C.. compiler"):
         AdaptiveClassifier.from_dirs(*dirs, path="aot")
