@@ -1,13 +1,14 @@
 """Benchmark adaptive inference: full configuration vs adaptive classifier vs naive largest-in-batch.
 
 In one process on the same test images: the machine's matmul peak, per-image latency at batch 1
-(p50/p90/p99, also of each configuration the policy uses), and images/s per batch size:
+(p50/p90/p99, also of each configuration the policy uses), and images/s per batch size. Each run writes
+one file set per (dataset, device type, path), replacing that benchmark's previous run:
+reports/bench_inference_<dataset>_<device>_<path>.json and .md, reports/bench_latency_<dataset>_<device>_<path>.png.
 
-    python experiments/bench_inference.py --rounds 5 --json reports/bench_inference_fashion-mnist.json \
-        --markdown reports/bench_inference_fashion-mnist.md --plot reports/bench_latency_fashion-mnist.png
-    python experiments/bench_inference.py --rounds 5 --path aot --json reports/bench_inference_fashion-mnist_aot.json
-    python experiments/bench_inference.py --dataset digits --batch-sizes 1,64 --limit 512
-    python experiments/bench_inference.py --device cuda --path graphs --rounds 5   # on a GPU: CUDA graphs
+    python experiments/bench_inference.py --rounds 5 --quiet                 # reports/bench_inference_fashion-mnist_cpu_eager.*
+    python experiments/bench_inference.py --rounds 5 --path aot --quiet      # ..._cpu_aot.*
+    python experiments/bench_inference.py --device cuda --path graphs --rounds 5   # on a GPU: ..._cuda_graphs.*
+    python experiments/bench_inference.py --dataset digits --batch-sizes 1,64 --limit 512 --no-reports
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from backbone.compiled import INFERENCE_PATHS
-from backbone.data import default_paths
+from backbone.data import dataset_name, default_paths
 from backbone.errors import HelpFormatter, nonnegative_float, nonnegative_int, positive_int, positive_ints, run_cli
 from backbone.io import atomic_write, check_output_path, write_json
+from backbone.train import resolve_device
 from evaluation.benchmark import (
     benchmark_inference,
     device_name,
@@ -31,7 +32,16 @@ from evaluation.benchmark import (
 )
 from evaluation.pipeline import PolicyJob, job_dataset
 from evaluation.plots import latency_plot
-from policy.classifier import AdaptiveClassifier
+from inference.classifier import AdaptiveClassifier
+from inference.paths import INFERENCE_PATHS
+
+
+def report_paths(dataset: str, device_type: str, path: str, json_path: str | None = None) -> dict[str, str]:
+    """The benchmark's file set: one per (dataset, device type, path), the tables and the plot beside the JSON."""
+    stem = f"{dataset_name(dataset)}_{device_type}_{path}"
+    json_file = Path(json_path) if json_path else Path("reports") / f"bench_inference_{stem}.json"
+    return {"json": str(json_file), "markdown": str(json_file.with_suffix(".md")),
+            "plot": str(json_file.parent / f"bench_latency_{stem}.png")}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -51,11 +61,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     parser.add_argument("--path", choices=INFERENCE_PATHS, default="eager",
                         help="inference path of every variant, the full model included (compiled first, untimed)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
-    parser.add_argument("--markdown", default=None, help="write the tables here")
-    parser.add_argument("--plot", default=None, help="PNG of batch-1 latency against FLOPs per configuration")
+    parser.add_argument("--json", default=None,
+                        help="write the results here (default: reports/bench_inference_<dataset>_<device type>_<path>.json)")
+    parser.add_argument("--markdown", default=None, help="write the tables here (default: the --json path with .md)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG of batch-1 latency against FLOPs per configuration "
+                             "(default: bench_latency_<dataset>_<device type>_<path>.png beside the --json file)")
+    parser.add_argument("--no-reports", action="store_true", help="print the tables only; write no file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    args.device = str(resolve_device(args.device))  # 'auto' named; cuda without CUDA refused before anything loads
+    if args.no_reports:
+        args.json = args.markdown = args.plot = None
+    else:
+        defaults = report_paths(args.dataset, torch.device(args.device).type, args.path, args.json)
+        args.json, args.markdown, args.plot = (getattr(args, k) or defaults[k] for k in ("json", "markdown", "plot"))
     for flag in ("json", "markdown", "plot"):
         check_output_path(getattr(args, flag), f"--{flag}")
     if args.threads:

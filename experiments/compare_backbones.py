@@ -1,11 +1,11 @@
 """Full-configuration accuracy of jointly trained backbones vs full-configuration-only references, over seeds.
 
     python experiments/compare_backbones.py --dataset digits \\
-        --joint checkpoints/digits reports/reference/digits-seeds/joint-seed{1,2} \\
-        --reference reports/reference/digits-full-only reports/reference/digits-seeds/full-only-seed{1,2} \\
+        --joint checkpoints/digits checkpoints/reference/digits-seeds/joint-seed{1,2} \\
+        --reference checkpoints/reference/digits-full-only checkpoints/reference/digits-seeds/full-only-seed{1,2} \\
         --json reports/digits_joint_vs_reference.json --markdown reports/digits_joint_vs_reference.md
     python experiments/compare_backbones.py --dataset fashion-mnist --splits backbone_train,test \\
-        --joint checkpoints/fashion-mnist --reference reports/reference/fashion-mnist-full-only
+        --joint checkpoints/fashion-mnist --reference checkpoints/reference/fashion-mnist-full-only
 """
 
 from __future__ import annotations
