@@ -1,4 +1,18 @@
-"""The AdaPerceiver classifier: read -> latent blocks -> write, at any (tokens, depth, width)."""
+"""The AdaPerceiver classifier: read -> latent blocks -> write, at any (tokens, depth, width).
+
+Its ways to logits, each equal to ``forward`` at the same configuration up to float noise:
+
+- ``forward`` (``run`` from input tokens): one configuration, a fresh pass;
+- ``forward_grid`` (``run_grid``): training, every (tokens, depth) grid point from one pass at the largest tokens;
+- ``glance`` + ``extend``: the reference continuation, a larger configuration from a small one's latents;
+- ``extend_exits``: the fast continuation, several exit depths and per-row tokens and widths in one pass;
+  ``extend`` is what it must equal, row for row;
+- ``run_mixed`` (``backbone.packed``): fresh passes of inputs at their own configurations, packed into one
+  pass over the blocks (one group of rows per configuration);
+- ``forward_early_exit``: the confidence-threshold baseline.
+
+All of them are built from the public stages ``embed`` -> ``read_kv`` -> ``read_latents`` -> ``blocks`` -> ``write_logits``.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +27,9 @@ from torch import nn
 from backbone.config import AdaPerceiverConfig
 from backbone.errors import ProjectError
 from backbone.layers import Attention, LatentBlock, init_weights, rope_tables
-from backbone.packed import run_mixed
 
 Width = float | Sequence[float] | torch.Tensor
 ReadKV = tuple[torch.Tensor, torch.Tensor]
-
 
 class ImageError(ProjectError):
     """Images the backbone cannot take: the wrong shape, dtype or values."""
@@ -131,21 +143,22 @@ class AdaPerceiver(nn.Module):
         # contiguous once here: each use of the permuted views would otherwise copy them again
         return k.contiguous(), v.contiguous()
 
-    def _read(
-        self, input_tokens: torch.Tensor | None, tokens: int, read_kv: ReadKV | None, start: int = 0
+    def read_latents(
+        self, input_tokens: torch.Tensor | None, tokens: int, read_kv: ReadKV | None = None, start: int = 0
     ) -> torch.Tensor:
-        """Latents ``start..tokens-1`` ``(B, tokens - start, D)`` after the read.
+        """Latents ``start..tokens-1`` ``(B, tokens - start, D)`` after the read of input tokens ``(B, P, D)``.
 
-        ``read_kv``, when given, stands in for ``input_tokens``. Each latent query reads on its
-        own, so rows ``start:`` are those of the full read.
+        ``read_kv`` (from ``read_kv``), when given, stands in for ``input_tokens`` (then ``None``). Each latent
+        query reads on its own, so rows ``start:`` are those of the full read. ``tokens`` is not checked
+        against the grid (``resolve`` does that).
         """
         kv = self.read_kv(input_tokens) if read_kv is None else read_kv
         latents = self.latent.expand(kv[0].shape[0], tokens - start, -1)
         cos, sin = self._rope(tokens)
         return latents + self.read(self.read_norm_q(latents), kv=kv, rope_q=(cos[start:], sin[start:]))
 
-    def _write(self, latents: torch.Tensor, grans: Sequence[int], row_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, len(grans), C)``, the write over the first ``g`` latents for each ``g``.
+    def write_logits(self, latents: torch.Tensor, grans: Sequence[int], row_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, len(grans), C)`` of latents ``(B, N, D)``: the write and head over the first ``g`` for each ``g``.
 
         ``row_tokens`` ``(B,)`` (with one ``g``): input ``i`` reads only its first ``row_tokens[i]`` latents.
         """
@@ -215,6 +228,10 @@ class AdaPerceiver(nn.Module):
     ) -> torch.Tensor:
         """Logits ``(B', C)`` at ``(tokens, depth, width)`` for the inputs ``rows`` of the glance's batch (all if None).
 
+        The reference continuation: one configuration, written to be read. ``extend_exits``, the fast path,
+        must give row for row what this gives at each row's own configuration (``tests/test_glance_reuse.py``);
+        a change to either is checked against the other.
+
         Equal to ``run(input_tokens, tokens, depth, width)`` up to float noise, reusing the glance
         wherever the block mask's prefix property allows (glance ``(g0, l0, w0)``, target ``(g, l, w)``):
 
@@ -244,13 +261,13 @@ class AdaPerceiver(nn.Module):
         if g <= g0:
             latents = stored[reused][:, :g]
         else:
-            new = self._read(None, g, kv, start=g0)
+            new = self.read_latents(None, g, kv, start=g0)
             for b in range(reused):
                 new = self.blocks[b].forward_rows(torch.cat([stored[b], new], dim=1), g0, rope, mask, hidden)
             latents = torch.cat([stored[reused], new], dim=1)
         for block in self.blocks[reused:depth]:
             latents = block(latents, rope, mask, hidden_units=hidden)
-        return self._write(latents, (g,))[:, 0]
+        return self.write_logits(latents, (g,))[:, 0]
 
     def extend_exits(
         self,
@@ -262,6 +279,9 @@ class AdaPerceiver(nn.Module):
         hidden_at_depth: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``extend`` for inputs at one ``(tokens, width)`` and several exit depths, their shared blocks run once.
+
+        The fast continuation; ``extend`` is its reference: each row's logits must equal (within 1e-5 in
+        float32) ``extend`` at that row's own ``(tokens, depth, width)`` (``tests/test_glance_reuse.py``).
 
         ``rows_at_depth[d - 1]``: the glance's rows ``(n_d,)`` (int64, possibly empty) to extend to
         ``(tokens, d, width)``. Returns their logits ``(sum n_d, C)`` in the order of
@@ -297,7 +317,7 @@ class AdaPerceiver(nn.Module):
         if g <= g0:
             latents = stored[0][:, :g]
         else:
-            new = self._read(None, g, (state.read_kv[0][order], state.read_kv[1][order]), start=g0)
+            new = self.read_latents(None, g, (state.read_kv[0][order], state.read_kv[1][order]), start=g0)
             latents = torch.cat([stored[0], new], dim=1)
         exits = []
         for b in range(depth):  # block b + 1
@@ -311,7 +331,7 @@ class AdaPerceiver(nn.Module):
                 masked = None if hidden_mask is None else hidden_mask[: running[b]]
                 latents = self.blocks[b](latents, rope, mask, hidden_units=hidden, hidden_mask=masked)
             leaving = slice(running[b + 1], running[b])  # the inputs whose exit is b + 1
-            exits.append(self._write(latents[leaving], (g,), None if row_tokens is None else row_tokens[leaving])[:, 0])
+            exits.append(self.write_logits(latents[leaving], (g,), None if row_tokens is None else row_tokens[leaving])[:, 0])
         return torch.cat(exits)
 
     def _pass(
@@ -327,13 +347,13 @@ class AdaPerceiver(nn.Module):
         hidden = self.config.ffn_hidden_units(width)
         rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
         kv = self.read_kv(input_tokens) if read_kv is None else read_kv
-        latents = self._read(None, tokens, kv)
+        latents = self.read_latents(None, tokens, kv)
         kept = [latents] if keep else None
         for block in self.blocks[:depth]:
             latents = block(latents, rope, mask, hidden_units=hidden)
             if keep:
                 kept.append(latents)
-        return self._write(latents, (tokens,))[:, 0], kept, kv
+        return self.write_logits(latents, (tokens,))[:, 0], kept, kv
 
     def run_mixed(
         self,
@@ -342,6 +362,10 @@ class AdaPerceiver(nn.Module):
         read_kv: ReadKV | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, C)`` of input tokens ``(B, P, D)``, input ``i`` at its own ``configs[i]`` (``backbone.packed``)."""
+        # imported here: packed inference is built on this model's public stages, so backbone.packed imports
+        # this module, never the other way round (a module-level import here would close the circle)
+        from backbone.packed import run_mixed
+
         return run_mixed(self, input_tokens, configs, read_kv)
 
     def forward(
@@ -365,11 +389,11 @@ class AdaPerceiver(nn.Module):
         hidden = None if hidden_mask is not None else c.ffn_hidden_units(float(width))
         n = c.max_tokens
         rope, mask = self._rope(n), self.block_mask
-        latents = self._read(input_tokens, n, read_kv)
+        latents = self.read_latents(input_tokens, n, read_kv)
         exits = []
         for block in self.blocks:
             latents = block(latents, rope, mask, hidden_units=hidden, hidden_mask=hidden_mask)
-            exits.append(self._write(latents, c.token_grans))
+            exits.append(self.write_logits(latents, c.token_grans))
         return torch.stack(exits, dim=2)
 
     @torch.no_grad()
@@ -383,13 +407,13 @@ class AdaPerceiver(nn.Module):
         tokens, _, width = self.resolve(tokens, None, width)
         hidden = self.config.ffn_hidden_units(width)
         rope, mask = self._rope(tokens), self.block_mask[:tokens, :tokens]
-        latents = self._read(self.embed(x), tokens, None)
+        latents = self.read_latents(self.embed(x), tokens, None)
         logits = torch.zeros(x.shape[0], self.config.num_classes, device=x.device)
         exit_depth = torch.full((x.shape[0],), self.config.depth, dtype=torch.long, device=x.device)
         active = torch.arange(x.shape[0], device=x.device)
         for depth, block in enumerate(self.blocks, start=1):
             latents = block(latents, rope, mask, hidden_units=hidden)
-            step_logits = self._write(latents, (tokens,))[:, 0]
+            step_logits = self.write_logits(latents, (tokens,))[:, 0]
             done = step_logits.softmax(-1).amax(-1) >= tau
             if depth == self.config.depth:
                 done = torch.ones_like(done)

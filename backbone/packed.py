@@ -6,19 +6,21 @@ once over all rows, the Matryoshka FFN once per width (sliced weights) and atten
 per group of inputs with the same token count; an input's rows leave the matrix once it is
 written out at its depth. So a mix of small configurations costs about what its FLOPs say,
 not one small, inefficient pass per configuration.
+
+Built on the model's public stages only (``resolve``, ``read_kv``, ``read_latents``, ``blocks``,
+``write_logits``, its RoPE tables and block mask): this module imports ``backbone.model``, which imports it
+only inside ``run_mixed``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from backbone.layers import LatentBlock, apply_rope, attend
-
-if TYPE_CHECKING:
-    from backbone.model import AdaPerceiver, ReadKV
+from backbone.model import AdaPerceiver, ReadKV
 
 
 class Segment(NamedTuple):
@@ -118,7 +120,7 @@ def run_mixed(model: AdaPerceiver, input_tokens: torch.Tensor, configs: Sequence
         logits[groups[0].index] = model.run(input_tokens, *configs[0], read_kv=read_kv).float()
         return logits
     read_kv = model.read_kv(input_tokens) if read_kv is None else read_kv
-    reads = [model._read(None, g.tokens, (read_kv[0][g.index], read_kv[1][g.index])).reshape(-1, dim) for g in groups]
+    reads = [model.read_latents(None, g.tokens, (read_kv[0][g.index], read_kv[1][g.index])).reshape(-1, dim) for g in groups]
     x = torch.cat(reads)
     positions = torch.cat([torch.arange(g.tokens, device=device).repeat(len(g.index)) for g in groups])
     rope_rows = (model.rope_cos[positions], model.rope_sin[positions])  # each row's latent position
@@ -133,7 +135,7 @@ def run_mixed(model: AdaPerceiver, input_tokens: torch.Tensor, configs: Sequence
             if stay < seg.inputs:
                 shrunk = True
                 leaving = x[seg.start + stay * seg.tokens : seg.start + seg.inputs * seg.tokens]
-                logits[group.index[stay:]] = model._write(leaving.view(-1, seg.tokens, dim), (seg.tokens,))[:, 0].float()
+                logits[group.index[stay:]] = model.write_logits(leaving.view(-1, seg.tokens, dim), (seg.tokens,))[:, 0].float()
             if stay:
                 kept.append(slice(seg.start, seg.start + stay * seg.tokens))
                 survivors.append(Group(group.tokens, group.hidden, group.index[:stay], group.depths[:stay]))

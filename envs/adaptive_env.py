@@ -13,7 +13,8 @@ from backbone import AdaPerceiver, flops
 from backbone.grid import GridPoint
 from envs.features import FeatureSpec, compute_features, staged_flops
 from envs.outcome_table import OutcomeTable
-from envs.reward import check_reward, cost_grid, draw_lam, lam_feature, lam_range, reward
+from envs.price import Price
+from envs.reward import check_reward, cost_grid, reward
 
 
 @dataclass
@@ -35,7 +36,7 @@ class AdaptiveComputeEnv(gym.Env):
     ``step`` runs it at the chosen configuration and the episode terminates.
 
     **Observation**: ``Box(-inf, inf, (F,), float32)``, the policy features of the input
-    (see ``envs.features.FeatureSpec``), plus one column for the price when ``lam`` is a range.
+    (see ``envs.features.FeatureSpec``), plus one column for the price when it is conditioned (``Price.column``).
 
     **Action**: ``MultiDiscrete([K, L, M])``: index of the token granularity, exit depth
     minus one, and index of the FFN width. The glance's own grid point means "answer with
@@ -51,7 +52,8 @@ class AdaptiveComputeEnv(gym.Env):
     (the priced fraction), ``config`` ((tokens, depth, width)), ``index`` (row of the input), ``lam``.
 
     **Arguments**: ``table`` (an ``OutcomeTable``) or ``live`` (a ``LiveBackend``), one of
-    them; ``lam`` >= 0, or ``(low, high)`` to draw it per episode (log-uniform); ``reward``;
+    them; ``lam``, an ``envs.price.Price``: fixed (or a number >= 0), or conditioned on a range (or a pair
+    ``(low, high)``) to draw it per episode (log-uniform; ``reset(options={"lam": ...})`` sets it); ``reward``;
     ``cost`` (a ``(K, L, M)`` grid, default staged FLOPs / full FLOPs).
 
     **Version history**: v0, first version. v1: staged costs, the agree reward, price ranges, cost grids.
@@ -61,13 +63,13 @@ class AdaptiveComputeEnv(gym.Env):
 
     def __init__(
         self, table: OutcomeTable | None = None, live: LiveBackend | None = None,
-        lam: float | tuple[float, float] = 0.1, reward: str = "correct", cost: np.ndarray | None = None,
+        lam: Price | float | tuple[float, float] = 0.1, reward: str = "correct", cost: np.ndarray | None = None,
     ) -> None:
         if (table is None) == (live is None):
             raise ValueError("give exactly one of table= (an OutcomeTable) or live= (a LiveBackend)")
-        self.lam_range, self.reward_kind = lam_range(lam), check_reward(reward)
+        self.price, self.reward_kind = Price.of(lam), check_reward(reward)
         self.table, self.live = table, live
-        self.lam = None if self.lam_range else float(lam)
+        self.lam = self.price.lam  # None for a conditioned price
         if table is not None:
             self.flops, full = table.staged_flops, table.full_flops
             self.token_grans, self.ffn_widths = table.token_grans, table.ffn_widths
@@ -79,7 +81,7 @@ class AdaptiveComputeEnv(gym.Env):
             self.n_inputs, n_features = len(live.labels), live.spec.dim(config)
         self.full_flops = float(full)  # costs are fractions of a fresh full pass
         self.cost = cost_grid(cost, self.flops, self.full_flops)
-        n_features += self.lam_range is not None
+        n_features += self.price.columns
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(n_features,), dtype=np.float32)
         self.action_space = spaces.MultiDiscrete(list(self.flops.shape))
         self.index, self.episode_lam = 0, self.lam
@@ -91,8 +93,8 @@ class AdaptiveComputeEnv(gym.Env):
             model = self.live.model
             tokens = model.embed(self.live.images[self.index : self.index + 1])
             features = compute_features(model, tokens, self.live.spec)[0].numpy()
-        if self.lam_range is not None:
-            features = np.append(features, lam_feature(self.episode_lam, *self.lam_range))
+        if self.price.conditioned:
+            features = np.append(features, self.price.column(self.episode_lam))
         return features.astype(np.float32)
 
     def _outcome(self, k: int, l: int, m: int) -> tuple[bool, bool, float]:
@@ -114,8 +116,8 @@ class AdaptiveComputeEnv(gym.Env):
         self.index = int(self.np_random.integers(self.n_inputs))
         if options and "index" in options:
             self.index = int(options["index"])
-        if self.lam_range is not None:
-            self.episode_lam = float(options["lam"]) if options and "lam" in options else float(draw_lam(self.np_random, *self.lam_range))
+        if self.price.conditioned:
+            self.episode_lam = float(options["lam"]) if options and "lam" in options else self.price.draw(self.np_random)
         return self._observe(), {"index": self.index}
 
     def step(self, action):

@@ -3,9 +3,9 @@
 ``reward = accuracy_term - lam * cost / full_cost``, with the accuracy term one of
 ``'correct'`` (1 when the top-1 prediction is the true class), ``'agree'`` (1 when it is
 the full configuration's prediction: the label-free quantity the promise bounds) or
-``'logprob'`` (the true class's log-probability). ``lam`` is fixed, or drawn per episode
-log-uniformly from a range and shown to the policy as one extra observation column, so
-one policy serves every price (the calibration then scans a fine grid of prices).
+``'logprob'`` (the true class's log-probability). ``lam`` comes from an ``envs.price.Price``:
+fixed, or drawn per episode log-uniformly from a range and shown to the policy as one extra
+observation column, so one policy serves every price (the calibration then scans its grid).
 
 An action's ``cost`` is a grid ``(K, L, M)`` as a fraction of the full configuration's cost:
 staged FLOPs over the full configuration's FLOPs by default (``cost_grid``), or any other
@@ -45,26 +45,3 @@ def cost_grid(cost: np.ndarray | None, staged_flops: np.ndarray, full_flops: flo
     if not (np.isfinite(grid).all() and (grid >= 0).all()):
         raise ValueError("cost grid must be finite and >= 0")
     return grid
-
-
-def lam_range(lam: float | tuple[float, float]) -> tuple[float, float] | None:
-    """``(low, high)`` for a conditioned price, ``None`` for a fixed one; refuses bad values."""
-    if isinstance(lam, (tuple, list)):
-        low, high = (float(v) for v in lam)
-        if not 0 < low < high:
-            raise ValueError(f"a lambda range needs 0 < low < high, got {lam}")
-        return low, high
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    return None
-
-
-def lam_feature(lam: np.ndarray | float, low: float, high: float) -> np.ndarray:
-    """The observation column of a price: ``log lam`` mapped from ``[log low, log high]`` to ``[-1, 1]``."""
-    span = np.log(high) - np.log(low)
-    return (2 * (np.log(np.asarray(lam, dtype=np.float64)) - np.log(low)) / span - 1).astype(np.float32)
-
-
-def draw_lam(rng: np.random.Generator, low: float, high: float, size: int | None = None) -> np.ndarray:
-    """Prices drawn log-uniformly from ``[low, high]``."""
-    return np.exp(rng.uniform(np.log(low), np.log(high), size=size))

@@ -9,14 +9,16 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from envs.adaptive_env import AdaptiveComputeEnv, LiveBackend
 from envs.outcome_table import OutcomeTable
-from envs.reward import check_reward, cost_grid, draw_lam, lam_feature, lam_range, reward
+from envs.price import Price
+from envs.reward import check_reward, cost_grid, reward
 
 
 class TableVecEnv(VecEnv):
     """``num_envs`` copies of ``AdaptiveComputeEnv`` over one table, stepped with numpy indexing.
 
-    ``lam`` is one price, or a range ``(low, high)``: each episode then draws its own price
-    (log-uniform), shown as the observation's last column (``envs.reward.lam_feature``).
+    ``lam`` is a ``Price`` (or a number, or a range ``(low, high)``): a conditioned price has each episode draw its
+    own (log-uniform), shown as the observation's last column (``Price.column``); ``self.lam`` holds each env's
+    current price.
     ``cost``: the price of each action ``(K, L, M)`` as a fraction of the full configuration's
     (default staged FLOPs / full FLOPs; e.g. measured staged ms / full ms, ``envs.reward.cost_grid``).
 
@@ -27,18 +29,18 @@ class TableVecEnv(VecEnv):
     """
 
     def __init__(
-        self, table: OutcomeTable, num_envs: int = 256, lam: float | tuple[float, float] = 0.1, seed: int = 0,
+        self, table: OutcomeTable, num_envs: int = 256, lam: Price | float | tuple[float, float] = 0.1, seed: int = 0,
         reward: str = "correct", cost: np.ndarray | None = None,
     ) -> None:
-        self.lam_range, self.reward_kind = lam_range(lam), check_reward(reward)
+        self.price, self.reward_kind = Price.of(lam), check_reward(reward)
         self.cost = cost_grid(cost, table.staged_flops, table.full_flops)  # refuses a grid of another shape
-        n_features = table.features.shape[1] + (self.lam_range is not None)
+        n_features = table.features.shape[1] + self.price.columns
         observation_space = spaces.Box(-np.inf, np.inf, shape=(n_features,), dtype=np.float32)
         action_space = spaces.MultiDiscrete(list(table.flops.shape))
         self.render_mode = None
         super().__init__(num_envs, observation_space, action_space)
         self.table = table
-        self.lam = np.full(num_envs, 0.0 if self.lam_range else float(lam))
+        self.lam = np.full(num_envs, 0.0 if self.price.conditioned else self.price.lam)  # conditioned: drawn on reset
         self.accuracy_term = {"correct": table.correct, "agree": table.agree, "logprob": table.true_logprob}[reward]
         self.rng = np.random.default_rng(seed)
         self.index = np.zeros(num_envs, dtype=np.int64)
@@ -47,16 +49,15 @@ class TableVecEnv(VecEnv):
 
     def _draw(self) -> np.ndarray:
         self.index = self.rng.integers(len(self.table), size=self.num_envs)
-        if self.lam_range is not None:
-            self.lam = draw_lam(self.rng, *self.lam_range, size=self.num_envs)
+        if self.price.conditioned:
+            self.lam = self.price.draw(self.rng, size=self.num_envs)
         return self._observe()
 
     def _observe(self) -> np.ndarray:
         """Observations of the current inputs (and prices)."""
         features = self.table.features[self.index]
-        if self.lam_range is None:
-            return features
-        return np.concatenate([features, lam_feature(self.lam, *self.lam_range)[:, None]], axis=1)
+        column = self.price.column(self.lam)
+        return features if column is None else np.concatenate([features, column[:, None]], axis=1)
 
     def reset(self) -> np.ndarray:
         return self._draw()
@@ -110,7 +111,8 @@ class TableVecEnv(VecEnv):
         return [False for _ in self._get_indices(indices)]
 
 
-def make_live_vec_env(live: LiveBackend, num_envs: int = 2, lam: float = 0.1, subprocess: bool = False) -> VecEnv:
+def make_live_vec_env(live: LiveBackend, num_envs: int = 2, lam: Price | float | tuple[float, float] = 0.1,
+                      subprocess: bool = False) -> VecEnv:
     """``num_envs`` live-mode envs (each runs the backbone), in stable-baselines3's ``SubprocVecEnv`` or ``DummyVecEnv``.
 
     Live mode is for data too large to tabulate or augmented on the fly; with ``subprocess`` every env runs the

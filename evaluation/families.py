@@ -25,9 +25,9 @@ from sklearn.preprocessing import StandardScaler
 
 from envs import OutcomeTable
 from evaluation.baselines import early_exit, matched_random_actions
-from policy.artifact import PolicyArtifact, policy_outcome
-from policy.selection import Candidate, Outcome, Selection, SelectionRule, candidate, select
-from policy.train import LAM_GRID, price_grid
+from policy.artifact import PolicyArtifact, policy_outcome, price_knobs
+from policy.selection import Candidate, Outcome, PriceKnob, Selection, SelectionRule, candidate, select
+from policy.train import LAM_GRID
 
 TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
 GLANCE_TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), 1 - np.geomspace(0.08, 1e-5, 25), [1.0]]), 6))
@@ -206,7 +206,8 @@ class RouterFamily(_StagedFamily):
 
 
 class PolicyFamily(_StagedFamily):
-    """PPO policies: each artifact of a sweep, or one price-conditioned artifact at each price of a grid.
+    """PPO policies: each artifact of a sweep, or one price-conditioned artifact at each price of a grid
+    (``Price.grid``); a knob is a ``PriceKnob`` ``(artifact, lam)``.
 
     ``cost``: a ``(K, L, M)`` grid (a latency table's staged ms) by which the prices of artifacts trained on
     latency (``meta["cost"] == 'latency'``) are ranked, as their training's calibration ranked them; the
@@ -220,25 +221,23 @@ class PolicyFamily(_StagedFamily):
         self.artifacts = artifacts
         self.costs = [cost if cost is not None and artifact.meta.get("cost") == "latency" else None
                       for artifact in artifacts]
-        self._knobs = []
-        for i, artifact in enumerate(artifacts):
-            low_high = artifact.meta.get("lam_range")
-            lams = price_grid(low_high, lam_grid) if low_high else [artifact.meta["lam"]]
-            self._knobs += [(i, float(lam)) for lam in lams]
+        self._knobs = price_knobs(artifacts, lam_grid)  # the lowest price first
         self.network_flops = [artifact.network_flops() for artifact in artifacts]
 
     def knobs(self) -> list:
-        return sorted(self._knobs, key=lambda knob: (knob[1], knob[0]))  # the lowest price first
+        return list(self._knobs)
 
     def outcome(self, table: OutcomeTable, knob) -> Outcome:
+        i, lam = knob = PriceKnob(*knob)
         key = (id(table), knob)
         if key not in self._memo:
-            i = knob[0]
-            self._memo[key] = policy_outcome(self.artifacts[i], table, knob[1], self.network_flops[i], self.costs[i])
+            self._memo[key] = policy_outcome(self.artifacts[i], table, lam, self.network_flops[i], self.costs[i])
         return self._memo[key]
 
     def describe(self, knob) -> dict:
-        return {"artifact": knob[0], "lam": knob[1], "cost": self.artifacts[knob[0]].meta.get("cost", "flops")}
+        knob = PriceKnob(*knob)
+        return {"artifact": knob.artifact, "lam": knob.lam,
+                "cost": self.artifacts[knob.artifact].meta.get("cost", "flops")}
 
 
 def candidates(family: Family, table: OutcomeTable) -> list[Candidate]:

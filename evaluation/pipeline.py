@@ -27,7 +27,7 @@ from evaluation.latency import (
 )
 from evaluation.uncertainty import paired_stats
 from policy.artifact import SIDECAR, WEIGHTS, PolicyArtifact, save_policy
-from policy.selection import NothingCertifiedError, certified_point, images_to_certify, points_of
+from policy.selection import NothingCertifiedError, PriceKnob, certified_point, images_to_certify, points_of
 from policy.train import PolicyTrainConfig, train_and_calibrate
 
 
@@ -89,7 +89,7 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
     ``config.cost == 'latency'`` the ``latency`` table's fresh ms). With a ``latency`` table, ms per image too."""
     reference = test.correct[:, -1, -1, -1]
     family = PolicyFamily([artifact])
-    outcome = family.outcome(test, (0, artifact.meta["lam"]))
+    outcome = family.outcome(test, PriceKnob(0, artifact.meta["lam"]))
     correct = outcome.predicted == test.labels
     fixed_cost = latency_grid(latency, "fresh") if config.cost == "latency" and latency is not None else None
     knob, selection, fixed = choose_and_apply(FixedFamily(test, fixed_cost), calibration, test, config.selection)
@@ -143,7 +143,7 @@ def certified_summary(artifact: PolicyArtifact, family: PolicyFamily, test: Outc
         point = certified_point(points_of(artifact.meta), rule.tolerance_pp)
     except NothingCertifiedError as err:
         return {"tolerance_pct": rule.tolerance_pp, "certified": False, "reason": str(err)}
-    outcome = family.outcome(test, (0, point.lam))
+    outcome = family.outcome(test, PriceKnob(0, point.lam))
     return {"tolerance_pct": rule.tolerance_pp, "certified": True, "lambda": point.lam, "delta": point.delta,
             "calibration_bound": point.bound, "calibration_n": point.n,
             "test_disagreement": float(np.mean(outcome.predicted != test.predicted[:, -1, -1, -1])),
@@ -213,7 +213,7 @@ def run_policy_job(job: PolicyJob) -> dict:
     )
     if len(sweep) > 1:  # one policy per price: keep each beside the chosen one (evaluate.py reads them)
         for member in sweep:
-            save_policy(member, Path(job.out) / "sweep" / f"lambda_{member.meta['lam']:g}")
+            save_policy(member, Path(job.out) / "sweep" / f"lambda_{member.price.lam:g}")
     summary = {"dataset": job.dataset, "saved_to": str(job.out)}
     if job.report_test:
         summary |= summarize(artifact, tables["test"], tables["calibration"], job.train, latency)

@@ -21,9 +21,9 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from backbone import measure_flops
 from backbone.errors import ProjectError
 from backbone.io import json_text, sha256_file, write_file_set
-from envs import FeatureSpec, OutcomeTable
-from envs.reward import lam_feature
-from policy.selection import Outcome
+from envs import FeatureSpec, OutcomeTable, Price, PriceError
+from envs.price import GRID
+from policy.selection import Outcome, PriceKnob
 
 WEIGHTS = "policy.safetensors"
 SIDECAR = "policy.json"
@@ -42,7 +42,8 @@ class PolicyArtifact:
     feature_mean: np.ndarray
     feature_std: np.ndarray
     meta: dict
-    """``token_grans``, ``depths``, ``ffn_widths``, ``features``, ``lam``, ``backbone_hash``, ``net_arch``, ..."""
+    """``token_grans``, ``depths``, ``ffn_widths``, ``features``, ``lam`` (the price it acts at), ``lam_range`` (a
+    price-conditioned policy's range; ``price``), ``backbone_hash``, ``net_arch``, ..."""
 
     def __post_init__(self) -> None:
         # made once, so that ``act_tensor`` runs torch operations only
@@ -67,10 +68,15 @@ class PolicyArtifact:
         return (features.to(mean.device) - mean) / std
 
     @property
+    def price(self) -> Price:
+        """The price the policy was trained on: conditioned on ``meta["lam_range"]`` (the price is an input, acted at
+        ``meta["lam"]`` unless told otherwise), else fixed at ``meta["lam"]``."""
+        return Price.from_meta(self.meta)
+
+    @property
     def lam_range(self) -> tuple[float, float] | None:
-        """``(low, high)`` of a price-conditioned policy (the price is an input), else None."""
-        found = self.meta.get("lam_range")
-        return None if found is None else (float(found[0]), float(found[1]))
+        """``(low, high)`` of a price-conditioned policy (the price is an input), else None (``price.bounds``)."""
+        return self.price.bounds if self.meta.get("lam_range") is not None else None
 
     @torch.inference_mode()
     def act(self, features: np.ndarray | torch.Tensor, lam: float | None = None) -> np.ndarray:
@@ -84,9 +90,9 @@ class PolicyArtifact:
 
     def lam_column(self, lam: float | None = None) -> float | None:
         """The observation column of price ``lam`` (default: the calibrated one); None for a policy without one."""
-        if self.lam_range is None:
+        if self.meta.get("lam_range") is None:  # a fixed price: the policy does not see it
             return None
-        return float(lam_feature(float(self.meta["lam"] if lam is None else lam), *self.lam_range))
+        return float(self.price.column(float(self.meta["lam"] if lam is None else lam)))
 
     def act_tensor(self, features: torch.Tensor, lam_column: float | None) -> torch.Tensor:
         """``act`` on a float32 tensor ``(n, F)`` and a ``lam_column``, torch operations only (so it can be compiled
@@ -126,6 +132,14 @@ def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | N
     index = tuple(actions.T)
     priced = None if cost is None else np.asarray(cost, dtype=np.float64)[index]
     return Outcome(table.predictions(actions), table.staged_flops[index] + network, priced, actions)
+
+
+def price_knobs(artifacts: list[PolicyArtifact], n: int = GRID) -> list[PriceKnob]:
+    """The candidates of trained policies, safest first: each artifact at each price of its grid (``Price.grid``:
+    ``n`` prices of a conditioned one, a fixed one's own), ordered by price, then artifact, so that the order is
+    fixed before any calibration input is read."""
+    knobs = [PriceKnob(i, float(lam)) for i, artifact in enumerate(artifacts) for lam in artifact.price.grid(n)]
+    return sorted(knobs, key=lambda knob: (knob.lam, knob.artifact))
 
 
 def make_policy(n_features: int, nvec: list[int], net_arch: list[int]) -> ActorCriticPolicy:
@@ -223,9 +237,10 @@ def _check_sidecar(meta: dict, sidecar: Path) -> None:
         FeatureSpec(**meta["features"])
     except (TypeError, ValueError) as err:
         raise PolicyArtifactError(f"{sidecar}: features {meta['features']!r} is not a feature spec ({err}); {RETRAIN}") from err
-    lam_range = meta.get("lam_range")
-    if lam_range is not None and not (isinstance(lam_range, list) and len(lam_range) == 2):
-        raise PolicyArtifactError(f"{sidecar}: lam_range must be [low, high], got {lam_range!r}; {RETRAIN}")
+    try:  # lam_range [low, high] with 0 < low < high, else lam a finite number >= 0
+        Price.from_meta(meta)
+    except PriceError as err:
+        raise PolicyArtifactError(f"{sidecar}: {err}; {RETRAIN}") from err
 
 
 def _check_scaler(tensors: dict[str, torch.Tensor], weights: Path) -> tuple[np.ndarray, np.ndarray]:

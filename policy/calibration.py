@@ -18,7 +18,7 @@ import torch
 from backbone import AdaPerceiver
 from backbone.errors import ProjectError
 from envs import OutcomeTable, build_outcome_table
-from policy.artifact import PolicyArtifact, policy_outcome
+from policy.artifact import PolicyArtifact, policy_outcome, price_knobs
 from policy.selection import (
     NothingCertifiedError,
     OperatingPoint,
@@ -28,7 +28,7 @@ from policy.selection import (
     images_to_certify,
     operating_points,
 )
-from policy.train import LAM_GRID, price_grid
+from policy.train import LAM_GRID
 
 
 class CalibrationError(ProjectError):
@@ -50,13 +50,13 @@ def price_curve(artifact: PolicyArtifact, table: OutcomeTable, delta: float, gri
     """The operating point of each price of the policy's grid on ``table`` (lowest price first).
 
     ``latency_ms``: a ``(K, L, M)`` grid of staged ms per input (a latency table), for the points' ``ms``."""
-    if artifact.lam_range is None:
+    if not artifact.price.conditioned:
         raise CalibrationError("this policy was trained at one fixed price, so there is no price to calibrate; "
                                "train a price-conditioned one (experiments/train_policy.py --lam-range LOW,HIGH)")
     network = artifact.network_flops()
-    lams = price_grid(artifact.lam_range, grid)
-    outcomes = [policy_outcome(artifact, table, float(lam), network) for lam in lams]
-    scored = [candidate((0, float(lam)), outcome, table) for lam, outcome in zip(lams, outcomes, strict=True)]
+    knobs = price_knobs([artifact], grid)
+    outcomes = [policy_outcome(artifact, table, knob.lam, network) for knob in knobs]
+    scored = [candidate(knob, outcome, table) for knob, outcome in zip(knobs, outcomes, strict=True)]
     ms = None if latency_ms is None else [float(np.mean(latency_ms[tuple(o.actions.T)])) for o in outcomes]
     return operating_points(scored, delta, ms)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.stats import beta
@@ -215,6 +215,13 @@ def select(candidates: list[Candidate], reference_correct: np.ndarray, rule: Sel
     return Selection(best, True, scores, tested)
 
 
+class PriceKnob(NamedTuple):
+    """The knob of a PPO candidate: which trained artifact, acting at which FLOP price."""
+
+    artifact: int
+    lam: float
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """One price of a price-conditioned policy, measured on calibration inputs (labels not read)."""
@@ -238,12 +245,12 @@ class OperatingPoint:
 
 
 def operating_points(candidates: list[Candidate], delta: float, ms: list[float] | None = None) -> list[OperatingPoint]:
-    """The curve of a price-conditioned policy: one point per candidate (knob ``(artifact, lam)``), lowest price
+    """The curve of a price-conditioned policy: one point per candidate (knob a ``PriceKnob``), lowest price
     first, each with its disagreement bound at ``delta``."""
     points = []
     for i, c in enumerate(candidates):
         n, k = len(c.agree), int(np.sum(~c.agree))
-        points.append(OperatingPoint(float(c.knob[1]), c.flops / 1e6, k / max(n, 1), disagreement_upper_bound(k, n, delta),
+        points.append(OperatingPoint(float(PriceKnob(*c.knob).lam), c.flops / 1e6, k / max(n, 1), disagreement_upper_bound(k, n, delta),
                                      n, float(delta), None if ms is None else float(ms[i])))
     return sorted(points, key=lambda p: p.lam)
 

@@ -14,21 +14,17 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm import tqdm
 
-from envs import OutcomeTable, TableVecEnv
+from envs import OutcomeTable, Price, PriceError, TableVecEnv
+from envs.price import GRID
 from envs.reward import cost_grid
-from policy.artifact import PolicyArtifact, make_policy, policy_outcome
+from policy.artifact import PolicyArtifact, make_policy, policy_outcome, price_knobs
 from policy.selection import SelectionRule, candidate, describe_score, operating_points, select
 
 MAX_TIMESTEPS = 3_000_000
 PASSES = 2_000
 """PPO's default budget: this many passes over the policy-train table, at most ``MAX_TIMESTEPS`` env steps."""
-LAM_GRID = 61
-"""Prices of a conditioned policy scanned on calibration (log-spaced over its range)."""
-
-
-def price_grid(lam_range: tuple[float, float], n: int = LAM_GRID) -> np.ndarray:
-    """The ``n`` prices a conditioned policy is calibrated at: log-spaced over ``lam_range``, lowest first."""
-    return np.geomspace(*lam_range, n)
+LAM_GRID = GRID
+"""Prices of a conditioned policy scanned on calibration (log-spaced over its range: ``Price.grid``)."""
 COSTS = ("flops", "latency")
 """What an action can be priced by (``PolicyTrainConfig.cost``)."""
 
@@ -74,10 +70,12 @@ class PolicyTrainConfig:
     """No progress bars."""
 
     def __post_init__(self) -> None:
-        if self.lam_range is not None and not 0 < self.lam_range[0] < self.lam_range[1]:
-            raise ValueError(f"lam_range needs 0 < low < high, got {self.lam_range}")
-        if self.lam_range is None and (not self.lambdas or min(self.lambdas) < 0):
-            raise ValueError(f"lambdas must be >= 0 and not empty, got {self.lambdas}")
+        if self.lam_range is None and not self.lambdas:
+            raise PriceError(f"lambdas must be >= 0 and not empty, got {self.lambdas}")
+        try:
+            self.prices  # noqa: B018 (validates)
+        except PriceError as err:
+            raise PriceError(f"{'lambdas' if self.lam_range is None else 'lam_range'}: {err}") from err
         for name in ("total_timesteps", "num_envs", "n_steps", "batch_size", "n_epochs", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -88,13 +86,21 @@ class PolicyTrainConfig:
         if not self.net_arch or min(self.net_arch) < 1:
             raise ValueError(f"net_arch needs hidden layers of >= 1 unit, got {self.net_arch}")
 
+    @property
+    def prices(self) -> list[Price]:
+        """The prices trained, one policy each: the range ``lam_range`` (one conditioned policy), else each of
+        ``lambdas``."""
+        if self.lam_range is not None:
+            return [Price.of(tuple(self.lam_range))]
+        return [Price.fixed(lam) for lam in self.lambdas]
+
 
 class RolloutStatsCallback(BaseCallback):
     """Logs accuracy, mean FLOPs, lambda and reward of each rollout to SB3's logger (TensorBoard)."""
 
-    def __init__(self, table_env: TableVecEnv, full_flops: float, lam: float | tuple[float, float]):
+    def __init__(self, table_env: TableVecEnv, full_flops: float, price: Price):
         super().__init__()
-        self.table_env, self.full_flops, self.lam = table_env, full_flops, lam
+        self.table_env, self.full_flops, self.price = table_env, full_flops, price
 
     def _on_step(self) -> bool:
         return True
@@ -112,8 +118,8 @@ class RolloutStatsCallback(BaseCallback):
             self.logger.record("adaptive/flop_fraction", stats["flops"] / self.full_flops)
             self.logger.record("adaptive/cost_fraction", stats["cost"])
             self.logger.record("adaptive/reward", stats["reward"])
-            if not isinstance(self.lam, tuple):
-                self.logger.record("adaptive/lambda", self.lam)
+            if not self.price.conditioned:
+                self.logger.record("adaptive/lambda", self.price.lam)
 
 
 def feature_scaler(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,19 +135,19 @@ def timesteps(config: PolicyTrainConfig, n_rows: int) -> int:
 
 
 def train_one(
-    table: OutcomeTable, lam: float | tuple[float, float], config: PolicyTrainConfig, scaler, log_dir: str | None,
-    meta: dict, cost: np.ndarray | None = None,
+    table: OutcomeTable, price: Price | float | tuple[float, float], config: PolicyTrainConfig, scaler,
+    log_dir: str | None, meta: dict, cost: np.ndarray | None = None,
 ) -> PolicyArtifact:
-    """Train one PPO policy at price ``lam`` (or conditioned on a price range) on ``table`` (policy-train).
+    """Train one PPO policy at ``price`` (fixed, or conditioned on a range) on ``table`` (policy-train).
 
     ``cost``: each action's price ``(K, L, M)`` as a fraction of the full configuration's (None: staged FLOPs).
     """
     mean, std = scaler
     scaled = dataclasses.replace(table, features=((table.features - mean) / std).astype(np.float32))
-    conditioned = isinstance(lam, tuple)
-    if conditioned:  # the price column is already in [-1, 1]
+    price = Price.of(price)
+    if price.conditioned:  # the price column is already in [-1, 1]
         mean, std = np.append(mean, np.float32(0)), np.append(std, np.float32(1))
-    table_env = TableVecEnv(scaled, num_envs=config.num_envs, lam=lam, seed=config.seed, reward=config.reward,
+    table_env = TableVecEnv(scaled, num_envs=config.num_envs, lam=price, seed=config.seed, reward=config.reward,
                             cost=cost)
     ppo = PPO(
         "MlpPolicy",
@@ -158,16 +164,16 @@ def train_one(
         device="cpu",
         verbose=0,
     )
-    callback = RolloutStatsCallback(table_env, table.full_flops, lam)
-    name = "lambda_conditioned" if conditioned else f"lambda_{lam:g}"
+    callback = RolloutStatsCallback(table_env, table.full_flops, price)
+    name = "lambda_conditioned" if price.conditioned else f"lambda_{price.lam:g}"
     steps = timesteps(config, len(table))
     with tqdm(total=steps, desc=f"PPO {name}", unit="step", disable=config.quiet) as bar:
         callback.bar = bar
         ppo.learn(steps, callback=callback, tb_log_name=name)
     policy = make_policy(len(mean), list(table.grid_shape), config.net_arch)
     policy.load_state_dict(ppo.policy.state_dict())
-    extra = {"lam_range": list(lam), "lam": None} if conditioned else {"lam": lam}
-    return PolicyArtifact(policy, mean, std, {**meta, **extra})
+    # a conditioned policy's meta["lam"], the price it acts at, is set by its calibration
+    return PolicyArtifact(policy, mean, std, {**meta, "lam": None, **price.to_meta()})
 
 
 def train_and_calibrate(
@@ -199,26 +205,23 @@ def train_and_calibrate(
     meta = {**meta, "train_config": asdict(config), "timesteps": timesteps(config, len(train_table)), "cost": config.cost}
     log = str(log_dir) if log_dir else None
     start = time.time()
-    if config.lam_range is not None:
-        artifacts = [train_one(train_table, tuple(config.lam_range), config, scaler, log, meta, cost)]
-    else:
-        artifacts = [train_one(train_table, lam, config, scaler, log, meta, cost)
-                     for lam in tqdm(config.lambdas, desc="lambda sweep")]
-    scored = []
-    for i, artifact in enumerate(artifacts):  # every price of a conditioned policy, or each policy at its own
-        network = artifact.network_flops()
-        lams = price_grid(config.lam_range) if config.lam_range is not None else [artifact.meta["lam"]]
-        scored += [candidate((i, float(lam)), policy_outcome(artifact, calibration_table, lam, network, cost),
-                             calibration_table)
-                   for lam in lams]
-    scored.sort(key=lambda c: (c.knob[1], c.knob[0]))  # safest first: the lowest price, fixed before any is scored
+    prices = config.prices
+    artifacts = [train_one(train_table, price, config, scaler, log, meta, cost)
+                 for price in tqdm(prices, desc="lambda sweep", disable=len(prices) == 1)]
+    network = [artifact.network_flops() for artifact in artifacts]
+    # every price of a conditioned policy's grid, or each policy at its own; safest first (the lowest price),
+    # an order fixed before any is scored
+    scored = [candidate(knob, policy_outcome(artifacts[knob.artifact], calibration_table, knob.lam,
+                                             network[knob.artifact], cost), calibration_table)
+              for knob in price_knobs(artifacts)]
     selection = select(scored, calibration_table.correct[:, -1, -1, -1], config.selection)
     artifact_index, lam = scored[selection.index].knob
     chosen = dataclasses.replace(artifacts[artifact_index], meta={**artifacts[artifact_index].meta, "lam": lam})
     reference_flops = calibration_table.full_flops
     records = []
     for knob, stats in zip((c.knob for c in scored), selection.scores, strict=True):
-        record = {"lambda": knob[1], "artifact": knob[0], **stats, "flop_reduction": 1 - stats["flops"] / reference_flops}
+        record = {"lambda": knob.lam, "artifact": knob.artifact, **stats,
+                  "flop_reduction": 1 - stats["flops"] / reference_flops}
         if cost is not None:  # the cost is a fraction of the full configuration's
             record["cost_reduction"] = 1 - stats["cost"]
         records.append(record)
@@ -235,8 +238,8 @@ def train_and_calibrate(
         calibration=records,
         train_s=round(time.time() - start, 1),
     )
-    if config.lam_range is not None:  # the price is a runtime knob: the curve maps a tolerance to a price
-        mine = [c for c in scored if c.knob[0] == artifact_index]
+    if chosen.price.conditioned:  # the price is a runtime knob: the curve maps a tolerance to a price
+        mine = [c for c in scored if c.knob.artifact == artifact_index]
         chosen.meta["operating_points"] = {
             "calibrated_on": "calibration split", "labels_read": False,
             "points": [point.to_dict() for point in operating_points(mine, config.selection.delta)]}

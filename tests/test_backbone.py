@@ -183,3 +183,38 @@ def test_grid_loss_weights_favour_deeper_and_larger(tiny_config):
     w = grid_loss_weights(tiny_config, TrainConfig())
     assert torch.isclose(w.sum(), torch.tensor(1.0))
     assert (w[:, 1:] > w[:, :-1]).all() and (w[1:, :] > w[:-1, :]).all()
+
+
+def test_public_stages_compose_to_forward(tiny_model, tiny_config):
+    # embed -> read_kv -> read_latents -> blocks -> write_logits is the pass that forward runs
+    x = torch.rand(3, 1, 8, 8)
+    tokens, depth, width = 4, 2, 0.5
+    rope, mask = (tiny_model.rope_cos[:tokens], tiny_model.rope_sin[:tokens]), tiny_model.block_mask[:tokens, :tokens]
+    with torch.inference_mode():
+        input_tokens = tiny_model.embed(x)
+        latents = tiny_model.read_latents(None, tokens, tiny_model.read_kv(input_tokens))
+        assert latents.shape == (3, tokens, tiny_config.embed_dim)
+        # each latent query reads on its own: rows start: are those of the full read
+        assert torch.allclose(tiny_model.read_latents(input_tokens, tokens, start=2), latents[:, 2:], atol=1e-6)
+        for block in tiny_model.blocks[:depth]:
+            latents = block(latents, rope, mask, hidden_units=tiny_config.ffn_hidden_units(width))
+        logits = tiny_model.write_logits(latents, (2, tokens))
+        assert logits.shape == (3, 2, tiny_config.num_classes)
+        assert (logits[:, 1] - tiny_model(x, tokens, depth, width)).abs().max().item() <= 1e-5
+        # row_tokens: each input writes from its own first latents
+        row_tokens = torch.tensor([2, tokens, 2])
+        assert torch.allclose(tiny_model.write_logits(latents, (tokens,), row_tokens)[:, 0], logits[[0, 1, 2], [0, 1, 0]],
+                              atol=1e-5)
+
+
+def test_model_does_not_import_packed_at_module_level():
+    # backbone.packed builds on the model's public stages; model.py imports it only inside run_mixed
+    import ast
+    import inspect
+
+    import backbone.model
+
+    tree = ast.parse(inspect.getsource(backbone.model))
+    imported = [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+    assert "backbone.packed" not in imported

@@ -11,6 +11,7 @@ from conftest import synthetic_table
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import SplitConfig, load_dataset
 from backbone.errors import ProjectError
+from envs import Price
 from evaluation.families import PolicyFamily
 from evaluation.report import SelectionRun, run_family, split_halves
 from policy.artifact import load_policy
@@ -19,6 +20,7 @@ from policy.selection import NothingCertifiedError, SelectionRule, certified_poi
 from policy.train import LAM_GRID
 
 LAMS = np.geomspace(0.001, 1.0, LAM_GRID)
+STUB_PRICE = Price.between(0.001, 1.0)
 
 
 @dataclasses.dataclass
@@ -27,7 +29,7 @@ class StubPolicy:
     ``full_rows[i]`` inputs to the full configuration (action (1, 0, 0)) and answers the rest with the glance."""
 
     full_rows: list[int]
-    lam_range: tuple[float, float] | None = (0.001, 1.0)
+    price: Price = STUB_PRICE
     meta: dict = dataclasses.field(default_factory=lambda: {"lam": None})
 
     def network_flops(self) -> int:
@@ -82,7 +84,7 @@ def test_calibration_refuses_what_it_cannot_certify():
     with pytest.raises(CalibrationError, match=r"ask for a tolerance of at least 0\.3"):
         calibrate(StubPolicy([5] * LAM_GRID), table_with_glance_errors(3000, wrong=10), rule, "bad")
     with pytest.raises(CalibrationError, match="fixed price"):
-        price_curve(StubPolicy(stub_rows(), lam_range=None), table_with_glance_errors(3000, 0), 0.1)
+        price_curve(StubPolicy(stub_rows(), price=Price.fixed(0.1)), table_with_glance_errors(3000, 0), 0.1)
     with pytest.raises(NothingCertifiedError, match="no operating points"):
         certified_point([], 0.1)
 

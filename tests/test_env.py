@@ -77,22 +77,23 @@ def test_reward_is_accuracy_minus_priced_flops(table):
 
 
 def test_price_conditioned_envs_show_and_charge_the_episode_price(table):
-    from envs.reward import lam_feature
+    from envs import Price
 
-    env = AdaptiveComputeEnv(table=table, lam=(0.01, 1.0))
+    price = Price.between(0.01, 1.0)
+    env = AdaptiveComputeEnv(table=table, lam=(0.01, 1.0))  # a pair is a conditioned price too
     obs, _ = env.reset(seed=0, options={"index": 4, "lam": 0.1})
     assert obs.shape == (table.features.shape[1] + 1,) and obs[-1] == pytest.approx(0.0)  # log-midpoint -> 0
     _, reward, *_ = env.step(np.array([1, 1, 1]))
     assert reward == pytest.approx(float(table.correct[4, 1, 1, 1]) - 0.1 * table.staged_flops[1, 1, 1] / table.full_flops)
-    vec = TableVecEnv(table, num_envs=64, lam=(0.01, 1.0), seed=0)
+    vec = TableVecEnv(table, num_envs=64, lam=price, seed=0)
     obs = vec.reset()
     assert obs.shape == (64, table.features.shape[1] + 1)
-    assert np.allclose(obs[:, -1], lam_feature(vec.lam, 0.01, 1.0)) and 0.01 <= vec.lam.min() < vec.lam.max() <= 1.0
+    assert np.allclose(obs[:, -1], price.column(vec.lam)) and 0.01 <= vec.lam.min() < vec.lam.max() <= 1.0
     lam, index = vec.lam.copy(), vec.index.copy()
     _, rewards, _, infos = vec.step(np.ones((64, 3), np.int64))
     cost = table.staged_flops[1, 1, 1] / table.full_flops
     assert np.allclose(rewards, table.correct[index, 1, 1, 1] - lam * cost, atol=1e-6)
-    assert np.allclose(infos[0]["terminal_observation"][-1], lam_feature(lam[0], 0.01, 1.0))
+    assert np.allclose(infos[0]["terminal_observation"][-1], price.column(lam[0]))
 
 
 def test_live_and_table_modes_give_identical_rewards(table, tiny_model, digits_subset):

@@ -164,3 +164,39 @@ def test_extend_exits_of_mixed_tokens_and_widths_gives_each_input_its_own_config
             expected = torch.cat([tiny_model.extend(state, 8, d, widths[r], rows=torch.tensor([r]))
                                   for d, rows in enumerate(rows_at_depth, start=1) for r in rows.tolist()])
             assert (mixed - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("per_row", ["tokens", "tokens and widths", "tokens and narrower widths"])
+@pytest.mark.parametrize("glance", [(2, 1, 0.25), (4, 2, 0.5), (2, 2, 1.0)])
+def test_extend_is_the_reference_of_extend_exits_row_for_row(tiny_model, tiny_config, glance, per_row, seed):
+    # every row at a random (tokens, depth, width) of its own, all in one extend_exits pass; each row's logits are
+    # extend's at that row's configuration. Per-row tokens alone, at the glance's width, take the path that reuses
+    # the glance's blocks; per-row widths the one that masks hidden units, also at the glance's width, where
+    # the narrower rows must not reuse them.
+    c, n = tiny_config, 12
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(values):  # one value per row
+        return [values[i] for i in torch.randint(len(values), (n,), generator=gen).tolist()]
+
+    tokens, depths = pick(c.token_grans), pick(range(1, c.depth + 1))
+    widths = {"tokens": [glance[2]] * n, "tokens and widths": pick(c.ffn_widths),
+              "tokens and narrower widths": pick([w for w in c.ffn_widths if w <= glance[2]])}[per_row]
+    width = glance[2] if per_row != "tokens and widths" else max(widths)  # the pass's
+    assert len(set(depths)) > 1 and len(set(tokens)) > 1
+    order = torch.randperm(n, generator=gen)  # rows in any order within an exit depth
+    rows_at_depth = [order[[depths[r] == d for r in order.tolist()]] for d in range(1, c.depth + 1)]
+    tokens_at_depth = [torch.tensor([tokens[r] for r in rows.tolist()], dtype=torch.long) for rows in rows_at_depth]
+    hidden_at_depth = None
+    if per_row != "tokens":
+        hidden_at_depth = [torch.tensor([c.ffn_hidden_units(widths[r]) for r in rows.tolist()], dtype=torch.long)
+                           for rows in rows_at_depth]
+    with torch.inference_mode():
+        _, state = tiny_model.glance(tiny_model.embed(torch.rand(n, 1, 8, 8, generator=gen)), *glance)
+        out = tiny_model.extend_exits(state, max(tokens), width, rows_at_depth, tokens_at_depth, hidden_at_depth)
+        assert out.shape == (n, c.num_classes)
+        for logits, r in zip(out, torch.cat(rows_at_depth).tolist(), strict=True):
+            own = (tokens[r], depths[r], widths[r])
+            reference = tiny_model.extend(state, *own, rows=torch.tensor([r]))[0]
+            assert (logits - reference).abs().max().item() <= 1e-5, (r, own)

@@ -61,14 +61,12 @@ def test_corrupt_artifact_is_refused(tiny_run, tmp_path):
 
 
 def test_act_is_stable_baselines3_deterministic_action(tiny_run):
-    from envs.reward import lam_feature
-
     root, _ = tiny_run
     artifact = load_policy(root / "policy")
     rng = np.random.default_rng(1)
     features = rng.normal(size=(4096, artifact.feature_mean.shape[0] - 1)).astype(np.float32) * 3
     for lam in (0.01, 0.1, 1.0):
-        column = np.full((len(features), 1), lam_feature(lam, *artifact.lam_range), np.float32)
+        column = np.full((len(features), 1), artifact.price.column(lam), np.float32)
         obs = artifact.normalize(torch.as_tensor(np.concatenate([features, column], axis=1)))
         with torch.inference_mode():
             expected = artifact.policy._predict(obs, deterministic=True).numpy()
