@@ -143,9 +143,38 @@ class AdaPerceiverConfig:
         return cls(**data)
 
 
-def preset(dataset: str, image_shape: tuple[int, int, int], num_classes: int) -> AdaPerceiverConfig:
-    """The default architecture for a dataset: the digits and Fashion-MNIST models, else one by image size."""
+def paper_config(num_classes: int = 1000) -> AdaPerceiverConfig:
+    """The paper's ImageNet-1K model at its own sizes, for measuring where compute, not per-call overhead, sets the time.
+
+    AdaPerceiver (Jajal et al., 2025, arXiv 2511.18105) publishes one ImageNet-1K classifier; these sizes are those
+    of its public training config (``config/supervised/soadaperciever_1k.yaml`` in github.com/pjjajal/adaperceiver-public):
+    224 px RGB in 16 px patches (196 input tokens), embedding 832, 13 heads (head dim 64), 21 blocks, FFN ratio
+    2.57, up to 256 latent tokens in the granularities 32/64/96/128/192/256, RoPE base 10,000; 75 GFLOPs per image
+    at the full configuration (``backbone.flops``). Its Matryoshka widths are embedding dimensions 416/624/832;
+    here a width slices the FFN hidden layer (DESIGN.md), so they become FFN widths 0.5/0.75/1.0. Grid: 6 x 21 x 3
+    = 378 configurations.
+    """
+    return AdaPerceiverConfig(img_size=224, in_chans=3, patch_size=16, embed_dim=832, num_heads=13, depth=21,
+                              ffn_ratio=2.57, token_grans=(32, 64, 96, 128, 192, 256), ffn_widths=(0.5, 0.75, 1.0),
+                              num_classes=num_classes, rope_theta=10000.0)
+
+
+PRESETS = {"paper-in1k": paper_config}
+"""Named architectures (``--preset``), each a function of the number of classes; ``"auto"`` picks by dataset."""
+
+
+def preset(dataset: str, image_shape: tuple[int, int, int], num_classes: int, name: str = "auto") -> AdaPerceiverConfig:
+    """The architecture for a dataset: ``name`` from ``PRESETS``, or ``"auto"``: the digits and Fashion-MNIST
+    models, else one by image size. A named preset refuses images of another shape than its own."""
     chans, size, _ = image_shape
+    if name != "auto":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose auto or one of {', '.join(PRESETS)}")
+        config = PRESETS[name](num_classes)
+        if tuple(image_shape) != (config.in_chans, config.img_size, config.img_size):
+            raise ConfigError(f"the {name} preset takes {config.in_chans}x{config.img_size}x{config.img_size} images, "
+                              f"the dataset has {'x'.join(map(str, image_shape))}; resize them or use --preset auto")
+        return config
     if dataset == "digits":
         # a one-conv stem: the linear-patch model fell 0.87 pp short of its full-only reference (README)
         return AdaPerceiverConfig(img_size=8, in_chans=1, patch_size=2, embed_dim=64, num_heads=8, depth=4,

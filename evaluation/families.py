@@ -24,10 +24,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from envs import OutcomeTable
+from envs.price import GRID
 from evaluation.baselines import early_exit, matched_random_actions
 from policy.artifact import PolicyArtifact, policy_outcome, price_knobs
 from policy.selection import Candidate, Outcome, PriceKnob, Selection, SelectionRule, candidate, select
-from policy.train import LAM_GRID
 
 TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]]), 4))
 GLANCE_TAUS = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13), 1 - np.geomspace(0.08, 1e-5, 25), [1.0]]), 6))
@@ -216,7 +216,7 @@ class PolicyFamily(_StagedFamily):
 
     name = "ppo"
 
-    def __init__(self, artifacts: list[PolicyArtifact], lam_grid: int = LAM_GRID, cost: np.ndarray | None = None) -> None:
+    def __init__(self, artifacts: list[PolicyArtifact], lam_grid: int = GRID, cost: np.ndarray | None = None) -> None:
         super().__init__()
         self.artifacts = artifacts
         self.costs = [cost if cost is not None and artifact.meta.get("cost") == "latency" else None

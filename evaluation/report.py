@@ -41,10 +41,10 @@ from evaluation.families import (
     RouterFamily,
     choose_and_apply,
 )
-from evaluation.latency import check_latency_table, latency_grid, ms_per_input
 from evaluation.uncertainty import front_ratio_interval, over_seeds, paired_stats
 from inference.classifier import AdaptiveClassifier
 from policy.artifact import PolicyArtifact
+from policy.latency_table import check_latency_table, latency_grid, ms_per_input
 from policy.selection import SelectionRule
 
 LATENCY_KEYS = ("source", "batch_size", "threads", "device", "device_name", "cpu", "torch", "backbone_hash", "rounds",

@@ -16,7 +16,7 @@ from backbone.data import default_paths
 from backbone.errors import HelpFormatter, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import AdaptiveComputeEnv, TableVecEnv
-from evaluation.pipeline import PolicyJob, load_tables
+from policy.job import PolicyJob, load_tables
 
 
 def ppo_steps_per_s(env, timesteps: int, n_steps: int, batch_size: int) -> float:

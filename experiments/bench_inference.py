@@ -30,10 +30,10 @@ from evaluation.benchmark import (
     latency_batch1,
     matmul_peak,
 )
-from evaluation.pipeline import PolicyJob, job_dataset
 from evaluation.plots import latency_plot
 from inference.classifier import AdaptiveClassifier
 from inference.paths import INFERENCE_PATHS
+from policy.job import PolicyJob, job_dataset
 
 
 def report_paths(dataset: str, device_type: str, path: str, json_path: str | None = None) -> dict[str, str]:

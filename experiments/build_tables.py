@@ -13,7 +13,7 @@ from backbone.distributed import init_distributed
 from backbone.errors import HelpFormatter, run_cli
 from backbone.train import resolve_device
 from envs import FeatureSpec
-from evaluation.pipeline import PolicyJob, load_tables
+from policy.job import PolicyJob, load_tables
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.errors import HelpFormatter, ProjectError, finite_float, run_cli
 from backbone.io import check_output_path, write_json
-from evaluation.latency import LATENCY_FILE, check_latency_digest, latency_grid, load_latency_table
 from inference.inputs import load_images
 from policy.artifact import load_policy, save_policy
 from policy.calibration import calibrate, unlabeled_table
+from policy.latency_table import LATENCY_FILE, check_latency_digest, latency_grid, load_latency_table
 from policy.selection import SelectionRule
 
 

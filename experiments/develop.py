@@ -16,8 +16,8 @@ from backbone.data import default_paths
 from backbone.errors import HelpFormatter, finite_float, run_cli
 from backbone.io import check_output_path, write_json
 from evaluation.development import develop
-from evaluation.pipeline import PolicyJob, load_tables
 from policy.artifact import load_policy
+from policy.job import PolicyJob, load_tables
 from policy.selection import SelectionRule
 
 

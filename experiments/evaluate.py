@@ -21,11 +21,11 @@ from backbone.data import default_paths
 from backbone.errors import HelpFormatter, run_cli
 from backbone.io import atomic_write, check_output_path, write_json
 from envs import FeatureSpec
-from evaluation.latency import LATENCY_FILE, check_latency_digest, check_latency_table, load_latency_table
-from evaluation.pipeline import PolicyJob, job_dataset, load_tables
 from evaluation.plots import markdown_table, pareto_plot
 from evaluation.report import SelectionRun, build_report
 from policy.artifact import load_policy
+from policy.job import PolicyJob, job_dataset, load_tables
+from policy.latency_table import LATENCY_FILE, check_latency_digest, check_latency_table, load_latency_table
 from policy.selection import SelectionRule
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from backbone.data import SPLIT_NAMES, default_paths
 from backbone.errors import HelpFormatter, run_cli
 from backbone.io import atomic_write
-from evaluation.pipeline import PolicyJob, job_dataset
 from evaluation.report import split_halves
+from policy.job import PolicyJob, job_dataset
 
 
 def main(argv: list[str] | None = None) -> Path:

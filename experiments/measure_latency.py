@@ -19,8 +19,9 @@ from backbone.errors import HelpFormatter, ProjectError, nonnegative_int, positi
 from backbone.io import check_output_path, write_json
 from backbone.train import resolve_device
 from envs import FeatureSpec
-from evaluation.latency import format_latency_summary, measure_latency_table
-from evaluation.pipeline import PolicyJob, job_dataset
+from evaluation.latency import measure_latency_table
+from policy.job import PolicyJob, job_dataset
+from policy.latency_table import format_latency_summary
 
 
 def main(argv: list[str] | None = None) -> dict:

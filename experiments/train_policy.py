@@ -14,7 +14,8 @@ from backbone.errors import HelpFormatter, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
-from evaluation.pipeline import PolicyJob, format_summary, run_policy_job
+from evaluation.pipeline import format_summary, run_policy_job
+from policy.job import PolicyJob
 from policy.selection import ALIASES, MODES, SelectionRule
 from policy.train import COSTS, PolicyTrainConfig
 

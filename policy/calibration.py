@@ -18,6 +18,7 @@ import torch
 from backbone import AdaPerceiver
 from backbone.errors import ProjectError
 from envs import OutcomeTable, build_outcome_table
+from envs.price import GRID
 from policy.artifact import PolicyArtifact, policy_outcome, price_knobs
 from policy.selection import (
     NothingCertifiedError,
@@ -28,7 +29,6 @@ from policy.selection import (
     images_to_certify,
     operating_points,
 )
-from policy.train import LAM_GRID
 
 
 class CalibrationError(ProjectError):
@@ -45,7 +45,7 @@ def unlabeled_table(model: AdaPerceiver, images: torch.Tensor, artifact: PolicyA
     return dataclasses.replace(table, labels=placeholder.numpy())
 
 
-def price_curve(artifact: PolicyArtifact, table: OutcomeTable, delta: float, grid: int = LAM_GRID,
+def price_curve(artifact: PolicyArtifact, table: OutcomeTable, delta: float, grid: int = GRID,
                 latency_ms: np.ndarray | None = None) -> list[OperatingPoint]:
     """The operating point of each price of the policy's grid on ``table`` (lowest price first).
 

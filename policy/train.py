@@ -15,7 +15,6 @@ from stable_baselines3.common.vec_env import VecMonitor
 from tqdm import tqdm
 
 from envs import OutcomeTable, Price, PriceError, TableVecEnv
-from envs.price import GRID
 from envs.reward import cost_grid
 from policy.artifact import PolicyArtifact, make_policy, policy_outcome, price_knobs
 from policy.selection import SelectionRule, candidate, describe_score, operating_points, select
@@ -23,8 +22,6 @@ from policy.selection import SelectionRule, candidate, describe_score, operating
 MAX_TIMESTEPS = 3_000_000
 PASSES = 2_000
 """PPO's default budget: this many passes over the policy-train table, at most ``MAX_TIMESTEPS`` env steps."""
-LAM_GRID = GRID
-"""Prices of a conditioned policy scanned on calibration (log-spaced over its range: ``Price.grid``)."""
 COSTS = ("flops", "latency")
 """What an action can be priced by (``PolicyTrainConfig.cost``)."""
 

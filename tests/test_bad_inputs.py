@@ -384,7 +384,7 @@ def test_a_16_bit_png_is_read_at_its_full_depth_not_clipped(tmp_path, tiny_confi
 
 
 def test_a_latency_table_with_true_for_milliseconds_is_refused():
-    from evaluation.latency import LatencyTableError, check_table_arrays
+    from policy.latency_table import LatencyTableError, check_table_arrays
 
     table = {"token_grans": [2, 4], "depths": [1], "ffn_widths": [1.0], "staged_ms": [[[1.0]], [[2.0]]],
              "fresh_ms": [[[1.0]], [[2.0]]], "full_ms": 2.0, "batch_size": 1}

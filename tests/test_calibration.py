@@ -12,14 +12,14 @@ from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import SplitConfig, load_dataset
 from backbone.errors import ProjectError
 from envs import Price
+from envs.price import GRID
 from evaluation.families import PolicyFamily
 from evaluation.report import SelectionRun, run_family, split_halves
 from policy.artifact import load_policy
 from policy.calibration import CalibrationError, calibrate, price_curve
 from policy.selection import NothingCertifiedError, SelectionRule, certified_point, points_of
-from policy.train import LAM_GRID
 
-LAMS = np.geomspace(0.001, 1.0, LAM_GRID)
+LAMS = np.geomspace(0.001, 1.0, GRID)
 STUB_PRICE = Price.between(0.001, 1.0)
 
 
@@ -52,7 +52,7 @@ def table_with_glance_errors(n: int, wrong: int):
 def stub_rows(first_pass_end: int = 10) -> list[int]:
     # prices 0..10 route >= 12 of the first rows to the full configuration (the 10 glance errors among them),
     # 11..49 only 5 (5 disagreements: fail), 50 exactly the 10 errors (passes again, and is the cheapest)
-    rows = [32 - 2 * i if i <= first_pass_end else 5 for i in range(LAM_GRID)]
+    rows = [32 - 2 * i if i <= first_pass_end else 5 for i in range(GRID)]
     rows[50] = 10
     return rows
 
@@ -82,7 +82,7 @@ def test_calibration_refuses_what_it_cannot_certify():
         calibrate(StubPolicy(stub_rows()), table_with_glance_errors(2000, wrong=0), rule, "few")
     # the safest price already disagrees on 5 inputs: nothing is certified, and the message says what would be
     with pytest.raises(CalibrationError, match=r"ask for a tolerance of at least 0\.3"):
-        calibrate(StubPolicy([5] * LAM_GRID), table_with_glance_errors(3000, wrong=10), rule, "bad")
+        calibrate(StubPolicy([5] * GRID), table_with_glance_errors(3000, wrong=10), rule, "bad")
     with pytest.raises(CalibrationError, match="fixed price"):
         price_curve(StubPolicy(stub_rows(), price=Price.fixed(0.1)), table_with_glance_errors(3000, 0), 0.1)
     with pytest.raises(NothingCertifiedError, match="no operating points"):
@@ -102,9 +102,9 @@ def digits_half(tiny_run, tmp_path_factory):
 
 
 def test_calibrate_cli_reproduces_the_reports_certified_choice(tiny_run, digits_half):
-    from evaluation.pipeline import PolicyJob, load_tables
     from experiments import calibrate as calibrate_cli
     from experiments import infer
+    from policy.job import PolicyJob, load_tables
 
     root, _ = tiny_run
     out, halves = digits_half
@@ -112,7 +112,7 @@ def test_calibrate_cli_reproduces_the_reports_certified_choice(tiny_run, digits_
             "--tolerance", "40", "--out", str(out / "calibrated"), "--quiet", "--json", str(out / "c.json")]
     result = calibrate_cli.main(argv)
     artifact = load_policy(out / "calibrated", backbone_hash(root / "backbone"))
-    assert artifact.meta["lam"] == result["chosen"]["lam"] and len(points_of(artifact.meta)) == LAM_GRID
+    assert artifact.meta["lam"] == result["chosen"]["lam"] and len(points_of(artifact.meta)) == GRID
     # the report's certified run, calibrated on the same half of the same test split, picks the same price
     tables, _ = load_tables(PolicyJob(backbone=str(root / "backbone"), cache_dir=str(root / "cache"), quiet=True),
                             ("calibration", "test"))

@@ -80,7 +80,7 @@ def test_cuda_on_a_machine_without_it_stops_before_any_compute(tmp_path, monkeyp
 @pytest.mark.parametrize("flags", [["--timesteps", "0"], ["--delta", "1.5"], ["--lam-range", "0.5,0.1"],
                                    ["--tolerance-pp", "-1"], ["--net-arch", "0"]])
 def test_bad_policy_numbers_stop_before_any_compute(flags, tmp_path, monkeypatch):
-    from evaluation import pipeline
+    from policy import job as pipeline
 
     monkeypatch.setattr(pipeline, "load_tables", lambda *a, **k: pytest.fail("tables built"))
     with pytest.raises(SystemExit) as exit_info:
@@ -89,7 +89,7 @@ def test_bad_policy_numbers_stop_before_any_compute(flags, tmp_path, monkeypatch
 
 
 def test_a_policy_is_not_replaced_without_force_but_the_default_output_is(tmp_path, tiny_config, monkeypatch, capsys):
-    from evaluation import pipeline
+    from policy import job as pipeline
 
     save_policy(random_artifact(tiny_config, "a" * 64), tmp_path / "mine")
     before = snapshot(tmp_path / "mine")

@@ -17,15 +17,10 @@ from backbone.errors import ProjectError
 from backbone.io import write_json
 from envs import AdaptiveComputeEnv, FeatureSpec, TableVecEnv
 from evaluation.families import FixedFamily, PolicyFamily, choose_and_apply
-from evaluation.latency import (
-    LatencyTableError,
-    check_latency_table,
-    latency_cost,
-    load_latency_table,
-    measure_latency_table,
-)
+from evaluation.latency import measure_latency_table
 from experiments import evaluate, measure_latency, train_policy
 from policy.artifact import PolicyArtifact, load_policy, make_policy, policy_outcome
+from policy.latency_table import LatencyTableError, check_latency_table, latency_cost, load_latency_table
 from policy.selection import Candidate, SelectionRule, select
 from policy.train import PolicyTrainConfig, train_and_calibrate
 
@@ -248,7 +243,7 @@ def test_the_report_has_ms_per_image_for_every_family(latency_run):
 
 
 def test_cost_latency_without_a_table_or_with_another_grid_stops_before_any_table(latency_run, tmp_path, monkeypatch):
-    from evaluation import pipeline
+    from policy import job as pipeline
 
     root, table, _ = latency_run
     monkeypatch.setattr(pipeline, "load_tables", lambda *a, **k: pytest.fail("tables built"))
@@ -268,7 +263,7 @@ def test_cost_latency_without_a_table_or_with_another_grid_stops_before_any_tabl
 def test_a_swapped_latency_table_beside_the_policy_is_refused(latency_run, tmp_path):
     import shutil
 
-    from evaluation.latency import LatencyTableError
+    from policy.latency_table import LatencyTableError
 
     root, table, _ = latency_run
     policy = tmp_path / "policy"

@@ -92,3 +92,31 @@ def test_a_folder_where_the_summary_goes_is_refused_before_anything_changes(tiny
     # the summary, written in the same unit as the policy, names the policy's own price
     meta = json.loads((root / "policy" / "policy.json").read_text())
     assert json.loads((root / "policy" / "summary.json").read_text())["lambda"] == meta["lam"]
+
+
+def test_the_training_job_never_reads_test_and_the_main_job_reads_it_once(tmp_path, monkeypatch):
+    from conftest import save_tiny_backbone
+
+    from evaluation.pipeline import run_policy_job
+    from policy import job as job_module
+    from policy.train import PolicyTrainConfig
+
+    read = []
+    real = job_module.cached_outcome_table
+
+    def spy(model, digest, split, *args, **kwargs):
+        read.append(split)
+        return real(model, digest, split, *args, **kwargs)
+
+    monkeypatch.setattr(job_module, "cached_outcome_table", spy)
+    save_tiny_backbone(tmp_path / "backbone")
+    job = job_module.PolicyJob(backbone=str(tmp_path / "backbone"), out=str(tmp_path / "policy"), quiet=True,
+                               cache_dir=str(tmp_path / "cache"), log_dir=str(tmp_path / "tb"),
+                               train=PolicyTrainConfig(total_timesteps=1024))
+    trained = job_module.train_policy_job(job)
+    assert read == ["policy_train", "calibration"] and set(trained.tables) == {"policy_train", "calibration"}
+    assert not (tmp_path / "policy" / "policy.json").exists(), "the training job saves nothing of the chosen policy"
+    read.clear()
+    summary = run_policy_job(job)
+    assert read.count("test") == 1 and summary["n_test"] == 270
+    assert (tmp_path / "policy" / "summary.json").is_file()

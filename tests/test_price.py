@@ -10,7 +10,7 @@ import pytest
 from backbone.errors import ProjectError
 from envs import Price, PriceError
 from envs.price import GRID
-from policy.train import LAM_GRID, PolicyTrainConfig
+from policy.train import PolicyTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def test_a_conditioned_price_grid_column_and_draw():
     price = Price.between(0.001, 1.0)
     assert price.conditioned and price.bounds == (0.001, 1.0) and price.columns == 1 and price.lam is None
     grid = price.grid()
-    assert len(grid) == GRID == LAM_GRID and grid[0] == pytest.approx(0.001) and grid[-1] == pytest.approx(1.0)
+    assert len(grid) == GRID and grid[0] == pytest.approx(0.001) and grid[-1] == pytest.approx(1.0)
     assert np.all(np.diff(grid) > 0) and np.allclose(np.diff(np.log(grid)), np.log(1000) / (GRID - 1))
     assert len(price.grid(5)) == 5
     # the column maps log lam from [log low, log high] onto [-1, 1]
