@@ -124,6 +124,13 @@ class AdaptiveClassifier:
         twin.__dict__ |= self.__dict__ | {"merge_passes": merge_passes}
         return twin
 
+    def with_price(self, lam: float | None) -> AdaptiveClassifier:
+        """This classifier acting at FLOP price ``lam`` (None: the policy's calibrated price), sharing its runner:
+        a server moves along the operating points per request without loading anything again."""
+        twin = object.__new__(AdaptiveClassifier)
+        twin.__dict__ |= self.__dict__ | {"lam": lam, "_price_column": self.artifact.lam_column(lam)}
+        return twin
+
     # ---- the story ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, config: GridPoint | None = None) -> Prediction:

@@ -1,10 +1,10 @@
-"""The packages form layers: backbone -> envs -> policy -> inference -> evaluation -> experiments, and none imports upward."""
+"""The packages form layers: backbone -> envs -> policy -> inference -> serving -> evaluation -> experiments, and none imports upward."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("backbone", "envs", "policy", "inference", "evaluation", "experiments")
+LAYERS = ("backbone", "envs", "policy", "inference", "serving", "evaluation", "experiments")
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -1,0 +1,198 @@
+"""The serving parts that need no Ray: operating points per request, the latency controller, the online audit,
+request parsing, and the classifier at another price sharing its runner."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backbone.data import load_dataset
+from inference import AdaptiveClassifier, load_images
+from policy.artifact import load_policy
+from policy.selection import NothingCertifiedError, OperatingPoint
+from serving.audit import Audit, AuditStream, look_delta
+from serving.controller import ControllerConfig, LatencyController
+from serving.operating import OperatingCurve
+from serving.requests import RequestError, parse_request
+
+DIGITS = ("checkpoints/digits", "policies/digits")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return AdaptiveClassifier.from_dirs(*DIGITS)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    split = load_dataset("digits").splits["test"]
+    return split.x[:48], split.y[:48]
+
+
+def point(lam: float, mflops: float, bound: float) -> OperatingPoint:
+    return OperatingPoint(lam, mflops, bound / 2, bound, 1000, 0.1)
+
+
+# ---- operating points ------------------------------------------------------------------------------------------
+CURVE = OperatingCurve([point(0.1, 10, 0.004), point(0.2, 8, 0.006), point(0.3, 6, 0.012), point(0.4, 4, 0.009)])
+
+
+def test_a_tolerance_serves_the_cheapest_point_before_the_first_failure():
+    assert CURVE.at(0.5).lam == 0.1
+    assert CURVE.at(1.0).lam == 0.2  # 0.3 fails at 1%, so 0.4 (bound 0.9%) is not reached
+    assert CURVE.at(1.2).lam == 0.4
+    with pytest.raises(NothingCertifiedError, match="at least 0.4%"):
+        CURVE.at(0.3)
+
+
+def test_the_ladder_runs_from_the_default_to_the_ceiling_cheaper_each_rung():
+    ladder = CURVE.ladder(0.5, 1.2, levels=8)
+    assert [p.lam for p in ladder] == [0.1, 0.2, 0.4]
+    assert all(p.tolerance <= 1.2 for p in ladder) and ladder[0].tolerance == 0.5
+    assert [p.lam for p in CURVE.ladder(0.5, 1.0, levels=8)] == [0.1, 0.2]  # never past the ceiling
+    with pytest.raises(NothingCertifiedError, match="ceiling"):
+        CURVE.ladder(1.0, 0.5)
+
+
+def test_the_digits_policy_certifies_five_percent_and_refuses_a_tenth():
+    curve = OperatingCurve.from_meta(load_policy(DIGITS[1]).meta)
+    served = curve.at(5.0)
+    assert served.point.bound <= 0.05 and served.point.mflops == min(p.mflops for p in curve.points)
+    with pytest.raises(NothingCertifiedError, match="no operating point is certified at a disagreement of 0.1%"):
+        curve.at(0.1)
+
+
+# ---- the latency controller --------------------------------------------------------------------------------
+def simulate(latency_of, seconds: float, rate: float = 50, levels: int = 3, config=None):
+    """Requests at ``rate``/s for ``seconds``; ``latency_of(t, level)`` ms; the level over time."""
+    controller = LatencyController(levels, config or ControllerConfig(p99_target_ms=250, window_s=2, hold_s=1))
+    trace = []
+    for t in np.arange(0, seconds, 1 / rate):
+        level = controller.update(t)
+        controller.observe(t, latency_of(t, level))
+        trace.append((t, level))
+    return controller, np.array(trace)
+
+
+def test_the_controller_steps_down_under_a_burst_and_back_after_it():
+    def latency(t, level):  # the burst overloads the default point; the next rung holds the target
+        if 10 <= t < 20:
+            return 400.0 if level == 0 else 200.0
+        return 50.0
+
+    _, trace = simulate(latency, 40)
+    during, after = trace[(trace[:, 0] >= 13) & (trace[:, 0] < 20)], trace[trace[:, 0] >= 30]
+    assert (trace[trace[:, 0] < 10, 1] == 0).all()
+    assert (during[:, 1] == 1).all()  # moved once and stayed: 200 ms is within the target, not below half of it
+    assert (after[:, 1] == 0).all()
+    assert trace[:, 1].max() == 1
+
+
+def test_the_controller_never_passes_the_last_rung():
+    controller, trace = simulate(lambda t, level: 1000.0, 30, levels=3)
+    assert trace[:, 1].max() == 2 and controller.level == 2
+
+
+def test_a_whole_thin_window_steps_back_and_a_fresh_move_waits_for_one():
+    controller = LatencyController(3, ControllerConfig(min_samples=20, window_s=5, hold_s=0))
+    controller.level = 2
+    assert controller.update(0.0) == 1  # no move yet: a whole window has passed
+    assert controller.update(4.0) == 1  # the window restarted at the move; too soon to call it idle
+    assert controller.update(5.0) == 0 and controller.update(20.0) == 0
+
+
+# ---- the audit ---------------------------------------------------------------------------------------------
+def test_the_looks_spend_at_most_delta():
+    assert sum(look_delta(0.1, k) for k in range(1, 100_000)) < 0.1
+
+
+def stream_alarms(rate: float, tolerance: float, looks: int, per_look: int, rng) -> int | None:
+    stream = AuditStream(tolerance)
+    for _ in range(looks):
+        if stream.record(int(rng.binomial(per_look, rate)), per_look):
+            return stream.looks
+    return None
+
+
+def test_the_audit_fires_on_a_shifted_stream():
+    rng = np.random.default_rng(0)
+    fired = [stream_alarms(0.05, 1.0, 100, 16, rng) for _ in range(20)]  # 5% disagreement against a 1% promise
+    assert all(f is not None for f in fired)
+    assert max(fired) <= 100
+
+
+def test_the_audit_rarely_fires_at_the_certified_rate():
+    rng = np.random.default_rng(1)
+    streams = 100
+    fired = sum(stream_alarms(0.01, 1.0, 150, 16, rng) is not None for _ in range(streams))
+    assert fired <= 0.1 * streams  # at most delta; an upper-bound alarm would fire on every stream
+    stream = AuditStream(1.0)
+    stream.record(0, 16)
+    assert stream.upper > 0.01 and not stream.alarmed  # a fresh stream certifies little, and alarms on nothing
+
+
+def test_the_audit_draws_its_share():
+    audit = Audit(share=0.1, seed=0)
+    assert 800 < sum(audit.wants() for _ in range(10_000)) < 1200
+    assert not any(Audit(share=0.0).wants() for _ in range(100))
+
+
+# ---- requests ----------------------------------------------------------------------------------------------
+def png_bytes(image: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8), "L").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_png_body_reads_as_the_file_would(classifier, digits, tmp_path):
+    data = png_bytes(digits[0][0])
+    (tmp_path / "a.png").write_bytes(data)
+    from_file, _, _ = load_images(tmp_path, classifier.backbone.config)
+    parsed = parse_request(data, "image/png", {"tolerance": "5"}, classifier.backbone.config)
+    np.testing.assert_array_equal(parsed.images, from_file.numpy())
+    assert parsed.tolerance == 5.0 and not parsed.full
+
+
+def test_json_arrays_and_base64_files(classifier, digits):
+    x = digits[0][:3]
+    body = json.dumps({"images": [x[0][0].tolist(), x[1].tolist(), base64.b64encode(png_bytes(x[2])).decode()],
+                       "full": True}).encode()
+    parsed = parse_request(body, "application/json", {}, classifier.backbone.config)
+    assert parsed.images.shape == (3, 1, 8, 8) and parsed.full and parsed.tolerance is None
+    np.testing.assert_allclose(parsed.images[:2], x[:2].numpy(), atol=1e-7)
+    np.testing.assert_allclose(parsed.images[2], x[2].numpy(), atol=1 / 255)
+
+
+@pytest.mark.parametrize(("body", "kind", "status", "says"), [
+    (b"hello", "image/png", 400, "not a readable image"),
+    (b'{"images": [[[0.5, 0.5], [0.5, 0.5]]]}', "application/json", 400, "has shape (1, 2, 2)"),
+    (json.dumps({"images": [[[float("nan")] * 8] * 8]}).encode(), "application/json", 400, "NaN"),
+    (json.dumps({"images": [[[2.0] * 8] * 8]}).encode(), "application/json", 400, "[0, 1]"),
+    (json.dumps({"images": [[[0.0] * 8] * 8] * 65}).encode(), "application/json", 413, "at most 64"),
+    (json.dumps({"images": [[[0.0] * 8] * 8], "tolerance": "lots"}).encode(), "application/json", 400, "tolerance"),
+    (b'{"images": [', "application/json", 400, "not valid JSON"),
+    (b'{"pictures": []}', "application/json", 400, "\"images\""),
+    (b"x", "text/plain", 415, "unsupported content type"),
+    (b"", "image/png", 400, "empty"),
+])
+def test_bad_requests_are_one_clear_line(classifier, body, kind, status, says):
+    with pytest.raises(RequestError) as caught:
+        parse_request(body, kind, {}, classifier.backbone.config)
+    assert caught.value.status == status and says in str(caught.value) and "\n" not in str(caught.value)
+
+
+# ---- the classifier at another price ------------------------------------------------------------------------
+def test_with_price_is_the_classifier_built_at_that_price(classifier, digits):
+    x = digits[0]
+    cheap, dear = max(p.lam for p in OperatingCurve.from_meta(classifier.artifact.meta).points), 1e-3
+    for lam in (cheap, dear):
+        twin, built = classifier.with_price(lam), AdaptiveClassifier(classifier.backbone, classifier.artifact, lam=lam)
+        assert twin.runner is classifier.runner and twin.lam == lam
+        a, b = twin.predict(x), built.predict(x)
+        assert a.configs == b.configs
+        torch.testing.assert_close(a.logits, b.logits)
+    assert classifier.with_price(cheap).predict(x).flops.mean() < classifier.with_price(dear).predict(x).flops.mean()
