@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from backbone.config import AdaPerceiverConfig, preset
+from backbone.config import PRESETS, AdaPerceiverConfig, ConfigError, preset
 from backbone.data import SplitConfig, default_paths, load_dataset
 from backbone.errors import HelpFormatter, field_docs, positive_int, run_cli
 from backbone.train import TrainConfig, resolve_device, train_backbone
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the four stratified splits")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="ignore a train_state.pt left by an earlier run")
+    parser.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
+                        help="architecture: auto (by dataset) or a named one (paper-in1k: the paper's ImageNet-1K "
+                             "model, 224 px RGB)")
     for field in ("embed_dim", "depth", "patch_size", "num_heads"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help="override the preset")
     parser.add_argument("--token-grans", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
@@ -55,7 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
-    arch = preset(data.name, data.image_shape, data.num_classes).to_dict()
+    try:
+        arch = preset(data.name, data.image_shape, data.num_classes, args.preset).to_dict()
+    except ConfigError as err:
+        parser.error(str(err))
     for key in ("embed_dim", "depth", "patch_size", "num_heads", "token_grans", "stem_channels"):
         if getattr(args, key) is not None:
             arch[key] = getattr(args, key)
