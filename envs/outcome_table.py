@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -147,7 +148,9 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     for key in ARRAYS:
         value = np.ascontiguousarray(arrays[key])
         digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
-        digest.update(value.tobytes())
+        # the bytes as a view, not a copy (``tobytes``): a memory-mapped table of millions of rows is hashed
+        # from its file pages, never held in memory twice
+        digest.update(value.reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 
@@ -173,12 +176,39 @@ def save_table(table: OutcomeTable, path: str | Path) -> None:
     atomic_write(Path(path), write)
 
 
-def load_table(path: str | Path) -> OutcomeTable:
-    """Read a table written by ``save_table`` (no pickle) and verify its digest; ``TableError`` on any failure."""
+def _mmap_members(path: str | Path, names: tuple[str, ...]) -> dict[str, np.memmap]:
+    """Read-only memory maps of the ``.npy`` members ``names`` of an uncompressed ``.npz`` (``np.savez`` stores its
+    members uncompressed; ``np.load``'s ``mmap_mode`` maps only plain ``.npy`` files, so the members' offsets are
+    read from the zip's local headers here)."""
+    out = {}
+    with open(path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+        for name in names:
+            info = archive.getinfo(f"{name}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise TableError(f"member {name} is compressed and cannot be memory-mapped; write it with save_table")
+            raw.seek(info.header_offset)
+            local = raw.read(30)  # a zip local file header: its name and extra field lengths are at bytes 26..29
+            raw.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+            version = np.lib.format.read_magic(raw)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise TableError(f"member {name} has .npy format {version}, which cannot be memory-mapped here")
+            shape, fortran, dtype = read_header[version](raw)
+            order = "F" if fortran else "C"
+            out[name] = np.memmap(raw.name, dtype=dtype, mode="r", offset=raw.tell(), shape=shape, order=order)
+    return out
+
+
+def load_table(path: str | Path, mmap: bool = False) -> OutcomeTable:
+    """Read a table written by ``save_table`` (no pickle) and verify its digest; ``TableError`` on any failure.
+
+    ``mmap``: its arrays are read-only memory maps of the file, read page by page as the env indexes them, so a
+    table larger than memory can be stepped (an env step touches a few rows); the digest still reads every byte once.
+    """
     try:
         with np.load(path, allow_pickle=False) as f:
             header = json.loads(str(f["header"]))
-            arrays = {key: f[key] for key in ARRAYS}
+            arrays = _mmap_members(path, ARRAYS) if mmap else {key: f[key] for key in ARRAYS}
         if header.get("format") != FORMAT_VERSION:
             raise TableError(f"format {header.get('format')}, expected {FORMAT_VERSION}")
         if header.get("digest") != arrays_digest(arrays):
