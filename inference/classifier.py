@@ -190,6 +190,19 @@ class AdaptiveClassifier:
         return self._choose(self._checked(images))
 
     @torch.inference_mode()
+    def predict_assigned(self, images: torch.Tensor, configs: list[GridPoint]) -> Prediction:
+        """``predict`` with input ``i`` answered at ``configs[i]`` instead of the policy's choice: the glance and the
+        policy run as in ``predict`` (their cost is paid), then the same plan and extension passes answer each input.
+        What a policy that chose ``configs`` costs, for timing a mix of configurations without a trained policy."""
+        glance = self._choose(self._checked(images)).glance
+        if len(configs) != len(images):
+            raise ValueError(f"{len(configs)} configurations for {len(images)} images")
+        configs = [GridPoint(*self.backbone.resolve(*config)) for config in configs]
+        paid = self.paid_flops(configs)
+        logits, top = self._answer(Choice(configs, paid, glance))
+        return _prediction(logits, configs, paid, top)
+
+    @torch.inference_mode()
     def extend(self, state: GlanceState, config: GridPoint, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B', C)`` of the glance's inputs ``rows`` (all if None) extended to ``config``, on this path."""
         tokens, depth, width = self.backbone.resolve(*config)
