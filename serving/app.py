@@ -1,0 +1,460 @@
+"""The Ray Serve application: an HTTP ingress and two stages, each batched by Ray Serve itself.
+
+    POST /  ─► Ingress (FastAPI): parse, pick the operating point, answer, audit, control, metrics
+                 ├► GlanceStage     @serve.batch: the glance and the policy at the request's price; the glance's
+                 │                  answer for the inputs the policy keeps there, glance states for the others
+                 └► ExtensionStage  @serve.batch split by multiplexed id, one id per configuration: homogeneous
+                                    batches of glance states extended to that configuration; and batches at the
+                                    full configuration (the audit, and requests with "full": true)
+
+``build_app(ServeOptions(...))`` is the application (``experiments/serve.py`` runs it); ``app_builder`` is the
+same for ``serve run serving/serve_config.yaml``. Needs ``pip install -e ".[serve]"``.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from backbone import flops
+from backbone.checkpoint import read_config
+from backbone.errors import ProjectError
+from backbone.grid import GridPoint
+from backbone.model import GlanceState
+from inference.classifier import AdaptiveClassifier
+from policy.artifact import load_policy
+from policy.selection import NothingCertifiedError
+from serving.audit import Audit
+from serving.controller import ControllerConfig, LatencyController
+from serving.operating import OperatingCurve, ServedPoint
+from serving.requests import RequestError, parse_request
+
+logger = logging.getLogger("ray.serve")
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2000, 5000]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything the application is built from; every field has a working default (the digits artifacts)."""
+
+    backbone: str = "checkpoints/digits"
+    """Checkpoint directory."""
+    policy: str = "policies/digits"
+    """Policy artifact directory with operating points (experiments/calibrate.py writes them)."""
+    tolerance: float = 5.0
+    """Default disagreement with the full configuration, in %: its certified point serves requests without one."""
+    tolerance_ceiling: float | None = None
+    """The most the latency controller may allow, in % (None: the default tolerance, so the controller is off)."""
+    p99_target_ms: float = 250.0
+    """The p99 request latency the controller holds, in ms (measured in the ingress)."""
+    levels: int = 5
+    """Tolerances the controller's ladder is cut at, from the default to the ceiling."""
+    window_s: float = 5.0
+    """The controller's sliding window, in seconds."""
+    audit_share: float = 0.01
+    """Share of requests also run at the full configuration, off the critical path."""
+    audit_delta: float = 0.1
+    """The audit's confidence sequences hold with probability 1 - delta."""
+    audit_fallback: bool = False
+    """Serve an operating point whose audit alarmed at the full configuration from then on."""
+    replicas: int = 1
+    """Replicas of each stage."""
+    max_batch_size: int = 64
+    """Images per batch in each stage (Ray Serve's max_batch_size, counted in images); at least max_images."""
+    batch_wait_ms: float = 5.0
+    """How long a stage waits to fill a batch, in ms (Ray Serve's batch_wait_timeout_s)."""
+    max_images: int = 64
+    """Images per request; more is refused with 413."""
+    max_ongoing_requests: int = 256
+    """Requests a replica takes at once (Ray Serve's default of 5 would starve the batches)."""
+    threads: int = 1
+    """torch threads per stage replica."""
+    replica_cpus: float = 0.5
+    """Ray CPUs reserved by each stage replica."""
+    seed: int = 0
+    """Seed of the audit's draw."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < self.max_images:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) must be at least max_images "
+                             f"({self.max_images}): one request is never split across batches")
+        for name in ("backbone", "policy"):  # replicas may start in another directory
+            object.__setattr__(self, name, str(Path(getattr(self, name)).resolve()))
+
+    @property
+    def ceiling(self) -> float:
+        return self.tolerance if self.tolerance_ceiling is None else self.tolerance_ceiling
+
+
+# ---- what travels between the deployments ----------------------------------------------------------------------
+@dataclass
+class GlanceCall:
+    images: torch.Tensor
+    """``(B, C, H, W)`` float32."""
+    lam: float
+    entered: float = 0.0
+    """``time.perf_counter()`` when the call reached the stage (its queueing starts)."""
+
+
+@dataclass
+class GlanceResult:
+    configs: list[GridPoint]
+    """Each input's configuration, chosen by the policy."""
+    flops: np.ndarray
+    """``(B,)`` FLOPs per input as paid."""
+    answered: np.ndarray
+    """``(B,)`` bool: the glance's answer is the input's."""
+    logits: torch.Tensor
+    """``(B, C)`` the glance's logits (the answer of the answered rows)."""
+    state: GlanceState
+    """The glance state of the rows not answered, in batch order."""
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_images: int = 0
+
+
+@dataclass
+class ExtendCall:
+    state: GlanceState
+    """Glance states of the rows to extend to the call's configuration (its multiplexed id)."""
+    entered: float = 0.0
+
+
+@dataclass
+class FullCall:
+    images: torch.Tensor
+    entered: float = 0.0
+
+
+@dataclass
+class StageResult:
+    logits: torch.Tensor
+    """``(n, C)``."""
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_images: int = 0
+
+
+def config_id(config: GridPoint) -> str:
+    """A configuration as a multiplexed model id: ``tokens,depth,width``."""
+    return f"{config.tokens},{config.depth},{config.width:g}"
+
+
+def _images_in(calls) -> int:
+    """Ray Serve's batch size of a list of calls: their images (or glance rows)."""
+    return sum(len(c.images) if hasattr(c, "images") else len(c.state.read_kv[0]) for c in calls)
+
+
+def _load(options: ServeOptions) -> AdaptiveClassifier:
+    torch.set_num_threads(options.threads)
+    return AdaptiveClassifier.from_dirs(options.backbone, options.policy)
+
+
+def _batch_metric(stage: str) -> tuple[Histogram, dict]:
+    histogram = Histogram("adaperceiver_batch_images", description="Images per batch a stage ran",
+                          boundaries=BATCH_BOUNDARIES, tag_keys=("stage",))
+    return histogram, {"stage": stage}
+
+
+# ---- the stages --------------------------------------------------------------------------------------------
+@serve.deployment
+class GlanceStage:
+    """The glance and the policy, batched across requests (one program call per price in a batch)."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.classifier = _load(options)
+        self.glance_point = self.classifier.glance_point
+        if self.glance_point is None:
+            raise ProjectError(f"{options.policy} has no glance; the serving stages continue from one: train a "
+                               "policy with a glance (the default feature spec)")
+        self.batch.set_max_batch_size(options.max_batch_size)
+        self.batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
+        self.batch_images, self.tags = _batch_metric("glance")
+
+    async def __call__(self, call: GlanceCall) -> GlanceResult:
+        call.entered = time.perf_counter()
+        return await self.batch(call)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def batch(self, calls: list[GlanceCall]) -> list[GlanceResult]:
+        start = time.perf_counter()
+        results: list[GlanceResult | None] = [None] * len(calls)
+        by_price: dict[float, list[int]] = {}
+        for i, call in enumerate(calls):
+            by_price.setdefault(call.lam, []).append(i)
+        for lam, members in by_price.items():
+            choice = self.classifier.with_price(lam).choose(torch.cat([calls[i].images for i in members]))
+            glance, offset = choice.glance, 0
+            for i in members:
+                rows = slice(offset, offset + len(calls[i].images))
+                offset = rows.stop
+                configs = choice.configs[rows]
+                answered = np.array([c == self.glance_point for c in configs])
+                keep = torch.from_numpy(np.flatnonzero(~answered) + rows.start)  # indexing copies: no shared storage
+                state = GlanceState(glance.state.config, [t[keep] for t in glance.state.latents],
+                                    tuple(t[keep] for t in glance.state.read_kv))
+                results[i] = GlanceResult(configs, choice.flops[rows], answered, glance.logits[rows].float().clone(),
+                                          state)
+        compute_ms, images = 1000 * (time.perf_counter() - start), _images_in(calls)
+        self.batch_images.observe(images, tags=self.tags)
+        for call, result in zip(calls, results, strict=True):
+            result.queue_ms, result.compute_ms, result.batch_images = 1000 * (start - call.entered), compute_ms, images
+        return results
+
+
+@serve.deployment
+class ExtensionStage:
+    """Extensions from the glance, batched per configuration: Ray Serve splits each batch by multiplexed id, and
+    the id of a call is its configuration, so every batch is one homogeneous extension pass."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.classifier = _load(options)
+        c = self.classifier.backbone.config
+        self.full_config = GridPoint(c.token_grans[-1], c.depth, c.ffn_widths[-1])
+        for batch in (self.extend_batch, self.full_batch):
+            batch.set_max_batch_size(options.max_batch_size)
+            batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
+        self.batch_images, self.tags = _batch_metric("extension")
+        self.full_tags = {"stage": "full"}
+
+    @serve.multiplexed(max_num_models_per_replica=256)
+    async def configuration(self, model_id: str) -> GridPoint:
+        """The "model" of a multiplexed id: its configuration, resolved on the backbone's grid."""
+        tokens, depth, width = model_id.split(",")
+        return GridPoint(*self.classifier.backbone.resolve(int(tokens), int(depth), float(width)))
+
+    async def __call__(self, call: ExtendCall) -> StageResult:
+        call.entered = time.perf_counter()
+        return await self.extend_batch(call)
+
+    async def full(self, call: FullCall) -> StageResult:
+        call.entered = time.perf_counter()
+        return await self.full_batch(call)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def extend_batch(self, calls: list[ExtendCall]) -> list[StageResult]:
+        config = await self.configuration(serve.get_multiplexed_model_id())
+        start = time.perf_counter()
+        states = [c.state for c in calls]
+        state = GlanceState(states[0].config, [torch.cat(t) for t in zip(*(s.latents for s in states), strict=True)],
+                            tuple(torch.cat(t) for t in zip(*(s.read_kv for s in states), strict=True)))
+        logits = self.classifier.extend(state, config).float()
+        return self._split(calls, logits, [len(s.read_kv[0]) for s in states], start, self.tags)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def full_batch(self, calls: list[FullCall]) -> list[StageResult]:
+        start = time.perf_counter()
+        logits = self.classifier.forward_config(torch.cat([c.images for c in calls]), self.full_config).float()
+        return self._split(calls, logits, [len(c.images) for c in calls], start, self.full_tags)
+
+    def _split(self, calls, logits: torch.Tensor, sizes: list[int], start: float, tags: dict) -> list[StageResult]:
+        compute_ms = 1000 * (time.perf_counter() - start)
+        self.batch_images.observe(sum(sizes), tags=tags)
+        parts = torch.split(logits, sizes)
+        return [StageResult(part.clone(), 1000 * (start - call.entered), compute_ms, sum(sizes))
+                for call, part in zip(calls, parts, strict=True)]
+
+
+# ---- the ingress -----------------------------------------------------------------------------------------------
+api = FastAPI(title="AdaPerceiver adaptive classifier",
+              description="POST images; each gets its own configuration, served at a certified operating point.")
+
+
+@dataclass
+class Served:
+    """One request's answer before it becomes JSON."""
+
+    logits: torch.Tensor
+    configs: list[GridPoint]
+    flops: np.ndarray
+    timings: dict = field(default_factory=dict)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP in and out: operating points, the latency controller, the audit and the request metrics."""
+
+    def __init__(self, options: ServeOptions, glance, extension) -> None:
+        torch.set_num_threads(1)
+        self.options, self.glance, self.extension = options, glance, extension
+        self.config, _ = read_config(options.backbone)
+        c = self.config
+        self.full_config = GridPoint(c.token_grans[-1], c.depth, c.ffn_widths[-1])
+        self.full_flops = float(flops(c))
+        self.curve = OperatingCurve.from_meta(load_policy(options.policy).meta)
+        self.ladder = self.curve.ladder(options.tolerance, options.ceiling, options.levels)
+        self.controller = LatencyController(len(self.ladder), ControllerConfig(options.p99_target_ms, options.window_s))
+        self.audit = Audit(options.audit_share, options.audit_delta, options.seed)
+        self._audits: set[asyncio.Task] = set()
+        self.shares: dict[str, int] = {}
+        self.timeline: list[dict] = []
+        self.metrics = {
+            "requests": Counter("adaperceiver_requests", description="Requests by HTTP status", tag_keys=("status",)),
+            "latency": Histogram("adaperceiver_request_latency_ms", description="Request latency in the ingress, ms",
+                                 boundaries=LATENCY_BOUNDARIES_MS),
+            "images": Counter("adaperceiver_images", description="Images served, by configuration",
+                              tag_keys=("configuration",)),
+            "lam": Gauge("adaperceiver_operating_point_lam", description="Price of the controller's operating point"),
+            "level": Gauge("adaperceiver_operating_point_level", description="Controller rung (0: the default)"),
+            "bound": Gauge("adaperceiver_audit_upper_bound", description="Audit's upper bound on disagreement",
+                           tag_keys=("point",)),
+            "alarms": Counter("adaperceiver_audit_alarms", description="Audit alarms", tag_keys=("point",)),
+        }
+        self._set_point_gauges()
+
+    @api.post("/")
+    async def classify(self, request: Request) -> JSONResponse:
+        """Classify the images of one request (see ``serving.requests`` for the body)."""
+        start = time.perf_counter()
+        try:
+            parsed = parse_request(await request.body(), request.headers.get("content-type", ""),
+                                   dict(request.query_params), self.config, self.options.max_images)
+            point = self._point(parsed.tolerance)
+        except RequestError as err:
+            return self._refuse(err.status, str(err))
+        except NothingCertifiedError as err:
+            return self._refuse(422, str(err))
+        images = torch.from_numpy(parsed.images)
+        parse_ms = 1000 * (time.perf_counter() - start)
+        full = parsed.full or (self.options.audit_fallback and self.audit.alarmed(point.key))
+        served = await (self._full(images) if full else self._adaptive(images, point))
+        served.timings = {"parse": parse_ms, **served.timings}
+        classes = served.logits.argmax(-1)
+        if not full and self.audit.wants():
+            task = asyncio.create_task(self._audit_request(images, classes, point))  # off the critical path
+            self._audits.add(task)
+            task.add_done_callback(self._audits.discard)
+        body = self._body(served, None if full else point)
+        latency_ms = 1000 * (time.perf_counter() - start)
+        body["timings_ms"]["server"] = latency_ms
+        self._observe(latency_ms, served.configs)
+        return JSONResponse(body)
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        """The controller, the audit and the share of images per configuration, as JSON."""
+        now = time.monotonic()
+        return {"level": self.controller.level, "p99_ms": self.controller.p99(now),
+                "ladder": [p.to_dict() for p in self.ladder],
+                "timeline": self.timeline[-2000:],
+                "audit": {key: s.to_dict() for key, s in self.audit.streams.items()},
+                "images_per_configuration": dict(self.shares), "options": asdict(self.options)}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"ok": True}
+
+    # ---- the steps -------------------------------------------------------------------------------------
+    def _point(self, tolerance: float | None) -> ServedPoint:
+        """The request's own certified point, or the controller's rung for a request without a tolerance."""
+        if tolerance is None:
+            return self.ladder[self.controller.level]
+        return self.curve.at(tolerance)
+
+    async def _adaptive(self, images: torch.Tensor, point: ServedPoint) -> Served:
+        sent = time.perf_counter()
+        glance: GlanceResult = await self.glance.remote(GlanceCall(images, point.lam))
+        glance_ms = 1000 * (time.perf_counter() - sent)
+        logits = glance.logits.clone()
+        pending = np.flatnonzero(~glance.answered)  # batch rows, in the order of glance.state's rows
+        groups: dict[GridPoint, list[int]] = {}
+        for j, row in enumerate(pending):
+            groups.setdefault(glance.configs[row], []).append(j)
+        calls, sent = [], time.perf_counter()
+        for config, members in groups.items():
+            index = torch.tensor(members)
+            state = glance.state
+            part = GlanceState(state.config, [t[index] for t in state.latents], tuple(t[index] for t in state.read_kv))
+            handle = self.extension.options(multiplexed_model_id=config_id(config))
+            calls.append(handle.remote(ExtendCall(part)))
+        results: list[StageResult] = list(await asyncio.gather(*calls)) if calls else []
+        extension_ms = 1000 * (time.perf_counter() - sent) if calls else 0.0
+        for members, result in zip(groups.values(), results, strict=True):
+            logits[torch.from_numpy(pending[members])] = result.logits
+        timings = {"glance_call": glance_ms, "glance_queue": glance.queue_ms, "glance_compute": glance.compute_ms,
+                   "glance_batch_images": glance.batch_images, "extension_call": extension_ms,
+                   "extension_queue": max((r.queue_ms for r in results), default=0.0),
+                   "extension_compute": max((r.compute_ms for r in results), default=0.0),
+                   "extension_passes": len(results)}
+        return Served(logits, glance.configs, glance.flops, timings)
+
+    async def _full(self, images: torch.Tensor) -> Served:
+        sent = time.perf_counter()
+        result: StageResult = await self.extension.full.remote(FullCall(images))
+        timings = {"full_call": 1000 * (time.perf_counter() - sent), "full_queue": result.queue_ms,
+                   "full_compute": result.compute_ms, "full_batch_images": result.batch_images}
+        return Served(result.logits, [self.full_config] * len(images), np.full(len(images), self.full_flops), timings)
+
+    async def _audit_request(self, images: torch.Tensor, classes: torch.Tensor, point: ServedPoint) -> None:
+        full: StageResult = await self.extension.full.remote(FullCall(images))
+        disagreements = int((full.logits.argmax(-1) != classes).sum())
+        fired = self.audit.record(point.key, point.tolerance, disagreements, len(classes))
+        stream = self.audit.streams[point.key]
+        self.metrics["bound"].set(stream.upper, tags={"point": point.key})
+        if fired:
+            self.metrics["alarms"].inc(tags={"point": point.key})
+            logger.warning(f"audit alarm at {point.key}: disagreement with the full configuration is above "
+                           f"{point.tolerance:g}% with confidence {1 - stream.delta:g} ({stream.disagreements} of "
+                           f"{stream.n} audited images, lower bound {100 * stream.lower:.3g}%)"
+                           + ("; serving it at the full configuration from now on" if self.options.audit_fallback else ""))
+
+    def _body(self, served: Served, point: ServedPoint | None) -> dict:
+        confidence, classes = served.logits.softmax(-1).max(-1)
+        op = {"full": True} if point is None else point.to_dict() | {"level": self.ladder.index(point)
+                                                                      if point in self.ladder else None}
+        images = [{"class": int(k), "confidence": float(p), "mflops": float(f) / 1e6,
+                   "configuration": {"tokens": c.tokens, "depth": c.depth, "width": c.width},
+                   "operating_point": op, "logits": row}
+                  for k, p, f, c, row in zip(classes.tolist(), confidence.tolist(), served.flops, served.configs,
+                                             served.logits.tolist(), strict=True)]
+        return {"predictions": images, "operating_point": op, "timings_ms": dict(served.timings)}
+
+    def _observe(self, latency_ms: float, configs: list[GridPoint]) -> None:
+        now = time.monotonic()
+        self.metrics["requests"].inc(tags={"status": "200"})
+        self.metrics["latency"].observe(latency_ms)
+        for c in configs:
+            key = config_id(c)
+            self.shares[key] = self.shares.get(key, 0) + 1
+            self.metrics["images"].inc(tags={"configuration": key})
+        self.controller.observe(now, latency_ms)
+        before = self.controller.level
+        if self.controller.update(now) != before:
+            self._set_point_gauges()
+            point = self.ladder[self.controller.level]
+            logger.info(f"latency controller: p99 against {self.options.p99_target_ms:g} ms moves to rung "
+                        f"{self.controller.level} ({point.key})")
+            self.timeline.append({"time": time.time(), "level": self.controller.level, **point.to_dict()})
+
+    def _set_point_gauges(self) -> None:
+        self.metrics["lam"].set(self.ladder[self.controller.level].lam)
+        self.metrics["level"].set(self.controller.level)
+
+    def _refuse(self, status: int, message: str) -> JSONResponse:
+        self.metrics["requests"].inc(tags={"status": str(status)})
+        return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+
+
+def build_app(options: ServeOptions):
+    """The application: the ingress bound to one glance stage and one extension stage deployment."""
+    stage = {"num_replicas": options.replicas, "max_ongoing_requests": options.max_ongoing_requests,
+             "ray_actor_options": {"num_cpus": options.replica_cpus}}
+    glance = GlanceStage.options(**stage).bind(options)
+    extension = ExtensionStage.options(**stage).bind(options)
+    return Ingress.options(max_ongoing_requests=options.max_ongoing_requests,
+                           ray_actor_options={"num_cpus": 0}).bind(options, glance, extension)
+
+
+def app_builder(args: dict):
+    """``serve run`` / ``serve deploy``'s builder: ``args`` are ``ServeOptions`` fields."""
+    return build_app(ServeOptions(**args))

@@ -1,0 +1,153 @@
+"""The Ray Serve application on loopback with the digits backbone: it answers over HTTP what
+``AdaptiveClassifier.predict`` answers, refuses bad requests with one clear 4xx line and keeps serving, audits,
+exports its metrics, and the README's client example runs against it. One local Ray instance (2 CPUs, no
+dashboard) for the module, shut down at its end."""
+
+import io
+import json
+import os
+import runpy
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("ray")
+pytest.importorskip("fastapi")
+
+from backbone.data import load_dataset
+from inference import AdaptiveClassifier
+from serving.app import ServeOptions
+from serving.local import local_server
+
+pytestmark = pytest.mark.slow
+DIGITS = ("checkpoints/digits", "policies/digits")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    metrics_port = free_port()
+    options = ServeOptions(*DIGITS, tolerance=5.0, audit_share=1.0, max_images=48, max_batch_size=64)
+    with local_server(options, port=free_port(), metrics_port=metrics_port) as url:
+        yield url, metrics_port
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits").splits["test"].x[:48]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return AdaptiveClassifier.from_dirs(*DIGITS)
+
+
+def post(url: str, body: bytes, kind: str = "application/json", query: str = "") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/{query}", body, {"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def post_images(url: str, images: torch.Tensor, **fields) -> dict:
+    status, body = post(url, json.dumps({"images": images.tolist(), **fields}).encode())
+    assert status == 200, body
+    return body
+
+
+def configs_of(body: dict) -> list[tuple]:
+    return [(p["configuration"]["tokens"], p["configuration"]["depth"], p["configuration"]["width"])
+            for p in body["predictions"]]
+
+
+@pytest.mark.parametrize("tolerance", [None, 3.5])
+def test_http_answers_what_predict_answers(server, digits, tolerance):
+    url, _ = server
+    body = post_images(url, digits, **({} if tolerance is None else {"tolerance": tolerance}))
+    reference = AdaptiveClassifier.from_dirs(*DIGITS, tolerance=5.0 if tolerance is None else tolerance)
+    expected = reference.predict(digits)
+    assert [p["class"] for p in body["predictions"]] == expected.classes.tolist()
+    assert configs_of(body) == [tuple(c) for c in expected.configs]
+    np.testing.assert_allclose([p["logits"] for p in body["predictions"]], expected.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose([p["mflops"] for p in body["predictions"]], expected.flops / 1e6)
+    point = body["operating_point"]
+    assert point["lam"] == reference.lam
+    assert point["tolerance"] == (5.0 if tolerance is None else tolerance) and point["bound"] <= point["tolerance"] / 100
+    if tolerance == 3.5:  # the dearer point extends some inputs past the glance: the extension stage answered them
+        assert len(set(configs_of(body))) > 1 and body["timings_ms"]["extension_passes"] >= 1
+
+
+def test_a_png_body_and_the_full_configuration(server, digits, classifier):
+    url, _ = server
+    buffer = io.BytesIO()
+    Image.fromarray((digits[0, 0].numpy() * 255).round().astype(np.uint8), "L").save(buffer, "PNG")
+    status, body = post(url, buffer.getvalue(), "image/png", "?tolerance=5")
+    assert status == 200 and len(body["predictions"]) == 1
+    c = classifier.backbone.config
+    full = (c.token_grans[-1], c.depth, c.ffn_widths[-1])
+    body = post_images(url, digits[:8], full=True)
+    assert configs_of(body) == [full] * 8 and body["operating_point"] == {"full": True}
+    np.testing.assert_allclose([p["logits"] for p in body["predictions"]],
+                               classifier.predict(digits[:8], full).logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("body", "kind", "status", "says"), [
+    (b"not an image", "image/png", 400, "not a readable image"),
+    (json.dumps({"images": [[[0.5] * 4] * 4]}).encode(), "application/json", 400, "shape"),
+    (b'{"images": [' + json.dumps([[0.5] * 8] * 7 + [[0.5] * 7 + [float("nan")]]).encode() + b"]}",
+     "application/json", 400, "NaN"),
+    (json.dumps({"images": [[[0.0] * 8] * 8] * 49}).encode(), "application/json", 413, "at most 48"),
+    (json.dumps({"images": [[[0.0] * 8] * 8], "tolerance": 0.1}).encode(), "application/json", 422,
+     "no operating point is certified"),
+    (json.dumps({"images": [[[0.0] * 8] * 8], "tolerance": "high"}).encode(), "application/json", 400, "tolerance"),
+])
+def test_bad_requests_get_a_4xx_with_one_line_and_serving_goes_on(server, digits, body, kind, status, says):
+    url, _ = server
+    got, answer = post(url, body, kind)
+    assert got == status and says in answer["error"] and "\n" not in answer["error"]
+    assert len(post_images(url, digits[:2])["predictions"]) == 2
+
+
+def test_the_audit_and_the_metrics(server, digits):
+    url, metrics_port = server
+    post_images(url, digits[:16])
+    deadline, stats = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        stats = json.load(urllib.request.urlopen(f"{url}/stats", timeout=10))
+        if any(s["n"] > 0 for s in stats["audit"].values()):
+            break
+        time.sleep(0.5)
+    streams = stats["audit"]
+    assert streams and all(s["n"] >= s["disagreements"] >= 0 and 0 <= s["lower"] <= s["upper"] <= 1
+                           for s in streams.values())
+    text = ""
+    while time.monotonic() < deadline + 30 and "adaperceiver_request_latency_ms" not in text:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        except OSError:
+            pass
+        time.sleep(1)
+    for name in ("adaperceiver_requests", "adaperceiver_request_latency_ms", "adaperceiver_images",
+                 "adaperceiver_batch_images", "adaperceiver_operating_point_lam", "adaperceiver_audit_upper_bound"):
+        assert name in text, name
+
+
+def test_the_readme_client_example_runs(server, capsys, monkeypatch):
+    url, _ = server
+    monkeypatch.setitem(os.environ, "ADAPERCEIVER_URL", url)
+    runpy.run_path("serving/client_example.py", run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all("MFLOPs" in line and "tolerance 5.0%" in line for line in lines)
