@@ -445,6 +445,13 @@ class Ingress:
         return JSONResponse({"error": " ".join(message.split())}, status_code=status)
 
 
+def check(options: ServeOptions) -> None:
+    """Fail before Ray starts, with one ``ProjectError`` line: the artifacts load and match, and the default
+    tolerance and the ceiling are certified."""
+    AdaptiveClassifier.from_dirs(options.backbone, options.policy, tolerance=options.tolerance)
+    OperatingCurve.from_meta(load_policy(options.policy).meta).ladder(options.tolerance, options.ceiling, options.levels)
+
+
 def build_app(options: ServeOptions):
     """The application: the ingress bound to one glance stage and one extension stage deployment."""
     stage = {"num_replicas": options.replicas, "max_ongoing_requests": options.max_ongoing_requests,

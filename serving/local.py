@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import ray
 from ray import serve
 
-from serving.app import ServeOptions, build_app
+from serving.app import ServeOptions, build_app, check
 
 APP_NAME = "adaperceiver"
 
@@ -19,6 +19,7 @@ APP_NAME = "adaperceiver"
 def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           num_cpus: int | None = None, metrics_port: int | None = None) -> str:
     """Start Ray (a local instance, or join ``address``) and Serve, deploy the application; its URL once ready."""
+    check(options)
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -32,11 +33,13 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
     return url
 
 
-def stop() -> None:
-    """Shut Serve and the Ray instance down (a joined cluster keeps running; only this application goes)."""
+def stop(joined: bool = False) -> None:
+    """Take the application down and disconnect; a local instance (``joined`` False) is shut down with Serve, a
+    joined cluster keeps running Serve and its other applications."""
     try:
         serve.delete(APP_NAME)
-        serve.shutdown()
+        if not joined:
+            serve.shutdown()
     finally:
         ray.shutdown()
 
