@@ -192,6 +192,81 @@ def _percentiles(ms: list[float]) -> dict:
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {"mean": float(np.mean(ms))}
 
 
+def image_by_image(variants: dict[str, Callable[[torch.Tensor], object]], images: torch.Tensor, rounds: int,
+                   warmup: int, progress: bool = False) -> dict[str, list[dict]]:
+    """Per variant, per round, the ms percentiles of calling it on each of ``images`` alone (batch 1).
+
+    Each variant is called once untimed first (compiling paths build on first use); then ``rounds`` rounds,
+    each variant in turn within a round, so a slow spell of the machine falls on every variant alike.
+    """
+    device = images.device
+    per_round: dict[str, list[dict]] = {name: [] for name in variants}
+    steps = [(r, name) for r in range(rounds) for name in variants]
+    with torch.inference_mode():
+        for fn in variants.values():
+            fn(images[:1])
+        for _, name in tqdm(steps, desc="batch 1 latency: rounds x variants", disable=not progress):
+            fn = variants[name]
+            for i in range(warmup):
+                fn(images[i % len(images)][None])
+            ms = []
+            for i in range(len(images)):
+                sync(device)
+                start = time.perf_counter()
+                fn(images[i : i + 1])
+                sync(device)
+                ms.append(1e3 * (time.perf_counter() - start))
+            per_round[name].append(_percentiles(ms))
+    return per_round
+
+
+def latency_across_paths(classifiers: dict[str, AdaptiveClassifier], images: torch.Tensor, rounds: int = 5,
+                         warmup: int = 3, progress: bool = False) -> dict:
+    """Batch-1 latency of the full model, the adaptive classifier and its glance (with the policy) on each path,
+    all in the same interleaved rounds, and per path the realized over the FLOP speed-up.
+
+    ``classifiers`` maps a path name to a classifier of the same backbone and policy on that path. A variant's
+    ms are the medians over rounds of its mean and p50 over ``images``.
+    """
+    first = next(iter(classifiers.values()))
+    model = first.backbone
+    images = images.to(next(model.parameters()).device)
+    full = GridPoint(*model.resolve(None, None, None))
+    adaptive_flops = float(np.mean(first.predict_batched(images).flops))
+    variants: dict[str, Callable[[torch.Tensor], object]] = {}
+    for path, classifier in classifiers.items():
+        with torch.inference_mode():  # untimed: every program this path will run, built
+            for i in range(len(images)):
+                classifier.predict(images[i : i + 1])
+        variants |= {f"{path} full": lambda x, c=classifier: c.forward_config(x, full),
+                     f"{path} adaptive": classifier.predict, f"{path} glance": classifier.choose}
+    per_round = image_by_image(variants, images, rounds, warmup, progress)
+    ms = {name: {key: float(np.median([s[key] for s in stats])) for key in ("mean", "p50")}
+          for name, stats in per_round.items()}
+    full_flops = float(flops(model.config))
+    paths = {}
+    for path in classifiers:
+        realized = ms[f"{path} full"]["mean"] / ms[f"{path} adaptive"]["mean"]
+        paths[path] = {"full_ms": ms[f"{path} full"], "adaptive_ms": ms[f"{path} adaptive"],
+                       "glance_ms": ms[f"{path} glance"], "realized_speedup": realized,
+                       "flop_speedup": full_flops / adaptive_flops,
+                       "efficiency": realized / (full_flops / adaptive_flops)}
+    return {"images": len(images), "rounds": rounds, "full_gflops": full_flops / 1e9,
+            "adaptive_gflops": adaptive_flops / 1e9, "paths": paths}
+
+
+def format_paths(result: dict) -> str:
+    """A markdown table of ``latency_across_paths``: one row per path."""
+    header = ("| path (batch 1) | full mean ms | adaptive mean ms | glance + policy mean ms | FLOP speedup | "
+              "realized speedup | realized / FLOP |")
+    lines = [header, "| --- |" + " ---: |" * 6]
+    for path, r in result["paths"].items():
+        lines.append(f"| {path} | {r['full_ms']['mean']:.3f} | {r['adaptive_ms']['mean']:.3f} | "
+                     f"{r['glance_ms']['mean']:.3f} | {r['flop_speedup']:.2f} | {r['realized_speedup']:.2f} | "
+                     f"{r['efficiency']:.2f} |")
+    return "\n".join(lines)
+
+
 def latency_batch1(classifier: AdaptiveClassifier, images: torch.Tensor, rounds: int = 5, warmup: int = 3,
                    progress: bool = False) -> dict:
     """Per-image latency (ms) at batch 1 of the full model, the adaptive classifier and each configuration the
@@ -215,26 +290,10 @@ def latency_batch1(classifier: AdaptiveClassifier, images: torch.Tensor, rounds:
         variants[names[cfg]] = lambda x, cfg=cfg: classifier.forward_config(x, cfg)
         variant_flops[names[cfg]] = float(flops(c, *cfg))
         share[names[cfg]] = prediction.configs.count(cfg) / len(prediction.configs)
-    per_round: dict[str, list[dict]] = {name: [] for name in variants}
-    steps = [(r, name) for r in range(rounds) for name in variants]
-    with torch.inference_mode():
-        # untimed: the compiled paths compile each function on first use
+    with torch.inference_mode():  # untimed: the compiled paths compile each function on first use
         for i in range(len(images)):
             classifier.predict(images[i : i + 1])
-        for fn in variants.values():
-            fn(images[:1])
-        for _, name in tqdm(steps, desc="batch 1 latency: rounds x variants", disable=not progress):
-            fn = variants[name]
-            for i in range(warmup):
-                fn(images[i % len(images)][None])
-            ms = []
-            for i in range(len(images)):
-                sync(device)
-                start = time.perf_counter()
-                fn(images[i : i + 1])
-                sync(device)
-                ms.append(1e3 * (time.perf_counter() - start))
-            per_round[name].append(_percentiles(ms))
+    per_round = image_by_image(variants, images, rounds, warmup, progress)
     out = {}
     for name, stats in per_round.items():
         summary = {key: float(np.median([s[key] for s in stats])) for key in stats[0]}

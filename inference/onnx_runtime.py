@@ -43,6 +43,9 @@ class OnnxRunner(ProgramRunner):
 
         digest.update(f"{torch.__version__} {onnxruntime.__version__}".encode())
         self.weights_digest = digest.hexdigest()[:16]
+        self.profiling: str | None = None
+        """A file prefix, set before a program's first use: its session records ONNX Runtime's per-node profile
+        there (``session.end_profiling()`` names the file)."""
 
     @classmethod
     def check(cls, device: torch.device) -> None:
@@ -66,6 +69,8 @@ class OnnxRunner(ProgramRunner):
             atomic_write(path, onnx_program.save)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        if self.profiling:
+            options.enable_profiling, options.profile_file_prefix = True, self.profiling
         providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else []
         session = onnxruntime.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
         return _Session(session, exported.call_spec.out_spec, self.device)

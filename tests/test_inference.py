@@ -2,6 +2,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,11 +208,14 @@ HAS_COMPILER = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 HAS_ONNX = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", [
+PATHS = [
     pytest.param("compiled", marks=pytest.mark.skipif(not HAS_COMPILER, reason="needs a C++ compiler (apt-get install g++)")),
     pytest.param("aot", marks=pytest.mark.skipif(not HAS_COMPILER, reason="needs a C++ compiler (apt-get install g++)")),
-    pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason='needs ONNX Runtime (pip install -e ".[onnx]")'))])
+    pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason='needs ONNX Runtime (pip install -e ".[onnx]")'))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
 def test_compiled_paths_give_the_eager_logits_and_choices(dirs, digits_images, path, tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPERCEIVER_ONNX_CACHE", str(tmp_path / "onnx"))
     x = digits_images[0][:6]
@@ -324,6 +328,37 @@ def test_padded_extension():
     pad = padded(extension)
     assert pad.rows_at_depth == ((7, 3, 9, 7), (), (4,), (1, 2)) and pad.row_tokens == ((8, 4, 8, 8), (), (4,), (8, 8))
     assert pad.row_widths is None and (pad.tokens, pad.width) == (8, 0.5)
+
+
+def fashion_test_images() -> torch.Tensor:
+    """Fashion-MNIST test images the shipped policy answers at the glance, and extends to several depths at one
+    (tokens, width): each path builds two programs for them, the glance and one merged extension pass."""
+    pool = torch.as_tensor(load_dataset("fashion-mnist").splits["test"].x[:512])
+    classifier = AdaptiveClassifier.from_dirs("checkpoints/fashion-mnist", "policies/fashion-mnist")
+    configs, glance = classifier.predict(pool).configs, classifier.glance_point
+    extended = [c for c in configs if c != glance]
+    tokens_width = max({(c.tokens, c.width) for c in extended},
+                       key=lambda tw: len({c.depth for c in extended if (c.tokens, c.width) == tw}))
+    first_at = {}
+    for i, c in enumerate(configs):
+        if c == glance or (c.tokens, c.width) == tokens_width:
+            first_at.setdefault(c, i)
+    return pool[sorted(first_at.values())[:6]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_gives_the_eager_answers_on_fashion_mnist_test_images(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPERCEIVER_ONNX_CACHE", str(tmp_path / "onnx"))
+    x = fashion_test_images()
+    dirs = ("checkpoints/fashion-mnist", "policies/fashion-mnist")
+    ref = AdaptiveClassifier.from_dirs(*dirs).predict(x)
+    out = AdaptiveClassifier.from_dirs(*dirs, path=path, merge_passes=True).predict(x)
+    assert len(set(ref.configs)) >= 3 and out.configs == ref.configs
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-4
+    np.testing.assert_array_equal(out.flops, ref.flops)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -508,3 +543,44 @@ def test_shipped_fashion_policy_reports_what_it_performs():
     out = classifier.predict(images)
     assert len(set(out.configs)) >= 2, "the batch should mix the glance's answers and extensions"
     assert out.flops.sum() == measure_flops(lambda: classifier.predict(images))
+
+
+def test_paths_compared_in_the_same_rounds_report_their_own_ratios(dirs, digits_images, monkeypatch):
+    from evaluation import benchmark
+
+    eager = AdaptiveClassifier.from_dirs(*dirs)
+    # known timings: on "slow" every variant takes twice as long as on "eager"; medians over three rounds
+    known = {"full": [4.0, 5.0, 40.0], "adaptive": [1.0, 2.0, 2.5], "glance": [0.5, 0.5, 9.0]}
+
+    def timed(variants, images, rounds, warmup, progress=False):
+        assert list(variants) == [f"{p} {v}" for p in ("eager", "slow") for v in ("full", "adaptive", "glance")]
+        return {name: [{"mean": (2 if name.startswith("slow") else 1) * ms, "p50": ms}
+                       for ms in known[name.split()[1]]] for name in variants}
+
+    monkeypatch.setattr(benchmark, "image_by_image", timed)
+    x = digits_images[0][:8]
+    result = benchmark.latency_across_paths({"eager": eager, "slow": AdaptiveClassifier.from_dirs(*dirs)}, x, rounds=3)
+    flop_speedup = flops(eager.backbone.config) / float(np.mean(eager.predict(x).flops))
+    for path, scale in (("eager", 1), ("slow", 2)):
+        r = result["paths"][path]
+        assert r["full_ms"]["mean"] == 5.0 * scale and r["adaptive_ms"]["mean"] == 2.0 * scale
+        assert r["realized_speedup"] == pytest.approx(2.5) and r["flop_speedup"] == pytest.approx(flop_speedup)
+        assert r["efficiency"] == pytest.approx(2.5 / flop_speedup)
+    assert "| slow | 10.000 | 4.000 | 1.000 |" in benchmark.format_paths(result)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ONNX, reason='needs ONNX Runtime (pip install -e ".[onnx]")')
+def test_glance_profiles_see_its_operators(dirs, digits_images, tmp_path, monkeypatch):
+    from evaluation.profiles import onnx_profile, torch_profile
+
+    monkeypatch.setenv("ADAPERCEIVER_ONNX_CACHE", str(tmp_path / "onnx"))
+    classifier, one = AdaptiveClassifier.from_dirs(*dirs), digits_images[0][:1]
+    onnx = onnx_profile(classifier, one, runs=5)
+    ops = {r["op"]: r for r in onnx["operators"]}
+    assert onnx["runs"] == 5 and "MatMul" in ops and ops["MatMul"]["calls_per_run"] >= 1
+    assert 0 < onnx["seen_us_per_run"] <= onnx["wall_us_per_run"] * 1.5
+    assert not list(Path.cwd().glob("onnxruntime_profile_*.json")), "the profile file is not left behind"
+    eager = torch_profile(lambda: classifier.choose(one), runs=5)
+    assert any(r["op"] in ("aten::addmm", "aten::mm", "aten::linear") for r in eager["operators"])
+    assert eager["calls_per_run"] > onnx["calls_per_run"], "eager calls more, smaller operators than ONNX Runtime's nodes"
