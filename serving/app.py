@@ -3,9 +3,10 @@
     POST /  ─► Ingress (FastAPI): parse, pick the operating point, answer, audit, control, metrics
                  ├► GlanceStage     @serve.batch: the glance and the policy at the request's price; the glance's
                  │                  answer for the inputs the policy keeps there, glance states for the others
-                 └► ExtensionStage  @serve.batch split by multiplexed id, one id per configuration: homogeneous
-                                    batches of glance states extended to that configuration; and batches at the
-                                    full configuration (the audit, and requests with "full": true)
+                 └► ExtensionStage  @serve.batch split by multiplexed id, one id per extension pass (tokens,
+                                    width): homogeneous batches of glance states, each row leaving at its own
+                                    depth (the classifier's own plan, so the arithmetic is the configurations');
+                                    and batches at the full configuration (the audit, requests with "full": true)
 
 ``build_app(ServeOptions(...))`` is the application (``experiments/serve.py`` runs it); ``app_builder`` is the
 same for ``serve run serving/serve_config.yaml``. Needs ``pip install -e ".[serve]"``.
@@ -30,6 +31,7 @@ from backbone.errors import ProjectError
 from backbone.grid import GridPoint
 from backbone.model import GlanceState
 from inference.classifier import AdaptiveClassifier
+from inference.plan import plan_extensions
 from policy.artifact import load_policy
 from policy.selection import NothingCertifiedError
 from serving.audit import Audit
@@ -125,7 +127,9 @@ class GlanceResult:
 @dataclass
 class ExtendCall:
     state: GlanceState
-    """Glance states of the rows to extend to the call's configuration (its multiplexed id)."""
+    """Glance states of the rows to extend in the call's pass (its multiplexed id: tokens and width)."""
+    depths: list[int]
+    """Each row's exit depth."""
     entered: float = 0.0
 
 
@@ -145,8 +149,13 @@ class StageResult:
 
 
 def config_id(config: GridPoint) -> str:
-    """A configuration as a multiplexed model id: ``tokens,depth,width``."""
+    """A configuration as a name: ``tokens,depth,width``."""
     return f"{config.tokens},{config.depth},{config.width:g}"
+
+
+def pass_id(config: GridPoint) -> str:
+    """The multiplexed model id of the extension pass a configuration's rows run in: ``tokens,width``."""
+    return f"{config.tokens},{config.width:g}"
 
 
 def _images_in(calls) -> int:
@@ -213,8 +222,9 @@ class GlanceStage:
 
 @serve.deployment
 class ExtensionStage:
-    """Extensions from the glance, batched per configuration: Ray Serve splits each batch by multiplexed id, and
-    the id of a call is its configuration, so every batch is one homogeneous extension pass."""
+    """Extensions from the glance, batched per pass: Ray Serve splits each batch by multiplexed id, and the id of a
+    call is its pass's (tokens, width), so every batch is one homogeneous extension pass whose rows leave at their
+    own depths (``plan_extensions`` without merging: exactly the configurations' arithmetic)."""
 
     def __init__(self, options: ServeOptions) -> None:
         self.classifier = _load(options)
@@ -227,10 +237,11 @@ class ExtensionStage:
         self.full_tags = {"stage": "full"}
 
     @serve.multiplexed(max_num_models_per_replica=256)
-    async def configuration(self, model_id: str) -> GridPoint:
-        """The "model" of a multiplexed id: its configuration, resolved on the backbone's grid."""
-        tokens, depth, width = model_id.split(",")
-        return GridPoint(*self.classifier.backbone.resolve(int(tokens), int(depth), float(width)))
+    async def extension_pass(self, model_id: str) -> tuple[int, float]:
+        """The "model" of a multiplexed id: its pass's (tokens, width), checked on the backbone's grid."""
+        tokens, width = model_id.split(",")
+        tokens, _, width = self.classifier.backbone.resolve(int(tokens), 1, float(width))
+        return tokens, width
 
     async def __call__(self, call: ExtendCall) -> StageResult:
         call.entered = time.perf_counter()
@@ -242,12 +253,17 @@ class ExtensionStage:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def extend_batch(self, calls: list[ExtendCall]) -> list[StageResult]:
-        config = await self.configuration(serve.get_multiplexed_model_id())
+        tokens, width = await self.extension_pass(serve.get_multiplexed_model_id())
         start = time.perf_counter()
         states = [c.state for c in calls]
         state = GlanceState(states[0].config, [torch.cat(t) for t in zip(*(s.latents for s in states), strict=True)],
                             tuple(torch.cat(t) for t in zip(*(s.read_kv for s in states), strict=True)))
-        logits = self.classifier.extend(state, config).float()
+        configs = [GridPoint(tokens, depth, width) for c in calls for depth in c.depths]
+        (extension,) = plan_extensions(configs, state.config).passes  # one (tokens, width): one pass
+        with torch.inference_mode():
+            out = self.classifier.runner.extend(state, extension).float()
+        logits = torch.empty_like(out)
+        logits[torch.tensor(extension.rows)] = out  # the pass returns rows by exit depth; back to call order
         return self._split(calls, logits, [len(s.read_kv[0]) for s in states], start, self.tags)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
@@ -334,7 +350,7 @@ class Ingress:
             task = asyncio.create_task(self._audit_request(images, classes, point))  # off the critical path
             self._audits.add(task)
             task.add_done_callback(self._audits.discard)
-        body = self._body(served, None if full else point)
+        body = self._body(served, None if full else point, parsed.logits)
         latency_ms = 1000 * (time.perf_counter() - start)
         body["timings_ms"]["server"] = latency_ms
         self._observe(latency_ms, served.configs)
@@ -367,16 +383,16 @@ class Ingress:
         glance_ms = 1000 * (time.perf_counter() - sent)
         logits = glance.logits.clone()
         pending = np.flatnonzero(~glance.answered)  # batch rows, in the order of glance.state's rows
-        groups: dict[GridPoint, list[int]] = {}
+        groups: dict[str, list[int]] = {}
         for j, row in enumerate(pending):
-            groups.setdefault(glance.configs[row], []).append(j)
+            groups.setdefault(pass_id(glance.configs[row]), []).append(j)
         calls, sent = [], time.perf_counter()
-        for config, members in groups.items():
+        for key, members in groups.items():
             index = torch.tensor(members)
             state = glance.state
             part = GlanceState(state.config, [t[index] for t in state.latents], tuple(t[index] for t in state.read_kv))
-            handle = self.extension.options(multiplexed_model_id=config_id(config))
-            calls.append(handle.remote(ExtendCall(part)))
+            depths = [glance.configs[pending[j]].depth for j in members]
+            calls.append(self.extension.options(multiplexed_model_id=key).remote(ExtendCall(part, depths)))
         results: list[StageResult] = list(await asyncio.gather(*calls)) if calls else []
         extension_ms = 1000 * (time.perf_counter() - sent) if calls else 0.0
         for members, result in zip(groups.values(), results, strict=True):
@@ -408,15 +424,16 @@ class Ingress:
                            f"{stream.n} audited images, lower bound {100 * stream.lower:.3g}%)"
                            + ("; serving it at the full configuration from now on" if self.options.audit_fallback else ""))
 
-    def _body(self, served: Served, point: ServedPoint | None) -> dict:
+    def _body(self, served: Served, point: ServedPoint | None, with_logits: bool) -> dict:
         confidence, classes = served.logits.softmax(-1).max(-1)
         op = {"full": True} if point is None else point.to_dict() | {"level": self.ladder.index(point)
                                                                       if point in self.ladder else None}
         images = [{"class": int(k), "confidence": float(p), "mflops": float(f) / 1e6,
-                   "configuration": {"tokens": c.tokens, "depth": c.depth, "width": c.width},
-                   "operating_point": op, "logits": row}
-                  for k, p, f, c, row in zip(classes.tolist(), confidence.tolist(), served.flops, served.configs,
-                                             served.logits.tolist(), strict=True)]
+                   "configuration": {"tokens": c.tokens, "depth": c.depth, "width": c.width}, "operating_point": op}
+                  for k, p, f, c in zip(classes.tolist(), confidence.tolist(), served.flops, served.configs, strict=True)]
+        if with_logits:
+            for image, row in zip(images, served.logits.tolist(), strict=True):
+                image["logits"] = row
         return {"predictions": images, "operating_point": op, "timings_ms": dict(served.timings)}
 
     def _observe(self, latency_ms: float, configs: list[GridPoint]) -> None:

@@ -5,6 +5,8 @@
   backbone's size as ``inference.inputs`` reads files; ``?tolerance=`` and ``?full=`` in the query.
 - ``application/json``: ``images`` is a list of images, each a nested list ``(H, W)`` or ``(C, H, W)`` of floats
   in ``[0, 1]`` at the backbone's size, or a base64 string of a PNG/JPEG file.
+
+``logits`` (true/false) asks for each image's logits in the response as well.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ParsedRequest:
     """Disagreement allowed (%), None for the server's default operating point."""
     full: bool = False
     """Serve every image at the full configuration (no policy): the baseline a load test compares with."""
+    logits: bool = False
+    """Return each image's logits too."""
 
 
 class _Body(io.BytesIO):
@@ -68,7 +72,8 @@ def parse_request(body: bytes, content_type: str, query: dict[str, str], config:
                            status=413)
     if kind in IMAGE_TYPES:
         images = _image_file(body, "the request's image", config)[None]
-        return ParsedRequest(images, _tolerance(query.get("tolerance")), _flag(query.get("full"), "full"))
+        return ParsedRequest(images, _tolerance(query.get("tolerance")), _flag(query.get("full"), "full"),
+                             _flag(query.get("logits"), "logits"))
     if kind != "application/json":
         raise RequestError(f"unsupported content type {kind or 'none'!r}; send image/png, image/jpeg or "
                            "application/json", status=415)
@@ -85,7 +90,8 @@ def parse_request(body: bytes, content_type: str, query: dict[str, str], config:
         raise RequestError(f"{len(entries)} images in one request; this server takes at most {max_images}: split "
                            "the batch", status=413)
     images = np.stack([_entry(entry, i, config) for i, entry in enumerate(entries)])
-    return ParsedRequest(images, _tolerance(payload.get("tolerance")), _flag(payload.get("full", False), "full"))
+    return ParsedRequest(images, _tolerance(payload.get("tolerance")), _flag(payload.get("full"), "full"),
+                         _flag(payload.get("logits"), "logits"))
 
 
 def _entry(entry, i: int, config: AdaPerceiverConfig) -> np.ndarray:

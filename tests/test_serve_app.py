@@ -76,7 +76,7 @@ def configs_of(body: dict) -> list[tuple]:
 @pytest.mark.parametrize("tolerance", [None, 3.5])
 def test_http_answers_what_predict_answers(server, digits, tolerance):
     url, _ = server
-    body = post_images(url, digits, **({} if tolerance is None else {"tolerance": tolerance}))
+    body = post_images(url, digits, logits=True, **({} if tolerance is None else {"tolerance": tolerance}))
     reference = AdaptiveClassifier.from_dirs(*DIGITS, tolerance=5.0 if tolerance is None else tolerance)
     expected = reference.predict(digits)
     assert [p["class"] for p in body["predictions"]] == expected.classes.tolist()
@@ -98,7 +98,7 @@ def test_a_png_body_and_the_full_configuration(server, digits, classifier):
     assert status == 200 and len(body["predictions"]) == 1
     c = classifier.backbone.config
     full = (c.token_grans[-1], c.depth, c.ffn_widths[-1])
-    body = post_images(url, digits[:8], full=True)
+    body = post_images(url, digits[:8], full=True, logits=True)
     assert configs_of(body) == [full] * 8 and body["operating_point"] == {"full": True}
     np.testing.assert_allclose([p["logits"] for p in body["predictions"]],
                                classifier.predict(digits[:8], full).logits.numpy(), atol=1e-4)
