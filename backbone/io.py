@@ -69,8 +69,13 @@ def json_text(data: dict) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json_text(data)))
+def write_text(path: str | Path, text: str) -> None:
+    """``text`` into ``path``, atomically (a reader sees the old file or the new one, never part of one)."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    write_text(path, json_text(data))
 
 
 def sha256_file(path: str | Path) -> str:

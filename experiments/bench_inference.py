@@ -20,7 +20,7 @@ import torch
 
 from backbone.data import dataset_name, default_paths
 from backbone.errors import HelpFormatter, nonnegative_float, nonnegative_int, positive_int, positive_ints, run_cli
-from backbone.io import atomic_write, check_output_path, write_json
+from backbone.io import check_output_path, write_json, write_text
 from backbone.train import resolve_device
 from evaluation.benchmark import (
     benchmark_inference,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                "threads": torch.get_num_threads(), "torch": torch.__version__, "path": args.path, "matmul_peak": peak,
                                "latency_batch1": latency, "results": results})
     if args.markdown:
-        atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(tables + "\n"))
+        write_text(args.markdown, tables + "\n")
     if args.plot:
         latency_plot(latency, args.plot, f"{args.dataset}: batch-1 latency on {device}")
     return results

@@ -19,7 +19,7 @@ import torch
 
 from backbone.data import dataset_name, default_paths
 from backbone.errors import HelpFormatter, nonnegative_int, positive_int, run_cli
-from backbone.io import atomic_write, check_output_path, write_json
+from backbone.io import check_output_path, write_json, write_text
 from evaluation.benchmark import device_name, format_paths, latency_across_paths
 from evaluation.profiles import format_profile, onnx_profile, torch_profile
 from inference.classifier import AdaptiveClassifier
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "compile_seconds": compile_s, "latency_batch1": latency, "profiles": profiles}
     if json_path:
         write_json(json_path, result)
-        atomic_write(json_path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text + "\n"))
+        write_text(json_path.with_suffix(".md"), text + "\n")
     return result
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from backbone.compare import HELD_OUT_SPLITS, compare_backbones, format_comparison
 from backbone.data import SplitConfig, load_dataset
 from backbone.errors import HelpFormatter, run_cli
-from backbone.io import atomic_write, check_output_path, write_json
+from backbone.io import check_output_path, write_json, write_text
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         write_json(Path(args.json), result)
     if args.markdown:
-        atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(table + "\n"))
+        write_text(args.markdown, table + "\n")
     return result
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import default_paths
 from backbone.errors import HelpFormatter, run_cli
-from backbone.io import atomic_write, check_output_path, write_json
+from backbone.io import check_output_path, write_json, write_text
 from envs import FeatureSpec
 from evaluation.plots import markdown_table, pareto_plot
 from evaluation.report import SelectionRun, build_report
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         write_json(args.json, report)
     if args.markdown:
-        atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(table + "\n"))
+        write_text(args.markdown, table + "\n")
     if args.plot:
         pareto_plot(report, args.plot, f"{args.dataset}: test split, {report['n_test']} images")
     return report
