@@ -23,18 +23,24 @@ class CheckpointError(ProjectError):
     """A checkpoint directory that is missing, truncated, or does not match its config."""
 
 
-def save_checkpoint(model: AdaPerceiver, directory: str | Path, metadata: dict | None = None) -> Path:
+def save_checkpoint(model: AdaPerceiver, directory: str | Path, metadata: dict | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the model's weights and config (plus ``metadata``) into ``directory`` as one unit.
 
     ``config.json`` records the weights' sha256, and both files are renamed into place together
     (``backbone.io.write_file_set``), so a checkpoint whose files come from two writes is refused on load.
+    ``extra_files`` (name -> bytes, e.g. an image folder's ``splits.json``) join the same unit; their readers
+    check them against ``config.json`` by their own digests.
     """
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = save(state)
     config = {"architecture": model.config.to_dict(), **(metadata or {}),
               "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    files = {directory / name: lambda tmp, data=data: Path(tmp).write_bytes(data)
+             for name, data in (extra_files or {}).items()}
     write_file_set({
+        **files,
         directory / WEIGHTS: lambda tmp: Path(tmp).write_bytes(weights),
         directory / CONFIG: lambda tmp: Path(tmp).write_text(json_text(config)),
     })

@@ -59,7 +59,8 @@ class SplitConfig:
 @dataclass
 class Split:
     x: torch.Tensor
-    """Images ``(n, C, H, W)``, float32 in ``[0, 1]``."""
+    """Images ``(n, C, H, W)``, float32 in ``[0, 1]``; for an image folder a ``backbone.folders.ImageFiles`` instead,
+    which reads them from disk batch by batch (``backbone.folders.image_batches`` streams either kind)."""
     y: torch.Tensor
     """Labels ``(n,)``, int64."""
     index: np.ndarray
@@ -74,6 +75,10 @@ class Dataset:
     name: str
     num_classes: int
     splits: dict[str, Split]
+    classes: list[str] | None = None
+    """Class names (an image folder's class folders), or None where classes are only numbers."""
+    record: dict | None = None
+    """An image folder's splits as file lists (``backbone.folders``), saved beside the checkpoint."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -214,6 +219,34 @@ def _stratified_split(y: np.ndarray, index: np.ndarray, frac: float, seed: int, 
     return np.sort(rest), np.sort(taken)
 
 
+def split_rows(y: np.ndarray, split: SplitConfig, test_set: bool, source: str) -> dict[str, np.ndarray]:
+    """Rows ``{split name: sorted indices into y}`` of the four disjoint stratified splits of labels ``y`` ``(n,)``.
+
+    With ``test_set`` (the data has its own test set) ``y`` is the pool of the other three and no ``"test"`` rows
+    are returned. The one place splits are cut: arrays (``make_splits``) and image folders
+    (``backbone.folders``) alike.
+    """
+    # each stratified cut needs at least one image per class on both sides: the smallest share decides
+    pool_share = 1 - (0 if test_set else split.test_frac)
+    shares = [pool_share * split.calibration_frac, pool_share * split.policy_frac]
+    shares += [] if test_set else [split.test_frac]
+    min_per_class = max(2, math.ceil(1 / min(shares)))
+    pool = np.arange(len(y))
+    rows = {}
+    if not test_set:
+        pool, rows["test"] = _stratified_split(y, pool, split.test_frac, split.seed, source, min_per_class)
+    pool, rows["calibration"] = _stratified_split(y, pool, split.calibration_frac, split.seed + 1, source,
+                                                  min_per_class)
+    rows["backbone_train"], rows["policy_train"] = _stratified_split(
+        y, pool, split.policy_frac / (1 - split.calibration_frac), split.seed + 2, source, min_per_class
+    )
+    for split_name, index in rows.items():
+        if len(index) == 0:
+            raise DataError(f"{source}: the {split_name} split is empty ({len(y)} images); "
+                            f"give every class at least {min_per_class} images")
+    return rows
+
+
 def make_splits(
     name: str, x: np.ndarray, y: np.ndarray, split: SplitConfig, test: tuple[np.ndarray, np.ndarray] | None = None,
     source: str | None = None,
@@ -231,36 +264,17 @@ def make_splits(
         if x_test.shape[1:] != x.shape[1:]:
             raise DataError(f"{source}: test images {x_test.shape[1:]} differ from train images {x.shape[1:]}")
     num_classes = int(max(y.max(), y_test.max() if test is not None else 0)) + 1
-    # each stratified cut needs at least one image per class on both sides: the smallest share decides
-    pool_share = 1 - (split.test_frac if test is None else 0)
-    shares = [pool_share * split.calibration_frac, pool_share * split.policy_frac]
-    shares += [split.test_frac] if test is None else []
-    min_per_class = max(2, math.ceil(1 / min(shares)))
-    pool = np.arange(len(y))
+    rows = split_rows(y, split, test_set=test is not None, source=source)
     if test is None:
-        pool, test_index = _stratified_split(y, pool, split.test_frac, split.seed, source, min_per_class)
         x_test, y_test = x, y
     else:
-        test_index = np.arange(len(y_test))
-    pool, calibration = _stratified_split(y, pool, split.calibration_frac, split.seed + 1, source, min_per_class)
-    backbone_train, policy_train = _stratified_split(
-        y, pool, split.policy_frac / (1 - split.calibration_frac), split.seed + 2, source, min_per_class
-    )
-    for split_name, index in (("backbone_train", backbone_train), ("policy_train", policy_train),
-                              ("calibration", calibration), ("test", test_index)):
-        if len(index) == 0:
-            raise DataError(f"{source}: the {split_name} split is empty ({len(y)} images); "
-                            f"give every class at least {min_per_class} images")
+        rows["test"] = np.arange(len(y_test))
 
     def subset(xs: np.ndarray, ys: np.ndarray, index: np.ndarray) -> Split:
         return Split(torch.from_numpy(xs[index]), torch.from_numpy(ys[index]), index)
 
-    splits = {
-        "backbone_train": subset(x, y, backbone_train),
-        "policy_train": subset(x, y, policy_train),
-        "calibration": subset(x, y, calibration),
-        "test": subset(x_test, y_test, test_index),
-    }
+    splits = {name: subset(x, y, rows[name]) for name in SPLIT_NAMES[:3]}
+    splits["test"] = subset(x_test, y_test, rows["test"])
     return Dataset(name, num_classes, splits)
 
 

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from backbone.folders import ImageFiles, image_batches
 from backbone.model import AdaPerceiver
 
 
@@ -32,19 +33,20 @@ class GridPoint(NamedTuple):
 
 
 @torch.inference_mode()
-def grid_logits(model: AdaPerceiver, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits ``(n, K, L, M, C)`` of every (tokens, depth, width), one grid pass per width."""
+def grid_logits(model: AdaPerceiver, images: torch.Tensor | ImageFiles, batch_size: int = 512) -> torch.Tensor:
+    """Logits ``(n, K, L, M, C)`` of every (tokens, depth, width), one grid pass per width; ``images`` in memory
+    ``(n, C, H, W)`` or image files, read batch by batch."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(images), batch_size):
-        input_tokens = model.embed(images[start : start + batch_size].to(device))
+    for batch in image_batches(images, batch_size):
+        input_tokens = model.embed(batch.to(device))
         per_width = [model.run_grid(input_tokens, w).float().cpu() for w in model.config.ffn_widths]
         out.append(torch.stack(per_width, dim=3))
     return torch.cat(out)
 
 
-def grid_accuracy(model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def grid_accuracy(model: AdaPerceiver, images: torch.Tensor | ImageFiles, labels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Top-1 accuracy ``(K, L, M)`` of every configuration."""
     logits = grid_logits(model, images, batch_size)
     return (logits.argmax(-1) == labels[:, None, None, None]).float().mean(0)

@@ -27,6 +27,7 @@ from backbone.config import AdaPerceiverConfig
 from backbone.data import Dataset
 from backbone.distributed import init_distributed
 from backbone.errors import ProjectError
+from backbone.folders import head, image_batches
 from backbone.grid import format_grid, grid_accuracy
 from backbone.io import atomic_write, write_json
 from backbone.model import AdaPerceiver
@@ -267,11 +268,14 @@ def train_backbone(
     metadata: dict | None = None,
     resume: bool = True,
     force: bool = False,
+    extra_files: dict[str, bytes] | None = None,
 ) -> dict:
     """Train, checkpoint every epoch (resumable), then save the model and its calibration grid.
 
-    Writes ``model.safetensors``, ``config.json``, ``grid_accuracy.json`` and TensorBoard
-    logs under ``out_dir/tb``. Returns the summary written to ``grid_accuracy.json``.
+    Writes ``model.safetensors``, ``config.json`` (and ``extra_files`` with them, e.g. an image folder's
+    ``splits.json``), ``grid_accuracy.json`` and TensorBoard logs under ``out_dir/tb``. The images of ``data``
+    are in-memory tensors or image files streamed batch by batch (``backbone.folders``). Returns the summary
+    written to ``grid_accuracy.json``.
     """
     out_dir = Path(out_dir)
     if (out_dir / CONFIG).is_file() and not force:
@@ -343,9 +347,10 @@ def train_backbone(
         model.train()
         order = torch.randperm(len(y_train), generator=generator)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{train.epochs}", leave=False, disable=not ctx.is_main)
-        for i in bar:
+        # every rank reads the whole global batch: augmentation draws from the shared generator over all of it
+        for i, batch in zip(bar, image_batches(x_train, train.batch_size, order), strict=True):
             index = order[i * train.batch_size : (i + 1) * train.batch_size]
-            x = augment(x_train[index], train.augment_shift, train.augment_flip, generator)
+            x = augment(batch, train.augment_shift, train.augment_flip, generator)
             targets = y_train[index]
             if train.mixup_alpha > 0:
                 x, targets = mixup(x, targets, model_config.num_classes, train.mixup_alpha, generator)
@@ -367,7 +372,8 @@ def train_backbone(
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
         elapsed += time.time() - t0
         if ctx.is_main:
-            accuracy = grid_accuracy(eval_model, x_val[: train.eval_limit], y_val[: train.eval_limit], train.eval_batch_size)
+            accuracy = grid_accuracy(eval_model, head(x_val, train.eval_limit), y_val[: train.eval_limit],
+                                     train.eval_batch_size)
             full, smallest = accuracy[-1, -1, -1].item(), accuracy[0, 0, 0].item()
             writer.add_scalar("val/acc_full", full, step)
             writer.add_scalar("val/acc_smallest", smallest, step)
@@ -402,6 +408,6 @@ def train_backbone(
         "train_wall_s": round(elapsed, 1),
     }
     meta = {**(metadata or {}), "train": asdict(train), "train_wall_s": round(elapsed, 1)}
-    save_checkpoint(eval_model, out_dir, meta)
+    save_checkpoint(eval_model, out_dir, meta, extra_files)
     write_json(out_dir / "grid_accuracy.json", summary)
     return summary

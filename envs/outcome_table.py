@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from backbone import AdaPerceiver, flops_grid
 from backbone.distributed import current_context
+from backbone.folders import ImageFiles, image_batches
 from backbone.grid import GridPoint
 from backbone.io import atomic_write
 from envs.features import FeatureSpec, features_from, staged_flops
@@ -93,17 +94,19 @@ PER_INPUT = ("features", "predicted", "true_logprob", "confidence", "labels")
 SHARED = ("flops", "staged_flops", "token_grans", "ffn_widths", "meta")
 
 
-def _split_key(images: torch.Tensor, labels: torch.Tensor) -> str:
-    digest = hashlib.sha256(images.numpy().tobytes())
+def _split_key(images: torch.Tensor | ImageFiles, labels: torch.Tensor) -> str:
+    # image files by what they are (names, size, channels, resize), never by reading every file
+    digest = hashlib.sha256(images.key().encode() if isinstance(images, ImageFiles) else images.numpy().tobytes())
     digest.update(labels.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def build_outcome_table(
-    model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, spec: FeatureSpec, batch_size: int = 512,
-    meta: dict | None = None, progress: bool = False,
+    model: AdaPerceiver, images: torch.Tensor | ImageFiles, labels: torch.Tensor, spec: FeatureSpec,
+    batch_size: int = 512, meta: dict | None = None, progress: bool = False,
 ) -> OutcomeTable:
-    """Run the backbone once per width (a grid pass) over ``images`` ``(n, C, H, W)``."""
+    """Run the backbone once per width (a grid pass) over ``images`` ``(n, C, H, W)``: in memory, or image files
+    read batch by batch (only the table's rows accumulate)."""
     model.eval()
     device = next(model.parameters()).device
     glance = spec.glance_config(model.config)
@@ -111,8 +114,10 @@ def build_outcome_table(
     with torch.inference_mode():
         grid = int(np.prod(model.config.grid_shape))
         desc = f"tabulating {(meta or {}).get('split', 'inputs')} ({len(images)} images x {grid} configurations)"
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
-            x = images[start : start + batch_size].to(device)
+        batches = zip(range(0, len(images), batch_size), image_batches(images, batch_size), strict=True)
+        for start, batch in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, unit="batch",
+                                 disable=not progress):
+            x = batch.to(device)
             y = labels[start : start + batch_size].to(device)
             input_tokens = model.embed(x)
             kv = model.read_kv(input_tokens)
@@ -239,7 +244,7 @@ def cached_outcome_table(
     model: AdaPerceiver,
     backbone_hash: str,
     split: str,
-    images: torch.Tensor,
+    images: torch.Tensor | ImageFiles,
     labels: torch.Tensor,
     spec: FeatureSpec,
     cache_dir: str | Path = ".cache/outcome_tables",
@@ -261,7 +266,8 @@ def cached_outcome_table(
             tqdm.write(f"rebuilding the {split} outcome table: {err}", file=sys.stderr)
     ctx = current_context()
     rows = np.array_split(np.arange(len(labels)), ctx.world)[ctx.rank]
-    table = build_outcome_table(model, images[rows], labels[rows], spec, batch_size, meta, progress and ctx.is_main)
+    mine = images[rows] if isinstance(images, torch.Tensor) else images.subset(rows)
+    table = build_outcome_table(model, mine, labels[rows], spec, batch_size, meta, progress and ctx.is_main)
     if ctx.enabled:
         # under torchrun each rank tabulates a contiguous slice; every rank gets the whole table
         parts: list = [None] * ctx.world

@@ -2,6 +2,7 @@
 
     python experiments/build_tables.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist
     torchrun --nproc_per_node=4 experiments/build_tables.py --dataset fashion-mnist --device cuda
+    torchrun --nproc_per_node=2 experiments/build_tables.py --dataset photos/ --backbone runs/photos/backbone --workers 2
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 
 from backbone.data import default_paths
 from backbone.distributed import init_distributed
-from backbone.errors import HelpFormatter, run_cli
+from backbone.errors import HelpFormatter, nonnegative_int, run_cli
 from backbone.train import resolve_device
 from envs import FeatureSpec
 from policy.job import PolicyJob, load_tables
@@ -18,7 +19,9 @@ from policy.job import PolicyJob, load_tables
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist', a path to an .npz, or an image folder (the backbone's recorded splits)")
+    parser.add_argument("--workers", type=nonnegative_int, default=2,
+                        help="image folders: DataLoader processes reading the files (0: the main process)")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--splits", default="policy_train,calibration,test", help="comma-separated splits to tabulate")
@@ -30,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ctx = init_distributed(resolve_device(args.device))
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone or default_paths(args.dataset)["backbone"],
-                    cache_dir=args.cache_dir, features=FeatureSpec(pooled=args.pooled), quiet=args.quiet)
+                    cache_dir=args.cache_dir, features=FeatureSpec(pooled=args.pooled), quiet=args.quiet,
+                    workers=args.workers)
     tables, digest = load_tables(job, tuple(args.splits.split(",")), device=ctx.device)
     if ctx.is_main:
         for name, table in tables.items():

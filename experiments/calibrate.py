@@ -8,19 +8,27 @@ ms/image with a latency table, disagreement, its bound, n), so that a tolerance 
 
     python experiments/calibrate.py --backbone checkpoints/fashion-mnist --policy policies/fashion-mnist \\
         --unlabeled deployment_images/ --tolerance 0.1 --delta 0.1 --out runs/fashion-mnist/calibrated
+    python experiments/calibrate.py --backbone runs/shapes/backbone --policy runs/shapes/policy \
+        --unlabeled shapes/ --out runs/shapes/calibrated     # the backbone's own image folder: its calibration split
+
+A folder of class subfolders is streamed from disk (its folder names, the labels, are not read); when it is the
+folder the backbone was trained on, only its recorded calibration split is used (the backbone trained on the rest).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from backbone.checkpoint import backbone_hash, load_checkpoint
-from backbone.errors import HelpFormatter, ProjectError, finite_float, run_cli
+from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
+from backbone.errors import HelpFormatter, ProjectError, finite_float, nonnegative_int, run_cli
+from backbone.folders import SPLITS_FILE, ImageFiles, recorded_splits
 from backbone.io import check_output_path, write_json
-from inference.inputs import load_images
+from inference.inputs import has_class_folders, open_images
 from policy.artifact import load_policy, save_policy
 from policy.calibration import calibrate, unlabeled_table
+from policy.job import PolicyJob, job_dataset
 from policy.latency_table import LATENCY_FILE, check_latency_digest, latency_grid, load_latency_table
 from policy.selection import SelectionRule
 
@@ -32,7 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policy", required=True, help="price-conditioned policy artifact made for this backbone")
     parser.add_argument("--unlabeled", required=True,
                         help="images to calibrate on: an .npz with 'x' (any 'y' in it is not read) or a folder of "
-                             "PNG/JPEG files")
+                             "PNG/JPEG files, or a folder of class subfolders (streamed; the folder names are not read)")
+    parser.add_argument("--workers", type=nonnegative_int, default=2,
+                        help="class folders: DataLoader processes reading the files (0: the main process)")
     parser.add_argument("--tolerance", type=finite_float, default=rule.tolerance_pp,
                         help="largest share of images whose answer may differ from the full model's, in %% "
                              "(default %(default)s)")
@@ -56,9 +66,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = load_checkpoint(args.backbone)
     artifact = load_policy(args.policy, backbone_hash(args.backbone))
-    images, _, _ = load_images(args.unlabeled, model.config, labels=False)  # a 'y' in the file is never read
+    record = recorded_splits(args.backbone, read_config(args.backbone)[1])
+    if record is not None and has_class_folders(args.unlabeled) and Path(args.unlabeled).resolve() == Path(record["root"]):
+        # the backbone's own folder: its other splits trained the backbone and the policy
+        images = job_dataset(PolicyJob(dataset=args.unlabeled, backbone=args.backbone, workers=args.workers)
+                             ).splits["calibration"].x
+        print(f"{args.unlabeled} is the backbone's own folder: calibrating on its calibration split ({len(images)} "
+              f"images, recorded in {Path(args.backbone) / SPLITS_FILE})", file=sys.stderr)
+    else:  # a 'y' in an .npz, the folder names of class folders: never read
+        images, _, _ = open_images(args.unlabeled, model.config, workers=args.workers, labels=False)
     try:
-        model.check_images(images)
+        if not isinstance(images, ImageFiles):  # files are resized to the backbone's shape on reading
+            model.check_images(images)
     except ValueError as err:
         raise ProjectError(f"{args.unlabeled}: {err}; give images of the backbone's shape (a folder of image files "
                            "is resized to it)") from err

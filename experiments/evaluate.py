@@ -18,7 +18,8 @@ from pathlib import Path
 
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import default_paths
-from backbone.errors import HelpFormatter, run_cli
+from backbone.errors import HelpFormatter, nonnegative_int, positive_int, run_cli
+from backbone.folders import resident
 from backbone.io import check_output_path, write_json, write_text
 from envs import FeatureSpec
 from evaluation.plots import markdown_table, pareto_plot
@@ -31,7 +32,9 @@ from policy.selection import SelectionRule
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist', a path to an .npz, or an image folder (the backbone's recorded splits)")
+    parser.add_argument("--workers", type=nonnegative_int, default=2,
+                        help="image folders: DataLoader processes reading the files (0: the main process)")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--policy", nargs="*", default=None,
@@ -48,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--margin-pp", type=float, default=rule.margin_pp, help="point-estimate rule: safety margin, pp (default %(default)s)")
     parser.add_argument("--delta", type=float, default=rule.delta, help="certified rules: failure probability of the whole fixed sequence (default %(default)s)")
     parser.add_argument("--no-throughput", action="store_true", help="skip the images/s measurements")
+    parser.add_argument("--throughput-images", type=positive_int, default=10000,
+                        help="test images held in memory for the images/s measurements (an image folder's are read "
+                             "from disk first: reading is not timed)")
     parser.add_argument("--latency", default=None,
                         help="latency table (experiments/measure_latency.py): adds ms/image to every family "
                         "(default: the latency.json beside the first policy, if any)")
@@ -85,12 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
                             f"latency table {latency_path}")
         latency["source"] = latency_path
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone_dir, cache_dir=args.cache_dir, features=spec,
-                    quiet=args.quiet)
+                    quiet=args.quiet, workers=args.workers)
     tables, _ = load_tables(job, ("policy_train", "calibration", "test"))
     model = load_checkpoint(backbone_dir)
     images = None
     if not args.no_throughput:
-        images = job_dataset(job).splits["test"].x
+        images = resident(job_dataset(job).splits["test"].x, args.throughput_images)
     report = build_report(tables["test"], tables["calibration"], model, policies, images, tables["policy_train"], runs,
                           quiet=args.quiet, latency=latency, seed_policies=seed_policies, router_seeds=router_seeds)
     report["dataset"] = args.dataset

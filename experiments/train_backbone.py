@@ -2,6 +2,11 @@
 
     python experiments/train_backbone.py                                  # digits -> checkpoints/digits
     python experiments/train_backbone.py --dataset fashion-mnist --epochs 16 --warmup-epochs 1 --augment-flip --augment-shift 1
+    python experiments/train_backbone.py --dataset photos/ --image-size 32 --channels 3 --workers 4   # an image folder
+
+An image folder holds one subfolder per class (or train/ and test/, each with the class subfolders); its images are
+streamed from disk, resized to --image-size, and its four splits are recorded beside the checkpoint (splits.json), so
+that every later script reads the same ones.
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ import torch
 
 from backbone.config import PRESETS, AdaPerceiverConfig, ConfigError, preset
 from backbone.data import SplitConfig, default_paths, load_dataset
-from backbone.errors import HelpFormatter, field_docs, positive_int, run_cli
+from backbone.errors import HelpFormatter, field_docs, nonnegative_int, positive_int, run_cli
+from backbone.folders import FolderSpec, checkpoint_record, is_image_folder, training_folder
 from backbone.train import TrainConfig, resolve_device, train_backbone
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--dataset", default="digits",
+                        help="'digits', 'fashion-mnist', a path to an .npz, or an image folder (class subfolders)")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
     parser.add_argument("--out", default=None, help="checkpoint directory (default runs/<dataset>/backbone)")
     parser.add_argument("--force", action="store_true", help="train over a finished checkpoint in --out")
+    folder = FolderSpec()
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help=f"image folder: side the images are resized to, px (default {folder.image_size})")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help=f"image folder: 3 converts every image to RGB, 1 to grey (default {folder.channels})")
+    parser.add_argument("--workers", type=nonnegative_int, default=folder.workers,
+                        help="image folder: DataLoader processes reading files (0: the main process)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the four stratified splits")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="ignore a train_state.pt left by an earlier run")
@@ -57,7 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_device(train.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_dataset(args.dataset, args.data_dir, SplitConfig(seed=args.split_seed))
+    split = SplitConfig(seed=args.split_seed)
+    if is_image_folder(args.dataset):
+        spec = FolderSpec(args.image_size or folder.image_size, args.channels or folder.channels, args.workers)
+        data = training_folder(args.dataset, spec, split)
+        folder_meta, extra_files = checkpoint_record(data)
+    else:
+        if args.image_size or args.channels:
+            parser.error("--image-size and --channels apply to image folders; this dataset's images keep their shape")
+        data, folder_meta, extra_files = load_dataset(args.dataset, args.data_dir, split), {}, None
     try:
         arch = preset(data.name, data.image_shape, data.num_classes, args.preset).to_dict()
     except ConfigError as err:
@@ -72,10 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
     metadata = {
         "dataset": args.dataset,
         "split_seed": args.split_seed,
+        **folder_meta,
         "command": shlex.join(["python", "experiments/train_backbone.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     out = args.out or default_paths(args.dataset)["new_backbone"]
-    return train_backbone(model_config, train, data, out, metadata, resume=not args.fresh, force=args.force)
+    return train_backbone(model_config, train, data, out, metadata, resume=not args.fresh, force=args.force,
+                          extra_files=extra_files)
 
 
 if __name__ == "__main__":

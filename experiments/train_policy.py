@@ -3,6 +3,7 @@
     python experiments/train_policy.py                       # digits, checkpoints/digits -> runs/digits/policy
     python experiments/train_policy.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist
     python experiments/train_policy.py --cost latency --latency runs/digits/latency.json   # priced by measured ms
+    python experiments/train_policy.py --dataset photos/ --backbone runs/photos/backbone    # an image folder
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from backbone.data import default_paths
-from backbone.errors import HelpFormatter, positive_int, run_cli
+from backbone.errors import HelpFormatter, nonnegative_int, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
@@ -22,7 +23,9 @@ from policy.train import COSTS, PolicyTrainConfig
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist' or a path to an .npz")
+    parser.add_argument("--dataset", default="digits", help="'digits', 'fashion-mnist', a path to an .npz, or an image folder (the backbone's recorded splits)")
+    parser.add_argument("--workers", type=nonnegative_int, default=2,
+                        help="image folders: DataLoader processes reading the files (0: the main process)")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files")
     parser.add_argument("--backbone", default=None, help="checkpoint directory (default checkpoints/<dataset>)")
     parser.add_argument("--out", default=None,
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     job = PolicyJob(
         quiet=args.quiet,
         dataset=args.dataset,
+        workers=args.workers,
         data_dir=args.data_dir,
         backbone=args.backbone or paths["backbone"],
         out=args.out or paths["new_policy"],

@@ -1,4 +1,5 @@
-"""Images for inference: an ``.npz`` in the project's format or a folder of PNG/JPEG files."""
+"""Images for inference: an ``.npz`` in the project's format, a folder of PNG/JPEG files, or a folder of class
+subfolders (streamed from disk)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from backbone.config import AdaPerceiverConfig
 from backbone.data import DataError, check_labels, read_npz, to_images
+from backbone.folders import FolderSpec, ImageFiles, scan_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -57,3 +59,31 @@ def load_images(path: str | Path, config: AdaPerceiverConfig,
     y = arrays.get("y")
     labels = None if y is None else check_labels(y, len(x), str(path), config.num_classes)
     return torch.from_numpy(x), [str(i) for i in range(len(x))], labels
+
+
+def has_class_folders(path: str | Path) -> bool:
+    """A folder of class subfolders (the image-folder layout), not a folder of image files."""
+    path = Path(path)
+    return path.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()) and any(
+        p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+
+
+def open_images(path: str | Path, config: AdaPerceiverConfig, classes: list[str] | None = None, workers: int = 2,
+                labels: bool = True) -> tuple[torch.Tensor | ImageFiles, list[str], np.ndarray | None]:
+    """``load_images``, except that a folder of class subfolders is streamed: its files as ``ImageFiles`` (read batch
+    by batch, resized as the backbone was trained), their paths relative to ``path``, and labels ``(n,)`` by class
+    folder name among ``classes`` (the backbone's class names; None when it has none, or with ``labels=False``)."""
+    if not has_class_folders(path):
+        return load_images(path, config, labels)
+    scan = scan_folder(path, min_classes=1)
+    entries = scan.pool + (scan.test or [])
+    spec = FolderSpec(config.img_size, config.in_chans, workers)
+    images = ImageFiles(scan.root, [name for name, _ in entries], spec)
+    if not labels or classes is None:
+        return images, images.files, None
+    unknown = [name for name in scan.classes if name not in classes]
+    if unknown:
+        raise DataError(f"{Path(path) / unknown[0]}: class folder {unknown[0]!r} is not one of the backbone's classes "
+                        f"({', '.join(classes)}); rename it, or give a folder of image files (no labels)")
+    index = [classes.index(name) for name in scan.classes]
+    return images, images.files, np.array([index[label] for _, label in entries], dtype=np.int64)

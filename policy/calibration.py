@@ -17,6 +17,7 @@ import torch
 
 from backbone import AdaPerceiver
 from backbone.errors import ProjectError
+from backbone.folders import ImageFiles
 from envs import OutcomeTable, build_outcome_table
 from envs.price import GRID
 from policy.artifact import PolicyArtifact, policy_outcome, price_knobs
@@ -35,10 +36,10 @@ class CalibrationError(ProjectError):
     """Calibration cannot certify anything with these images or this policy."""
 
 
-def unlabeled_table(model: AdaPerceiver, images: torch.Tensor, artifact: PolicyArtifact,
+def unlabeled_table(model: AdaPerceiver, images: torch.Tensor | ImageFiles, artifact: PolicyArtifact,
                     progress: bool = False) -> OutcomeTable:
-    """Every configuration's prediction on ``images`` ``(n, C, H, W)``; its labels are placeholders (-1), never
-    read by the certified rule."""
+    """Every configuration's prediction on ``images`` ``(n, C, H, W)`` (or image files, streamed); its labels are
+    placeholders (-1), never read by the certified rule."""
     placeholder = torch.full((len(images),), -1, dtype=torch.int64)
     table = build_outcome_table(model, images, placeholder.clamp(min=0), artifact.feature_spec,
                                 meta={"split": "unlabeled"}, progress=progress)

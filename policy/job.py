@@ -16,6 +16,7 @@ import torch
 from backbone.checkpoint import backbone_hash, load_checkpoint, read_config
 from backbone.data import Dataset, SplitConfig, dataset_name, load_dataset
 from backbone.errors import ProjectError
+from backbone.folders import SPLITS_FILE, FolderSpec, is_image_folder, load_folder, recorded_splits
 from backbone.io import json_text
 from envs import FeatureSpec, OutcomeTable, cached_outcome_table
 from policy.artifact import SIDECAR, WEIGHTS, PolicyArtifact, save_policy
@@ -40,6 +41,8 @@ class PolicyJob:
     train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
     quiet: bool = False
     """No progress bars."""
+    workers: int = 2
+    """Image folders: DataLoader processes that read the files (0: the main process)."""
     replace: bool = False
     """Write over a finished policy in ``out`` (else refused)."""
     report_test: bool = True
@@ -52,8 +55,16 @@ class PolicyJob:
 
 
 def job_dataset(job: PolicyJob) -> Dataset:
-    """The job's dataset, cut with the split seed its backbone was trained with."""
-    _, meta = read_config(job.backbone)
+    """The job's dataset, cut with the split seed its backbone was trained with; an image folder's splits are the
+    file lists recorded beside the backbone (its file list checked unchanged), its images streamed from disk."""
+    config, meta = read_config(job.backbone)
+    if is_image_folder(job.dataset):
+        record = recorded_splits(job.backbone, meta)
+        if record is None:
+            raise ProjectError(f"backbone {job.backbone} was trained on {meta.get('dataset')!r}, not on an image "
+                               "folder; pass its --dataset, or a backbone trained on this folder")
+        spec = FolderSpec(config.img_size, config.in_chans, job.workers)
+        return load_folder(job.dataset, spec, record=record, source=str(Path(job.backbone) / SPLITS_FILE))
     if meta.get("dataset") not in (None, job.dataset):
         raise ProjectError(
             f"backbone {job.backbone} was trained on {meta['dataset']!r}, not {job.dataset!r}; "
