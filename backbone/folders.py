@@ -87,7 +87,7 @@ def read_image(path: Path, spec: FolderSpec) -> tuple[torch.Tensor, str]:
                 # 16-bit grey: scaled to 8 bits from its full depth (a plain convert would clip it to 0 / 255)
                 wide = np.asarray(image, dtype=np.float64) / 65535
                 image = Image.fromarray(np.round(255 * wide.clip(0, 1)).astype(np.uint8), "L")
-            try:
+            try:  # Pillow converts every mode it decodes from a file today; a plugin's own mode may not
                 image = image.convert(spec.mode)
             except ValueError as err:
                 raise DataError(f"{path}: images in mode {mode} cannot be converted to {spec.mode} ({err}); save it "
@@ -201,11 +201,10 @@ def check_files(images: ImageFiles, progress: bool = True) -> Counter:
     converted is a ``DataError`` naming it; returns how many files each PIL mode has."""
     chunks = [list(range(i, min(i + 64, len(images)))) for i in range(0, len(images), 64)]
     counts: Counter = Counter()
-    bar = tqdm(total=len(images), desc=f"checking {len(images)} images", unit="image", disable=not progress)
-    for modes in _load(images, chunks, modes=True):
-        counts.update(modes)
-        bar.update(len(modes))
-    bar.close()
+    with tqdm(total=len(images), desc=f"checking {len(images)} images", unit="image", disable=not progress) as bar:
+        for modes in _load(images, chunks, modes=True):  # closed on an error too: the error line is a line of its own
+            counts.update(modes)
+            bar.update(len(modes))
     return counts
 
 
