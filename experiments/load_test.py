@@ -5,8 +5,11 @@ configuration on the same application in the same run; writes JSON, Markdown and
    the target with no errors, for requests pinned at the default operating point and at the full configuration.
 2. Burst: base rate, then 2x the default point's sustainable rate, then base again, with the latency controller
    on (requests name no tolerance); the same trace with every request at the full configuration.
-3. Audit: streams of requests drawn from the test images and from shifted (inverted) ones, each image's
-   disagreement with the full configuration measured by the classifier, audited at --audit-share.
+3. Audit: streams of requests drawn from the test images and from shifted ones (inverted; Gaussian noise of
+   standard deviation 0.5, clipped), each image's disagreement with the full configuration measured by the
+   classifier, audited at --audit-share.
+4. CPU per request by process: sequential requests of each size and mode, each Ray process's CPU time over them
+   (what a request costs the machine, whatever else runs on it).
 
     python experiments/load_test.py --backbone checkpoints/fashion-mnist --policy policies/fashion-mnist \\
         --dataset fashion-mnist --tolerance 1 --tolerance-ceiling 1.2 --p99-target-ms 250
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--p99-target-ms", type=finite_float, default=250.0, help="p99 latency target")
     parser.add_argument("--sizes", type=positive_ints, default=[16, 1], help="images per request, comma-separated")
     parser.add_argument("--start-rate", type=finite_float, default=2.0,
-                        help="first rate of the search for 16-image requests (req/s; scaled by 16/size for others)")
+                        help="first rate of the search (req/s), for every request size")
     parser.add_argument("--factor", type=finite_float, default=1.5, help="rate step of the search")
     parser.add_argument("--step-seconds", type=finite_float, default=8.0, help="seconds per search step")
     parser.add_argument("--burst-seconds", type=finite_float, default=20.0, help="seconds of each burst phase")
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     with local_server(options, port=args.port, num_cpus=args.num_cpus) as url:
         for size in args.sizes:
             print(f"{size}-image requests:")
-            start = args.start_rate * 16 / size
+            start = args.start_rate
             modes = {"adaptive": {"tolerance": args.tolerance}, "full": {"full": True}}
             report["sustainable"][size] = {}
             for mode, fields in modes.items():
@@ -111,6 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(2)
         stats = lt.get_json(f"{url}/stats")
         report["ladder"] = stats["ladder"]
+        report["cpu_per_request"] = {}
+        for size in args.sizes:
+            for mode, fields in {"adaptive": {"tolerance": args.tolerance}, "full": {"full": True}}.items():
+                bodies = lt.request_bodies(pngs, labels, size, 50, args.seed + 2, **fields)
+                found = report["cpu_per_request"][f"{mode} {size}"] = lt.cpu_per_request(url, bodies)
+                print(f"CPU per {size}-image {mode} request: {found['cpu_ms']:.1f} ms (wall {found['wall_ms']:.1f} ms): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in found["by_process_ms"].items()))
         report["live_audit"] = stats["audit"]
     report["audit"] = audit_cases(args, test, lt)
     report["seconds"] = time.time() - started
@@ -129,7 +139,9 @@ def audit_cases(args, test, lt) -> dict:
     full = GridPoint(c.token_grans[-1], c.depth, c.ffn_widths[-1])
     x = test.x[: args.audit_images]
     out = {}
-    for name, images, requests in (("in-distribution", x, 50_000), ("inverted", 1 - x, 10_000)):
+    noisy = (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed))).clamp(0, 1)
+    shifts = (("in-distribution", x, 50_000), ("inverted", 1 - x, 10_000), ("noise 0.5", noisy, 10_000))
+    for name, images, requests in shifts:
         served = classifier.predict_batched(images, 256).classes
         reference = classifier.predict_batched(images, 256, full).classes
         disagree = (served != reference).numpy()

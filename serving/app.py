@@ -3,16 +3,22 @@
     POST /  ─► Ingress (FastAPI): parse, pick the operating point, answer, audit, control, metrics
                  ├► GlanceStage     @serve.batch: the glance and the policy at the request's price; the glance's
                  │                  answer for the inputs the policy keeps there, glance states for the others
-                 └► ExtensionStage  @serve.batch split by multiplexed id, one id per extension pass (tokens,
-                                    width): homogeneous batches of glance states, each row leaving at its own
-                                    depth (the classifier's own plan, so the arithmetic is the configurations');
-                                    and batches at the full configuration (the audit, requests with "full": true)
+                 └► ExtensionStage  @serve.batch over requests: the glance states of every request in a batch,
+                                    extended in one homogeneous pass per configuration group (tokens, width), each
+                                    row leaving at its own depth (the classifier's own plan: exactly the
+                                    configurations' arithmetic); and batches at the full configuration (the
+                                    audit, and requests with "full": true)
+
+One extension call per request, not one per configuration: a Ray Serve call costs its replica ~6-7 ms of CPU on
+this project's CPU machine (measured, docs/serving.md), more than a small pass, and Ray Serve's own split of a
+batch by multiplexed id (one id per configuration) cost a 16-image Fashion-MNIST request ~2 calls.
 
 ``build_app(ServeOptions(...))`` is the application (``experiments/serve.py`` runs it); ``app_builder`` is the
 same for ``serve run serving/serve_config.yaml``. Needs ``pip install -e ".[serve]"``.
 """
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,9 +133,9 @@ class GlanceResult:
 @dataclass
 class ExtendCall:
     state: GlanceState
-    """Glance states of the rows to extend in the call's pass (its multiplexed id: tokens and width)."""
-    depths: list[int]
-    """Each row's exit depth."""
+    """Glance states of one request's rows that the glance did not answer."""
+    configs: list[GridPoint]
+    """Each row's configuration."""
     entered: float = 0.0
 
 
@@ -151,11 +157,6 @@ class StageResult:
 def config_id(config: GridPoint) -> str:
     """A configuration as a name: ``tokens,depth,width``."""
     return f"{config.tokens},{config.depth},{config.width:g}"
-
-
-def pass_id(config: GridPoint) -> str:
-    """The multiplexed model id of the extension pass a configuration's rows run in: ``tokens,width``."""
-    return f"{config.tokens},{config.width:g}"
 
 
 def _images_in(calls) -> int:
@@ -222,9 +223,9 @@ class GlanceStage:
 
 @serve.deployment
 class ExtensionStage:
-    """Extensions from the glance, batched per pass: Ray Serve splits each batch by multiplexed id, and the id of a
-    call is its pass's (tokens, width), so every batch is one homogeneous extension pass whose rows leave at their
-    own depths (``plan_extensions`` without merging: exactly the configurations' arithmetic)."""
+    """Extensions from the glance, batched across requests by Ray Serve; each batch runs one homogeneous pass per
+    (tokens, width) of its rows, each row leaving at its own depth (``plan_extensions`` without merging: exactly
+    the configurations' arithmetic)."""
 
     def __init__(self, options: ServeOptions) -> None:
         self.classifier = _load(options)
@@ -235,13 +236,8 @@ class ExtensionStage:
             batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
         self.batch_images, self.tags = _batch_metric("extension")
         self.full_tags = {"stage": "full"}
-
-    @serve.multiplexed(max_num_models_per_replica=256)
-    async def extension_pass(self, model_id: str) -> tuple[int, float]:
-        """The "model" of a multiplexed id: its pass's (tokens, width), checked on the backbone's grid."""
-        tokens, width = model_id.split(",")
-        tokens, _, width = self.classifier.backbone.resolve(int(tokens), 1, float(width))
-        return tokens, width
+        self.passes = Histogram("adaperceiver_extension_passes", description="Extension passes per batch",
+                                boundaries=BATCH_BOUNDARIES, tag_keys=("stage",))
 
     async def __call__(self, call: ExtendCall) -> StageResult:
         call.entered = time.perf_counter()
@@ -253,17 +249,17 @@ class ExtensionStage:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def extend_batch(self, calls: list[ExtendCall]) -> list[StageResult]:
-        tokens, width = await self.extension_pass(serve.get_multiplexed_model_id())
         start = time.perf_counter()
         states = [c.state for c in calls]
         state = GlanceState(states[0].config, [torch.cat(t) for t in zip(*(s.latents for s in states), strict=True)],
                             tuple(torch.cat(t) for t in zip(*(s.read_kv for s in states), strict=True)))
-        configs = [GridPoint(tokens, depth, width) for c in calls for depth in c.depths]
-        (extension,) = plan_extensions(configs, state.config).passes  # one (tokens, width): one pass
+        configs = [config for c in calls for config in c.configs]
+        logits = torch.empty(len(configs), self.classifier.backbone.config.num_classes)
+        plan = plan_extensions(configs, state.config)
         with torch.inference_mode():
-            out = self.classifier.runner.extend(state, extension).float()
-        logits = torch.empty_like(out)
-        logits[torch.tensor(extension.rows)] = out  # the pass returns rows by exit depth; back to call order
+            for extension in plan.passes:  # each pass returns its rows by exit depth
+                logits[torch.tensor(extension.rows)] = self.classifier.runner.extend(state, extension).float()
+        self.passes.observe(len(plan.passes), tags=self.tags)
         return self._split(calls, logits, [len(s.read_kv[0]) for s in states], start, self.tags)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
@@ -312,6 +308,7 @@ class Ingress:
         self.controller = LatencyController(len(self.ladder), ControllerConfig(options.p99_target_ms, options.window_s))
         self.audit = Audit(options.audit_share, options.audit_delta, options.seed)
         self._audits: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task | None = None
         self.shares: dict[str, int] = {}
         self.timeline: list[dict] = []
         self.metrics = {
@@ -383,25 +380,15 @@ class Ingress:
         glance_ms = 1000 * (time.perf_counter() - sent)
         logits = glance.logits.clone()
         pending = np.flatnonzero(~glance.answered)  # batch rows, in the order of glance.state's rows
-        groups: dict[str, list[int]] = {}
-        for j, row in enumerate(pending):
-            groups.setdefault(pass_id(glance.configs[row]), []).append(j)
-        calls, sent = [], time.perf_counter()
-        for key, members in groups.items():
-            index = torch.tensor(members)
-            state = glance.state
-            part = GlanceState(state.config, [t[index] for t in state.latents], tuple(t[index] for t in state.read_kv))
-            depths = [glance.configs[pending[j]].depth for j in members]
-            calls.append(self.extension.options(multiplexed_model_id=key).remote(ExtendCall(part, depths)))
-        results: list[StageResult] = list(await asyncio.gather(*calls)) if calls else []
-        extension_ms = 1000 * (time.perf_counter() - sent) if calls else 0.0
-        for members, result in zip(groups.values(), results, strict=True):
-            logits[torch.from_numpy(pending[members])] = result.logits
         timings = {"glance_call": glance_ms, "glance_queue": glance.queue_ms, "glance_compute": glance.compute_ms,
-                   "glance_batch_images": glance.batch_images, "extension_call": extension_ms,
-                   "extension_queue": max((r.queue_ms for r in results), default=0.0),
-                   "extension_compute": max((r.compute_ms for r in results), default=0.0),
-                   "extension_passes": len(results)}
+                   "glance_batch_images": glance.batch_images, "extended": len(pending)}
+        if len(pending):
+            sent = time.perf_counter()
+            call = ExtendCall(glance.state, [glance.configs[row] for row in pending])
+            result: StageResult = await self.extension.remote(call)
+            logits[torch.from_numpy(pending)] = result.logits
+            timings |= {"extension_call": 1000 * (time.perf_counter() - sent), "extension_queue": result.queue_ms,
+                        "extension_compute": result.compute_ms, "extension_batch_images": result.batch_images}
         return Served(logits, glance.configs, glance.flops, timings)
 
     async def _full(self, images: torch.Tensor) -> Served:
@@ -437,16 +424,25 @@ class Ingress:
         return {"predictions": images, "operating_point": op, "timings_ms": dict(served.timings)}
 
     def _observe(self, latency_ms: float, configs: list[GridPoint]) -> None:
-        now = time.monotonic()
         self.metrics["requests"].inc(tags={"status": "200"})
         self.metrics["latency"].observe(latency_ms)
-        for c in configs:
-            key = config_id(c)
-            self.shares[key] = self.shares.get(key, 0) + 1
-            self.metrics["images"].inc(tags={"configuration": key})
-        self.controller.observe(now, latency_ms)
+        for key, count in collections.Counter(config_id(c) for c in configs).items():
+            self.shares[key] = self.shares.get(key, 0) + count
+            self.metrics["images"].inc(count, tags={"configuration": key})
+        self.controller.observe(time.monotonic(), latency_ms)
+        self._control()
+        if self._ticker is None:  # started here: the replica's event loop runs requests, not __init__
+            self._ticker = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Let the controller step back while no requests come (it only moves when asked)."""
+        while True:
+            await asyncio.sleep(0.5)
+            self._control()
+
+    def _control(self) -> None:
         before = self.controller.level
-        if self.controller.update(now) != before:
+        if self.controller.update(time.monotonic()) != before:
             self._set_point_gauges()
             point = self.ladder[self.controller.level]
             logger.info(f"latency controller: p99 against {self.options.p99_target_ms:g} ms moves to rung "

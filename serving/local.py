@@ -3,6 +3,7 @@ test and the tests use it); or an application deployed on a running cluster (``a
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +25,9 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            # Ray runs its workers (the replicas) at niceness 15 by default: on a machine shared with other jobs
+            # they would be starved by every ordinary process; a local instance runs them at the usual priority
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                      _metrics_export_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})

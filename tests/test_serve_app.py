@@ -87,7 +87,7 @@ def test_http_answers_what_predict_answers(server, digits, tolerance):
     assert point["lam"] == reference.lam
     assert point["tolerance"] == (5.0 if tolerance is None else tolerance) and point["bound"] <= point["tolerance"] / 100
     if tolerance == 3.5:  # the dearer point extends some inputs past the glance: the extension stage answered them
-        assert len(set(configs_of(body))) > 1 and body["timings_ms"]["extension_passes"] >= 1
+        assert len(set(configs_of(body))) > 1 and body["timings_ms"]["extended"] >= 1
 
 
 def test_a_png_body_and_the_full_configuration(server, digits, classifier):
@@ -141,7 +141,8 @@ def test_the_audit_and_the_metrics(server, digits):
             pass
         time.sleep(1)
     for name in ("adaperceiver_requests", "adaperceiver_request_latency_ms", "adaperceiver_images",
-                 "adaperceiver_batch_images", "adaperceiver_operating_point_lam", "adaperceiver_audit_upper_bound"):
+                 "adaperceiver_batch_images", "adaperceiver_extension_passes", "adaperceiver_operating_point_lam",
+                 "adaperceiver_audit_upper_bound"):
         assert name in text, name
 
 

@@ -196,3 +196,38 @@ def test_with_price_is_the_classifier_built_at_that_price(classifier, digits):
         assert a.configs == b.configs
         torch.testing.assert_close(a.logits, b.logits)
     assert classifier.with_price(cheap).predict(x).flops.mean() < classifier.with_price(dear).predict(x).flops.mean()
+
+
+# ---- the load test's pure parts ------------------------------------------------------------------------------
+def test_arrivals_are_poisson_at_each_phase_rate():
+    from serving.load_test import Phase, arrivals
+
+    times = arrivals([Phase("a", 50, 20), Phase("b", 200, 10)], seed=0)
+    a = [t for t, p in times if p == "a"]
+    b = [t for t, p in times if p == "b"]
+    assert 900 < len(a) < 1100 and 1800 < len(b) < 2200
+    assert max(a) < 20 <= min(b) and max(b) < 30 and times == sorted(times)
+
+
+def test_the_breakdown_adds_up_to_the_client_latency_and_windows_are_judged():
+    from serving.load_test import Record, breakdown, summarize
+
+    timings = {"server": 60.0, "parse": 5.0, "glance_call": 30.0, "glance_queue": 4.0, "glance_compute": 20.0,
+               "extension_call": 20.0, "extension_queue": 2.0, "extension_compute": 10.0}
+    record = Record("p", 0.0, 100.0, 200, 16, 15, 0.1, 0, timings)
+    parts = breakdown(record)
+    assert sum(parts.values()) == pytest.approx(100.0)
+    assert parts["http_and_routing"] == 40.0 and parts["glance_routing"] == 6.0 and parts["extension_routing"] == 8.0
+    slow = [Record("p", 5.0 + i / 100, 400.0, 200, 16, 16) for i in range(10)]
+    summary = summarize([record] * 10 + slow, seconds=10, p99_target_ms=250)
+    assert summary["windows"] == 2 and summary["windows_within_target"] == 0.5
+    assert summary["images_per_s"] == 32.0 and summary["accuracy"] == pytest.approx(310 / 320)
+
+
+def test_audit_streams_alarm_on_a_shifted_pool_only():
+    from serving.load_test import audit_streams
+
+    clean, shifted = np.zeros(1000, bool), np.arange(1000) < 100  # 0% and 10% disagreement against 1%
+    assert audit_streams(clean, 1.0, 20_000, 16, streams=3)["alarms"] == 0
+    hit = audit_streams(shifted, 1.0, 10_000, 16, streams=3)
+    assert hit["alarms"] == 3 and hit["max_requests_to_alarm"] <= 10_000
