@@ -17,6 +17,7 @@ import numpy as np
 
 from backbone.data import SPLIT_NAMES, default_paths
 from backbone.errors import HelpFormatter, run_cli
+from backbone.folders import resident
 from backbone.io import atomic_write
 from evaluation.report import split_halves
 from policy.job import PolicyJob, job_dataset
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--out must be a file path ending in .npz, got {args.out}")
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir,
                     backbone=args.backbone or default_paths(args.dataset)["backbone"])
-    x = job_dataset(job).splits[args.split].x.numpy()
+    split = job_dataset(job).splits[args.split].x
+    x = resident(split, len(split)).numpy()  # an image folder's files, read and resized as the backbone sees them
     if args.half:
         x = x[split_halves(len(x))[args.half - 1]]
 
