@@ -66,10 +66,9 @@ class AdaptiveClassifier:
         ``lam`` sets the FLOP price of a price-conditioned policy (default: its calibrated price). ``tolerance``
         (a disagreement with the full model, in %) sets it instead to the cheapest price the artifact's operating
         points certify at that tolerance (``experiments/calibrate.py`` writes them); a tolerance nothing certifies
-        is refused with a ``NothingCertifiedError`` that says what would be. ``path`` names the runner
-        (``inference.paths``): ``"eager"``, ``"compiled"`` (torch.compile), ``"aot"`` (AOTInductor) or
-        ``"graphs"`` (CUDA graphs, on a GPU); all give the same logits within float noise, and the compiling
-        ones compile each program on its first use (seconds each). The policy network moves to the backbone's
+        is refused with a ``NothingCertifiedError`` that says what would be. ``path`` names the runner, one of
+        ``inference.paths.INFERENCE_PATHS``; all give the same logits within float noise, and the compiling
+        and exporting ones build each program on its first use (seconds each). The policy network moves to the backbone's
         device. ``merge_passes`` (off by default): extend inputs of several configurations in one pass
         (``plan_extensions``): fewer, larger operator calls, but 3-6% more arithmetic than the configurations'
         FLOPs that ``Prediction.flops`` reports. Off, the arithmetic is exactly what ``predict`` reports.
