@@ -44,8 +44,9 @@ RESIZE = "bicubic to size x size, aspect not kept"
 
 
 def is_image_folder(dataset: str | Path) -> bool:
-    """Whether a ``--dataset`` argument names a folder (the image-folder layout) rather than a named set or .npz."""
-    return Path(dataset).is_dir()
+    """Whether a ``--dataset`` argument names a folder (the image-folder layout) rather than a named set or .npz
+    (the names win: a folder called ``digits`` is ``./digits``)."""
+    return str(dataset) not in ("digits", "fashion-mnist") and Path(dataset).is_dir()
 
 
 @dataclass(frozen=True)

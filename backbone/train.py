@@ -242,22 +242,33 @@ RUN_ONLY = ("device", "compile", "eval_batch_size", "eval_limit")
 """TrainConfig fields a resumed run may change: they do not change the steps it takes."""
 
 
-def resume_settings(model_config: AdaPerceiverConfig, train: TrainConfig) -> str:
-    """The architecture and recipe a resumed run must share with the run that wrote the state (JSON text)."""
+def resume_settings(model_config: AdaPerceiverConfig, train: TrainConfig, data: Dataset | None = None) -> str:
+    """The architecture, recipe and (for an image folder) file list a resumed run must share with the run that
+    wrote the state (JSON text)."""
     recipe = {k: v for k, v in asdict(train).items() if k not in RUN_ONLY}
-    return json.dumps({"architecture": model_config.to_dict(), "recipe": recipe}, sort_keys=True)
+    files = {"files_digest": data.record["files_digest"]} if data is not None and data.record else {}
+    return json.dumps({"architecture": model_config.to_dict(), "recipe": recipe, "data": files}, sort_keys=True)
 
 
-def check_resumable(state: dict, model_config: AdaPerceiverConfig, train: TrainConfig, path: Path) -> None:
-    """Refuse to resume a state written with another architecture or recipe."""
+def check_resumable(state: dict, model_config: AdaPerceiverConfig, train: TrainConfig, path: Path,
+                    data: Dataset | None = None) -> None:
+    """Refuse to resume a state written with another architecture, recipe or image folder file list."""
     found = json.loads(state.get("settings", "{}") or "{}")
-    wanted = json.loads(resume_settings(model_config, train))
-    differ = sorted(f"{part}.{k}" for part in ("architecture", "recipe")
+    wanted = json.loads(resume_settings(model_config, train, data))
+    differ = sorted(f"{part}.{k}" for part in ("architecture", "recipe", "data")
                     for k in set(wanted[part]) | set(found.get(part, {}))
                     if wanted[part].get(k) != found.get(part, {}).get(k))
     if differ:
         raise ProjectError(f"{path} was written by a run with other settings ({', '.join(differ[:6])}); "
                            "pass --fresh to start over, or --out for another directory")
+
+
+def check_out_dir(out_dir: str | Path, force: bool) -> None:
+    """Refuse to train over a finished checkpoint unless ``force`` (checked again by ``train_backbone``; a script
+    calls it first, before reading any data)."""
+    if (Path(out_dir) / CONFIG).is_file() and not force:
+        raise ProjectError(f"{out_dir} already holds a finished checkpoint; pass --force to train over it, "
+                           "or --out for a new directory")
 
 
 def train_backbone(
@@ -278,9 +289,7 @@ def train_backbone(
     written to ``grid_accuracy.json``.
     """
     out_dir = Path(out_dir)
-    if (out_dir / CONFIG).is_file() and not force:
-        raise ProjectError(f"{out_dir} already holds a finished checkpoint; pass --force to train over it, "
-                           "or --out for a new directory")
+    check_out_dir(out_dir, force)
     resume = resume and not force
     ctx = init_distributed(resolve_device(train.device))
     device = ctx.device
@@ -308,7 +317,7 @@ def train_backbone(
     state_path = out_dir / STATE
     if resume and state_path.is_file():
         state = load_train_state(state_path, device, ema is not None)
-        check_resumable(state, model_config, train, state_path)
+        check_resumable(state, model_config, train, state_path, data)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -386,7 +395,7 @@ def train_backbone(
                 "generator": generator.get_state(),
                 "epoch": epoch + 1,
                 "elapsed_s": elapsed,
-                "settings": resume_settings(model_config, train),
+                "settings": resume_settings(model_config, train, data),
             }
             if ema is not None:
                 state["ema"] = ema.module.state_dict()

@@ -22,7 +22,7 @@ from backbone.config import PRESETS, AdaPerceiverConfig, ConfigError, preset
 from backbone.data import SplitConfig, default_paths, load_dataset
 from backbone.errors import HelpFormatter, field_docs, nonnegative_int, positive_int, run_cli
 from backbone.folders import FolderSpec, checkpoint_record, is_image_folder, training_folder
-from backbone.train import TrainConfig, resolve_device, train_backbone
+from backbone.train import TrainConfig, check_out_dir, resolve_device, train_backbone
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_device(train.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = args.out or default_paths(args.dataset)["new_backbone"]
+    check_out_dir(out, args.force)  # before an image folder's files are all decoded
     split = SplitConfig(seed=args.split_seed)
     if is_image_folder(args.dataset):
         spec = FolderSpec(args.image_size or folder.image_size, args.channels or folder.channels, args.workers)
@@ -97,7 +99,6 @@ def main(argv: list[str] | None = None) -> dict:
         **folder_meta,
         "command": shlex.join(["python", "experiments/train_backbone.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    out = args.out or default_paths(args.dataset)["new_backbone"]
     return train_backbone(model_config, train, data, out, metadata, resume=not args.fresh, force=args.force,
                           extra_files=extra_files)
 

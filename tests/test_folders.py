@@ -1,6 +1,7 @@
 """Image-folder datasets: tiny folders of PNGs of mixed sizes written here, streamed through every script; each bad
 folder is one error line naming the file, exit 2, and nothing already written changes."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -140,6 +141,9 @@ def test_pixels_are_those_the_inference_reader_and_the_server_see(tmp_path):
         assert images[i].shape == (3, 16, 16)
         assert torch.allclose(images[i], expected, atol=1e-6)
     assert images[0][0].mean() > images[0][2].mean()  # red really is red: channels in RGB order
+    grey = ImageFiles(folder, images.files, FolderSpec(16, 1, 0))
+    expected = _read_image(folder / "red/000.png", dataclasses.replace(config, in_chans=1)).astype(np.float32) / 255
+    assert grey[0].shape == (1, 16, 16) and torch.allclose(grey[0], torch.from_numpy(expected), atol=1e-6)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -316,6 +320,28 @@ def test_train_backbone_converts_mixed_modes_and_says_so(trained, tmp_path, monk
     assert status == 0
     assert f"note: {folder}: images in modes L (1), P (1), RGB (198); every one converted to RGB" in err
     assert (tmp_path / "backbone" / SPLITS_FILE).is_file()
+
+
+def test_a_finished_checkpoint_is_refused_before_any_file_is_read(trained, tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(trained[0], tmp_path / "photos")
+    (folder / "red" / "003.png").write_bytes(b"not an image")  # would be refused too, after decoding every file
+    status, err = cli(train_backbone.main, ["--dataset", str(folder), *TINY, "--out", str(trained[1])],
+                      monkeypatch, capsys)
+    assert status == 2 and "already holds a finished checkpoint" in error_line(err) and "checking" not in err
+
+
+def test_a_resumed_run_refuses_a_folder_whose_file_list_changed(trained, tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(trained[0], tmp_path / "photos")
+    out = tmp_path / "interrupted"
+    out.mkdir()
+    shutil.copy(trained[1] / "train_state.pt", out)  # as a run killed after its last epoch leaves it
+    argv = ["--dataset", str(folder), *TINY, "--epochs", "1", "--batch-size", "32", "--workers", "0", "--out", str(out)]
+    shutil.copy(folder / "red" / "000.png", folder / "red" / "extra.png")
+    status, err = cli(train_backbone.main, argv, monkeypatch, capsys)
+    assert status == 2 and "other settings (data.files_digest)" in error_line(err)
+    (folder / "red" / "extra.png").unlink()
+    status, err = cli(train_backbone.main, argv, monkeypatch, capsys)
+    assert status == 0 and (out / "config.json").is_file() and (out / SPLITS_FILE).is_file()
 
 
 def test_later_scripts_refuse_a_folder_whose_file_list_changed(trained, tmp_path, monkeypatch, capsys):
