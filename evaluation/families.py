@@ -180,8 +180,10 @@ class RouterFamily(_StagedFamily):
         order = np.argsort(train.staged_flops.reshape(-1), kind="stable")
         self.order = order[order != train.staged_flops.size - 1]  # the full configuration is the fallback
         targets = train.agree.reshape(len(train), -1)[:, self.order]
+        # early stopping scores a held-out tenth of the rows: a tiny policy-train split (a small image folder)
+        # leaves too few to score, so it trains for max_iter instead
         self.model = make_pipeline(StandardScaler(), MLPClassifier((hidden,), max_iter=300, random_state=seed,
-                                                                   early_stopping=True))
+                                                                   early_stopping=len(train) >= 50))
         self.model.fit(train.features, targets)
         n_features, n_out = train.features.shape[1], len(self.order)
         self.network_flops = float(2 * (n_features * hidden + hidden * n_out))

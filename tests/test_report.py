@@ -165,3 +165,14 @@ def test_plot_is_a_valid_png(digits_report):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     image = plt.imread(out / "r.png")
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_the_router_trains_on_a_tiny_policy_train_split():
+    # a small image folder leaves a policy-train split of a few rows: too few for early stopping's held-out tenth
+    from evaluation.families import RouterFamily
+
+    rng = np.random.default_rng(0)
+    table = synthetic_table(rng.random((8, 4, 3, 2)) < 0.7)
+    table.features = rng.normal(size=(8, 2)).astype(np.float32)
+    router = RouterFamily(table)
+    assert router.network_flops > 0 and len(router.order) == 4 * 3 * 2 - 1
