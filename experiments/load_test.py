@@ -5,9 +5,9 @@ configuration on the same application in the same run; writes JSON, Markdown and
    the target with no errors, for requests pinned at the default operating point and at the full configuration.
 2. Burst: base rate, then 2x the default point's sustainable rate, then base again, with the latency controller
    on (requests name no tolerance); the same trace with every request at the full configuration.
-3. Audit: streams of requests drawn from the test images and from shifted ones (inverted; Gaussian noise of
-   standard deviation 0.5, clipped), each image's disagreement with the full configuration measured by the
-   classifier, audited at --audit-share.
+3. Audit: streams of requests drawn from the test images and from shifted ones (inverted; translated 4 pixels
+   right, wrapping; the lower half erased), each image's disagreement with the full configuration measured by
+   the classifier, audited at --audit-share.
 4. CPU per request by process: sequential requests of each size and mode, each Ray process's CPU time over them
    (what a request costs the machine, whatever else runs on it).
 
@@ -139,8 +139,9 @@ def audit_cases(args, test, lt) -> dict:
     full = GridPoint(c.token_grans[-1], c.depth, c.ffn_widths[-1])
     x = test.x[: args.audit_images]
     out = {}
-    noisy = (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed))).clamp(0, 1)
-    shifts = (("in-distribution", x, 50_000), ("inverted", 1 - x, 10_000), ("noise 0.5", noisy, 10_000))
+    lower_half = torch.arange(x.shape[-2])[:, None] >= x.shape[-2] // 2
+    shifts = (("in-distribution", x, 50_000), ("inverted", 1 - x, 10_000),
+              ("translated 4 px", torch.roll(x, 4, dims=-1), 10_000), ("lower half erased", x * ~lower_half, 10_000))
     for name, images, requests in shifts:
         served = classifier.predict_batched(images, 256).classes
         reference = classifier.predict_batched(images, 256, full).classes

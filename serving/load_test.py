@@ -81,7 +81,8 @@ async def _send(session, url: str, body: bytes, labels: np.ndarray, phase: str, 
 
     start = time.perf_counter()
     try:
-        async with session.post(f"{url}/", data=body, headers={"Content-Type": "application/json"},
+        headers = {"Content-Type": "application/json", "X-Request-Start": f"t={time.time():.6f}"}
+        async with session.post(f"{url}/", data=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
             answer = await response.json()
             status = response.status

@@ -231,3 +231,14 @@ def test_audit_streams_alarm_on_a_shifted_pool_only():
     assert audit_streams(clean, 1.0, 20_000, 16, streams=3)["alarms"] == 0
     hit = audit_streams(shifted, 1.0, 10_000, 16, streams=3)
     assert hit["alarms"] == 3 and hit["max_requests_to_alarm"] <= 10_000
+
+
+def test_a_request_start_stamp_counts_the_wait_before_the_ingress():
+    pytest.importorskip("ray")
+    import time
+
+    from serving.app import _since_request_start
+
+    assert 1900 < _since_request_start({"x-request-start": f"t={time.time() - 2:.6f}"}) < 2500
+    assert _since_request_start({}) == 0.0 and _since_request_start({"x-request-start": "t=soon"}) == 0.0
+    assert _since_request_start({"x-request-start": f"t={time.time() + 60}"}) == 0.0
