@@ -16,6 +16,9 @@ and PPO steps/s and memory over a synthetic memory-mapped table of --ppo-rows ro
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -58,9 +61,10 @@ def inference_part(args, classifier: AdaptiveClassifier) -> tuple[dict, str]:
                         c.img_size, generator=torch.Generator().manual_seed(args.seed)).to(classifier.runner.device)
     peak = matmul_peak(classifier.runner.device)
     latency = config_speed(classifier, images[:1], select_configs(c, args.latency_configs, used), 1,
-                           progress=not args.quiet)
+                           args.config_rounds, progress=not args.quiet)
     throughput = [row for b in args.throughput_batch_sizes for row in config_speed(
-        classifier, images[:b], select_configs(c, args.throughput_configs, used), b, progress=not args.quiet)]
+        classifier, images[:b], select_configs(c, args.throughput_configs, used), b, args.config_rounds,
+        progress=not args.quiet)]
     results = [mix_speed(classifier, images[: max(args.images if b == 1 else 2 * b, b)], mixes, b, args.rounds,
                          seed=args.seed, progress=not args.quiet) for b in args.batch_sizes]
     data = {"latency_batch1": latency, "throughput": throughput, "mixes": [m.to_dict() for m in mixes],
@@ -68,8 +72,9 @@ def inference_part(args, classifier: AdaptiveClassifier) -> tuple[dict, str]:
     tables = "\n\n".join([
         (f"measured float32 matmul peak {peak['gflop_per_s']:,.0f} GFLOP/s; compile time of the mix programs "
          f"{sum(r['compile_s'] for r in results):.0f} s (none on eager)"),
-        "### Batch-1 latency per configuration (one image, one timed call each)", format_configs(latency, peak),
-        "### Images/s per configuration at larger batches (one batch, one timed call each)",
+        f"### Batch-1 latency per configuration (one image; median of {args.config_rounds} interleaved timed calls)",
+        format_configs(latency, peak),
+        f"### Images/s per configuration at larger batches (one batch; median of {args.config_rounds} timed calls)",
         format_configs(throughput, peak),
         "### Adaptive classifier on fixed mixes vs the full model (medians of interleaved rounds)",
         format_mixes(mixes, results, GOAL)])
@@ -93,6 +98,7 @@ def training_part(args, classifier: AdaptiveClassifier) -> tuple[dict, str]:
         f"| tabulation: images / batch | {tabulation['images']} / {tabulation['batch_size']} |",
         f"| tabulation: images/s ({tabulation['configurations']} configurations each) | {tabulation['images_per_s']:.3f} |",
         f"| outcome table: bytes per row | {tabulation['bytes_per_row']:,} |",
+        f"| process peak resident memory after tabulating, MiB | {tabulation['peak_rss_mib']:,.0f} |",
         f"| PPO table: rows, size on disk | {ppo['rows']:,}, {ppo['table_bytes'] / 2**30:.2f} GiB |",
         f"| PPO table: load and verify (memory-mapped), s | {ppo['load_and_verify_s']:.1f} |",
         f"| PPO: env steps timed, steps/s | {ppo['timesteps']:,}, {ppo['steps_per_s']:,.0f} |",
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--latency-configs", default="all",
                         help=f"batch-1 configurations: {', '.join(CONFIG_SETS)} or tokens/depth/width,...")
     parser.add_argument("--throughput-configs", default="corners", help="configurations timed at larger batches")
+    parser.add_argument("--config-rounds", type=positive_int, default=1,
+                        help="interleaved rounds of the per-configuration timings")
     parser.add_argument("--throughput-batch-sizes", type=positive_ints, default=[16, 64],
                         help="batch sizes of the per-configuration images/s")
     parser.add_argument("--mix-backbone", default="checkpoints/fashion-mnist", help="backbone of the mixes' policy")
@@ -147,10 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not cuda:
         print("no GPU on this machine: the CUDA paths (graphs, compiled, bf16) are not measured", flush=True)
     classifier = random_classifier(config, args.path, args.seed, device)
+    load_before = os.getloadavg()
     data, tables = (inference_part if args.part == "inference" else training_part)(args, classifier)
+    load = {"before": load_before, "after": os.getloadavg()}
     label = args.path if args.part == "inference" else "training"
     head = (f"device: {device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"{label}; {RANDOM}; machine shared with other jobs (ratios are measured within one run)")
+            f"{label}; {RANDOM}; machine shared with other jobs, 1-minute load average {load_before[0]:.1f} before, "
+            f"{load['after'][0]:.1f} after (ratios are measured within one run)")
     report = "\n\n".join([f"## bench_scale: paper-in1k, {label}", head, tables]) + "\n"
     print(report)
     if not args.no_reports:
@@ -158,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(json_path, {"preset": "paper-in1k", "config": config.to_dict(), "device": str(device),
                                "device_name": device_name(device), "threads": torch.get_num_threads(),
                                "torch": torch.__version__, "path": args.path, "part": args.part,
-                               "weights": "random", "cuda_available": cuda, **data})
+                               "weights": "random", "cuda_available": cuda, "load_average": load,
+                               "command": shlex.join(["python", "experiments/bench_scale.py", *sys.argv[1:]]), **data})
         atomic_write(json_path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(report))
     return data
 

@@ -21,6 +21,7 @@ from evaluation.scale import (
     synthetic_table,
     table_bytes_per_row,
     tabulation_speed,
+    two_clocks,
 )
 from policy.train import PolicyTrainConfig
 
@@ -91,16 +92,17 @@ def test_select_configs(tiny_config):
 
 class ScriptedTimer:
     """A timer with known answers: runs ``fn`` on every batch (so the code under test runs) and returns the next of
-    ``values``, recording the order of the calls."""
+    ``values`` as the wall clock's images/s (and ten times it as the CPU time's), counting the calls."""
 
     def __init__(self, values):
-        self.values, self.calls = list(values), []
+        self.values, self.calls = list(values), 0
 
     def __call__(self, fn, batches):
         for batch in batches:
             fn(batch)
-        self.calls.append(len(self.calls))
-        return self.values.pop(0)
+        self.calls += 1
+        value = self.values.pop(0)
+        return {"wall": value, "cpu": 10 * value}
 
 
 def test_mix_speed_reports_ratios_of_the_timed_speeds(rgb_config):
@@ -112,20 +114,25 @@ def test_mix_speed_reports_ratios_of_the_timed_speeds(rgb_config):
     # rounds x (full, cheap, all full): medians 20, 50 and 18
     timer = ScriptedTimer([20, 50, 18, 10, 90, 19, 30, 40, 17])
     result = mix_speed(classifier, images, mixes, batch_size=4, rounds=3, timer=timer, seed=3)
-    assert len(timer.calls) == 9 and result["images"] == 8 and result["batch_size"] == 4
-    assert result["full_images_per_s"] == 20
-    cheap = result["mixes"]["cheap"]
+    assert timer.calls == 9 and result["images"] == 8 and result["batch_size"] == 4
+    wall, cpu = result["clocks"]["wall"], result["clocks"]["cpu"]
+    assert wall["full_images_per_s"] == 20 and cpu["full_images_per_s"] == 200
     # FLOPs as paid, computed here from the staged grid (glance + extension) and the policy network
     staged = cascade_flops(c, glance).numpy()
     actions = [p.action(c.token_grans, c.ffn_widths) for p in mixes[0].assign(8, seed=3)]
     paid = np.mean([staged[a] for a in actions]) + classifier.network_flops
-    assert cheap["gflops"] == pytest.approx(paid / 1e9)
-    assert cheap["flop_speedup"] == pytest.approx(flops(c) / paid)
+    speedup = flops(c) / paid
+    assert result["mix_flops"]["cheap"]["gflops"] == pytest.approx(paid / 1e9)
+    assert result["mix_flops"]["cheap"]["flop_speedup"] == pytest.approx(speedup)
+    assert result["mix_flops"]["cheap"]["glance_share"] == 0.5
+    cheap = wall["mixes"]["cheap"]
     assert cheap["images_per_s"] == 50 and cheap["realized_speedup"] == pytest.approx(50 / 20)
-    assert cheap["efficiency"] == pytest.approx((50 / 20) / (flops(c) / paid))
-    assert cheap["glance_share"] == 0.5
-    everything = result["mixes"]["all full"]
-    assert everything["realized_speedup"] == pytest.approx(18 / 20) and everything["flop_speedup"] < 1
+    assert cheap["efficiency"] == pytest.approx((50 / 20) / speedup)
+    assert cpu["mixes"]["cheap"]["efficiency"] == pytest.approx((500 / 200) / speedup)
+    # each round's mix over the full model timed just before it
+    assert cheap["efficiency_by_round"] == pytest.approx([50 / 20 / speedup, 90 / 10 / speedup, 40 / 30 / speedup])
+    everything = wall["mixes"]["all full"]
+    assert everything["realized_speedup"] == pytest.approx(18 / 20) and result["mix_flops"]["all full"]["flop_speedup"] < 1
 
 
 def test_assigned_configurations_answer_as_fresh_passes(rgb_config):
@@ -152,6 +159,13 @@ def test_config_speed_reports_the_timed_speed(rgb_config):
     assert large["images_per_s"] == 200 and small["images_per_s"] == 400  # medians of 100/300/200, 400/200/800
     assert large["ms_per_batch"] == pytest.approx(1e3 * 4 / 200)
     assert large["gflop_per_s"] == pytest.approx(200 * flops(rgb_config, 8, 3, 1.0) / 1e9)
+    assert large["cpu_images_per_s"] == 2000 and large["cpu_ms_per_batch"] == pytest.approx(1e3 * 4 / 2000)
+
+
+def test_two_clocks_times_one_pass(rgb_config):
+    calls = []
+    speeds = two_clocks(lambda x: calls.append(len(x)) or sum(range(20_000)), [torch.zeros(3, 1)] * 4, warmup=2)
+    assert calls == [3] * 6 and set(speeds) == {"wall", "cpu"} and speeds["wall"] > 0 and speeds["cpu"] > 0
 
 
 def test_tabulation_speed_times_the_table_build(tiny_model):
