@@ -38,7 +38,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     metrics_port = free_port()
-    options = ServeOptions(*DIGITS, tolerance=5.0, audit_share=1.0, max_images=48, max_batch_size=64)
+    # a p99 target no request meets: the controller moves from 3.5% to the ceiling's point as soon as it may
+    options = ServeOptions(*DIGITS, tolerance=3.5, tolerance_ceiling=5.0, p99_target_ms=1.0, audit_share=1.0,
+                           max_images=48, max_batch_size=64)
     with local_server(options, port=free_port(), metrics_port=metrics_port) as url:
         yield url, metrics_port
 
@@ -73,11 +75,15 @@ def configs_of(body: dict) -> list[tuple]:
             for p in body["predictions"]]
 
 
-@pytest.mark.parametrize("tolerance", [None, 3.5])
-def test_http_answers_what_predict_answers(server, digits, tolerance):
+@pytest.mark.parametrize("tolerance", [None, 3.5, 5.0])
+def test_http_answers_what_predict_answers(server, digits, classifier, tolerance):
     url, _ = server
     body = post_images(url, digits, logits=True, **({} if tolerance is None else {"tolerance": tolerance}))
-    reference = AdaptiveClassifier.from_dirs(*DIGITS, tolerance=5.0 if tolerance is None else tolerance)
+    if tolerance is None:  # the controller's point, whichever rung it is on: the one the response names
+        reference = classifier.with_price(body["operating_point"]["lam"])
+        assert body["operating_point"]["tolerance"] in (3.5, 4.625)
+    else:
+        reference = AdaptiveClassifier.from_dirs(*DIGITS, tolerance=tolerance)
     expected = reference.predict(digits)
     assert [p["class"] for p in body["predictions"]] == expected.classes.tolist()
     assert configs_of(body) == [tuple(c) for c in expected.configs]
@@ -85,7 +91,7 @@ def test_http_answers_what_predict_answers(server, digits, tolerance):
     np.testing.assert_allclose([p["mflops"] for p in body["predictions"]], expected.flops / 1e6)
     point = body["operating_point"]
     assert point["lam"] == reference.lam
-    assert point["tolerance"] == (5.0 if tolerance is None else tolerance) and point["bound"] <= point["tolerance"] / 100
+    assert point["bound"] <= point["tolerance"] / 100 and (tolerance is None or point["tolerance"] == tolerance)
     if tolerance == 3.5:  # the dearer point extends some inputs past the glance: the extension stage answered them
         assert len(set(configs_of(body))) > 1 and body["timings_ms"]["extended"] >= 1
 
@@ -119,6 +125,15 @@ def test_bad_requests_get_a_4xx_with_one_line_and_serving_goes_on(server, digits
     got, answer = post(url, body, kind)
     assert got == status and says in answer["error"] and "\n" not in answer["error"]
     assert len(post_images(url, digits[:2])["predictions"]) == 2
+
+
+def test_the_controller_moves_under_a_missed_target_and_never_past_the_ceiling(server, digits):
+    url, _ = server
+    points = [post_images(url, digits[:2])["operating_point"] for _ in range(40)]
+    assert {p["level"] for p in points} <= {0, 1} and points[-1]["level"] == 1  # two rungs: 3.5% and 4.625%
+    assert all(p["tolerance"] <= 5.0 for p in points) and points[-1]["lam"] == 1.0
+    moves = json.load(urllib.request.urlopen(f"{url}/stats", timeout=10))["timeline"]
+    assert moves and moves[0]["level"] == 1
 
 
 def test_the_audit_and_the_metrics(server, digits):
