@@ -1,5 +1,5 @@
 """Serve the adaptive classifier over HTTP with Ray Serve (pip install -e ".[serve]"): a local Ray instance by
-default, --address to deploy on a running cluster. POST images to / (see serving/requests.py); GET /stats;
+default, --address to deploy on a running cluster. POST images to / (see serving/request_body.py); GET /stats;
 Prometheus metrics on --metrics-port of each Ray node.
 
     python experiments/serve.py --backbone checkpoints/fashion-mnist --policy policies/fashion-mnist --tolerance 1

@@ -43,7 +43,7 @@ from policy.selection import NothingCertifiedError
 from serving.audit import Audit
 from serving.controller import ControllerConfig, LatencyController
 from serving.operating import OperatingCurve, ServedPoint
-from serving.requests import RequestError, parse_request
+from serving.request_body import RequestError, parse_request
 
 logger = logging.getLogger("ray.serve")
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2000, 5000]
@@ -341,7 +341,7 @@ class Ingress:
 
     @api.post("/")
     async def classify(self, request: Request) -> JSONResponse:
-        """Classify the images of one request (see ``serving.requests`` for the body)."""
+        """Classify the images of one request (see ``serving.request_body`` for the body)."""
         start = time.perf_counter()
         try:
             parsed = parse_request(await request.body(), request.headers.get("content-type", ""),

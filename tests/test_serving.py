@@ -17,7 +17,7 @@ from policy.selection import NothingCertifiedError, OperatingPoint
 from serving.audit import Audit, AuditStream, look_delta
 from serving.controller import ControllerConfig, LatencyController
 from serving.operating import OperatingCurve
-from serving.requests import RequestError, parse_request
+from serving.request_body import RequestError, parse_request
 
 DIGITS = ("checkpoints/digits", "policies/digits")
 

@@ -60,6 +60,8 @@ class _Body(io.BytesIO):
     def __str__(self) -> str:
         return self.name
 
+    __repr__ = __str__  # PIL's message names the file by repr
+
 
 def parse_request(body: bytes, content_type: str, query: dict[str, str], config: AdaPerceiverConfig,
                   max_images: int = 64, max_bytes: int = 16 << 20) -> ParsedRequest:
