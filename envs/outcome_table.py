@@ -257,7 +257,8 @@ def cached_outcome_table(
     path = Path(cache_dir) / f"{split}-{backbone_hash[:12]}-{key}.npz"
     if path.is_file():
         try:
-            table = load_table(path)
+            # memory-mapped: a table built in shards for a large image folder need not fit in memory to be stepped
+            table = load_table(path, mmap=True)
             if table.meta != meta:
                 raise TableError(f"{path}: made for another backbone, split or features")
             check_table(table, labels, model.config.grid_shape, spec.dim(model.config))

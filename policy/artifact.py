@@ -84,8 +84,9 @@ class PolicyArtifact:
 
         A price-conditioned policy acts at ``lam`` (default: the calibrated ``meta["lam"]``).
         """
-        features = torch.as_tensor(np.asarray(features.cpu() if isinstance(features, torch.Tensor) else features,
-                                              dtype=np.float32))
+        # a copy: a memory-mapped table's features are read-only, which torch warns about
+        features = torch.tensor(np.asarray(features.cpu() if isinstance(features, torch.Tensor) else features,
+                                           dtype=np.float32))
         return self.act_tensor(features, self.lam_column(lam)).cpu().numpy()
 
     def lam_column(self, lam: float | None = None) -> float | None:
