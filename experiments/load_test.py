@@ -2,7 +2,8 @@
 configuration on the same application in the same run; writes JSON, Markdown and a plot.
 
 1. Sustainable rate, per request size: open-loop Poisson traces at rising rates; the highest whose p99 is within
-   the target with no errors, for requests pinned at the default operating point and at the full configuration.
+   the target with no errors and at most --max-shed of the requests shed (503, admission control), for requests
+   pinned at the default operating point and at the full configuration.
 2. Burst: base rate, then 2x the default point's sustainable rate, then base again, with the latency controller
    on (requests name no tolerance); the same trace with every request at the full configuration.
 3. Audit: streams of requests drawn from the test images and from shifted ones (inverted; translated 4 pixels
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="first rate of the search (req/s), for every request size")
     parser.add_argument("--factor", type=finite_float, default=1.5, help="rate step of the search")
     parser.add_argument("--step-seconds", type=finite_float, default=8.0, help="seconds per search step")
+    parser.add_argument("--max-shed", type=finite_float, default=0.01,
+                        help="share of a search step's requests the server may shed (503) and still sustain its rate")
     parser.add_argument("--burst-seconds", type=finite_float, default=20.0, help="seconds of each burst phase")
     parser.add_argument("--audit-share", type=finite_float, default=0.01, help="share of requests audited")
     parser.add_argument("--audit-streams", type=positive_int, default=20, help="simulated audit streams per case")
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
                 lt.run_trace(url, [lt.Phase("warm-up", 5, 2)], bodies)  # first calls build caches
                 print(f" {mode}:")
                 report["sustainable"][size][mode] = lt.sustainable_rate(url, bodies, args.p99_target_ms, start,
-                                                                        args.factor, args.step_seconds, seed=args.seed)
+                                                                        args.factor, args.step_seconds, seed=args.seed,
+                                                                        max_shed=args.max_shed)
             a, f = (report["sustainable"][size][m]["images_per_s"] for m in modes)
             report["sustainable"][size]["ratio"] = a / f if a and f else None
         size = args.sizes[0]
@@ -108,12 +112,18 @@ def main(argv: list[str] | None = None) -> dict:
                                      "phases": {p.name: lt.summarize([r for r in records if r.phase == p.name],
                                                                      p.seconds, args.p99_target_ms) for p in phases},
                                      "timeline": lt.timeline(records)}
+            for name, summary in [*report["burst"][mode]["phases"].items(), ("all", report["burst"][mode]["summary"])]:
+                print(f"  {mode}, {name}: p99 {summary['p99_ms']:.1f} ms (served), {summary['shed']} of "
+                      f"{summary['requests']} shed, {summary['errors']} errors, "
+                      f"{100 * summary['windows_within_target']:.0f}% of {summary['windows']} 5 s windows within target")
             if mode == "adaptive":  # the controller's moves during the adaptive trace, in s from its start
+                levels = [b["level"] for b in report["burst"][mode]["timeline"] if b["level"] is not None]
+                report["burst"][mode]["final_level"] = levels[-1] if levels else None
                 moves = lt.get_json(f"{url}/stats")["timeline"]
                 report["controller_moves"] = [m | {"t": m["time"] - began} for m in moves if m["time"] >= began]
             time.sleep(2)
         stats = lt.get_json(f"{url}/stats")
-        report["ladder"] = stats["ladder"]
+        report["ladder"], report["admission"] = stats["ladder"], stats["admission"]
         report["cpu_per_request"] = {}
         for size in args.sizes:
             for mode, fields in {"adaptive": {"tolerance": args.tolerance}, "full": {"full": True}}.items():

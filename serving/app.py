@@ -36,6 +36,7 @@ from backbone.grid import GridPoint
 from inference.classifier import AdaptiveClassifier
 from policy.artifact import load_policy
 from policy.selection import NothingCertifiedError
+from serving.admission import Admission, AdmissionConfig
 from serving.audit import Audit
 from serving.controller import ControllerConfig, LatencyController
 from serving.operating import OperatingCurve, ServedPoint
@@ -96,6 +97,9 @@ class Ingress:
         self.ladder = self.curve.ladder(options.tolerance, options.ceiling, options.levels)
         self.controller = LatencyController(len(self.ladder), ControllerConfig(options.p99_target_ms, options.window_s))
         self.audit = Audit(options.audit_share, options.audit_delta, options.seed)
+        self.admission = Admission(AdmissionConfig(
+            latency_budget_ms=options.admission_budget * options.p99_target_ms,
+            max_wait_ms=options.admission_max_wait * options.p99_target_ms, max_limit=options.max_ongoing_requests))
         self._audits: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self.shares: dict[str, int] = {}
@@ -111,6 +115,9 @@ class Ingress:
             "bound": Gauge("adaperceiver_audit_upper_bound", description="Audit's upper bound on disagreement",
                            tag_keys=("point",)),
             "alarms": Counter("adaperceiver_audit_alarms", description="Audit alarms", tag_keys=("point",)),
+            "shed": Counter("adaperceiver_shed", description="Requests refused with 503 by admission control, by rule",
+                            tag_keys=("reason",)),
+            "limit": Gauge("adaperceiver_admission_limit", description="Admission control's in-flight bound"),
         }
         self._set_point_gauges()
 
@@ -118,6 +125,24 @@ class Ingress:
     async def classify(self, request: Request) -> JSONResponse:
         """Classify the images of one request (see ``serving.request_body`` for the body)."""
         start = time.perf_counter()
+        waited_ms = _since_request_start(request.headers)
+        if not self.options.admission:
+            return await self._classify(request, start, waited_ms)
+        shed = self.admission.admit(waited_ms)  # before the body is read: a refusal should cost little
+        if shed is not None:
+            rule, line = shed
+            self.metrics["shed"].inc(tags={"reason": rule})
+            return self._refuse(503, line, {"Retry-After": "1"})
+        latency_ms = None
+        try:
+            response = await self._classify(request, start, waited_ms)
+            if response.status_code == 200:
+                latency_ms = max(1000 * (time.perf_counter() - start), waited_ms)
+            return response
+        finally:
+            self.admission.done(time.monotonic(), latency_ms)
+
+    async def _classify(self, request: Request, start: float, waited_ms: float) -> JSONResponse:
         try:
             parsed = parse_request(await request.body(), request.headers.get("content-type", ""),
                                    dict(request.query_params), self.config, self.options.max_images)
@@ -139,7 +164,7 @@ class Ingress:
         body = self._body(served, None if full else point, parsed.logits)
         latency_ms = 1000 * (time.perf_counter() - start)
         body["timings_ms"]["server"] = latency_ms
-        self._observe(max(latency_ms, _since_request_start(request.headers)), served.configs)
+        self._observe(max(latency_ms, waited_ms), served.configs)
         return JSONResponse(body)
 
     @api.get("/stats")
@@ -147,7 +172,7 @@ class Ingress:
         """The controller, the audit and the share of images per configuration, as JSON."""
         now = time.monotonic()
         return {"level": self.controller.level, "p99_ms": self.controller.p99(now),
-                "ladder": [p.to_dict() for p in self.ladder],
+                "ladder": [p.to_dict() for p in self.ladder], "admission": self.admission.to_dict(),
                 "timeline": self.timeline[-2000:],
                 "audit": {key: s.to_dict() for key, s in self.audit.streams.items()},
                 "images_per_configuration": dict(self.shares), "options": asdict(self.options)}
@@ -228,6 +253,7 @@ class Ingress:
         while True:
             await asyncio.sleep(0.5)
             self._control()
+            self.metrics["limit"].set(self.admission.limit)  # here, not per request: a metric update costs CPU
 
     def _control(self) -> None:
         before = self.controller.level
@@ -242,9 +268,9 @@ class Ingress:
         self.metrics["lam"].set(self.ladder[self.controller.level].lam)
         self.metrics["level"].set(self.controller.level)
 
-    def _refuse(self, status: int, message: str) -> JSONResponse:
+    def _refuse(self, status: int, message: str, headers: dict | None = None) -> JSONResponse:
         self.metrics["requests"].inc(tags={"status": str(status)})
-        return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+        return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
 
 
 def check(options: ServeOptions) -> None:

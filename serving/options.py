@@ -45,6 +45,13 @@ class ServeOptions:
     """Ray CPUs reserved by each stage replica."""
     seed: int = 0
     """Seed of the audit's draw."""
+    admission: bool = True
+    """Refuse (503) a request the server cannot answer within the p99 target rather than queue it (load
+    shedding, ``serving.admission``)."""
+    admission_budget: float = 0.8
+    """A served request slower than this share of the p99 target cuts the in-flight bound."""
+    admission_max_wait: float = 0.4
+    """A request that waited longer than this share of the p99 target before the ingress saw it is refused."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < self.max_images:

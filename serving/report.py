@@ -24,15 +24,16 @@ def markdown(report: dict) -> str:
     lines = [f"# Load test: {o['backbone']} + {o['policy']}, p99 target {o['p99_target_ms']:g} ms", "",
              f"`{report['command']}`", "", report["note"], "",
              "## Sustainable throughput at the p99 target", "",
-             "| images/request | mode | rate (req/s) | images/s | p50 ms | p99 ms | accuracy | adaptive/full |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| images/request | mode | rate (req/s) | images/s | p50 ms | p99 ms | shed | accuracy | adaptive/full |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size, modes in report["sustainable"].items():
         for mode in ("adaptive", "full"):
             found = modes[mode]
             passing = [s for s in found["steps"] if s["rate"] == found["rate"]][-1:]
             s = passing[0] if passing else {}
             lines.append(f"| {size} | {mode} | {_f(found['rate'], '.3g')} | {_f(found['images_per_s'])} | "
-                         f"{_f(s.get('p50_ms'))} | {_f(s.get('p99_ms'))} | {_f(s.get('accuracy'), '.4f')} | "
+                         f"{_f(s.get('p50_ms'))} | {_f(s.get('p99_ms'))} | {_f(100 * s['shed_share'] if s else None)}% | "
+                         f"{_f(s.get('accuracy'), '.4f')} | "
                          f"{_f(modes['ratio'], '.2f') if mode == 'adaptive' else ''} |")
     lines += ["", "## Where a request's time goes (mean ms, at the sustainable rate)", "",
               "| images/request | mode | " + " | ".join(PARTS) + " |", "| --- | --- |" + " --- |" * len(PARTS)]
@@ -43,18 +44,23 @@ def markdown(report: dict) -> str:
             b = passing[0]["breakdown_ms"]
             lines.append(f"| {size} | {mode} | " + " | ".join(f"{b[p]:.1f}" for p in PARTS) + " |")
     lines += ["", "## Burst (2x the default point's sustainable rate), controller on", "",
-              "| mode | phase | requests | errors | p50 ms | p99 ms | images/s | accuracy | 5 s windows within target |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              ("Shed: refused with 503 by admission control (counted apart from errors, left out of the p50/p99, "
+               "which are of the served requests)."), "",
+              "| mode | phase | requests | shed | errors | p50 ms | p99 ms | images/s | accuracy | 5 s windows within target |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode, burst in report["burst"].items():
         for phase, s in [*burst["phases"].items(), ("all", burst["summary"])]:
-            lines.append(f"| {mode} | {phase} | {s['requests']} | {s['errors']} | {_f(s['p50_ms'])} | "
+            lines.append(f"| {mode} | {phase} | {s['requests']} | {s['shed']} ({100 * s['shed_share']:.0f}%) | "
+                         f"{s['errors']} | {_f(s['p50_ms'])} | "
                          f"{_f(s['p99_ms'])} | {_f(s['images_per_s'])} | {_f(s['accuracy'], '.4f')} | "
                          f"{100 * s['windows_within_target']:.0f}% of {s['windows']} |")
     lines += ["", "Controller ladder (rung: price, tolerance %, calibration bound %, MFLOPs): "
               + "; ".join(f"{i}: {p['lam']:.4g}, {p['tolerance']:g}, {100 * p['bound']:.3g}, {p['mflops']:.1f}"
                           for i, p in enumerate(report["ladder"])),
               "", "Controller moves in the adaptive burst trace (s from its start: rung): "
-              + (", ".join(f"{m['t']:.1f}: {m['level']}" for m in report["controller_moves"]) or "none"),
+              + (", ".join(f"{m['t']:.1f}: {m['level']}" for m in report["controller_moves"]) or "none")
+              + f"; rung at the end of the trace: {report['burst']['adaptive'].get('final_level')}",
+              "", f"Admission control at the end (in-flight bound, requests shed by rule): {report.get('admission')}",
               "", "## CPU per request by process (sequential requests, no batching across them)", "",
               "| request | wall ms | CPU ms | by process (ms) |", "| --- | --- | --- | --- |"]
     for name, found in report.get("cpu_per_request", {}).items():

@@ -1,8 +1,9 @@
 """The Ray Serve application on loopback with the digits backbone: it answers over HTTP what
 ``AdaptiveClassifier.predict`` answers, refuses bad requests with one clear 4xx line and keeps serving, audits,
-exports its metrics, and the README's client example runs against it. One local Ray instance (2 CPUs, no
-dashboard) for the module, shut down at its end."""
+sheds load with a 503 and one line, exports its metrics, and the README's client example runs against it. One
+local Ray instance (2 CPUs, no dashboard) for the module, shut down at its end."""
 
+import concurrent.futures
 import io
 import json
 import os
@@ -136,6 +137,26 @@ def test_the_controller_moves_under_a_missed_target_and_never_past_the_ceiling(s
     assert moves and moves[0]["level"] == 1
 
 
+def test_under_overload_requests_are_shed_with_a_503_and_one_line_and_serving_goes_on(server, digits):
+    """The test server's p99 target (1 ms) is never met, so admission control's in-flight bound sits at its
+    floor of one: of concurrent requests some are shed; a request stamped as having waited 1 s is shed."""
+    url, _ = server
+    body = json.dumps({"images": digits[:2].tolist()}).encode()
+    stale = urllib.request.Request(f"{url}/", body, {"Content-Type": "application/json",
+                                                     "X-Request-Start": f"t={time.time() - 1:.6f}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(stale, timeout=60)
+    answer = json.load(refused.value)
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+    assert "waited" in answer["error"] and "\n" not in answer["error"] and list(answer) == ["error"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [status for status, _ in pool.map(lambda _: post(url, body), range(16))]
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 1
+    stats = json.load(urllib.request.urlopen(f"{url}/stats", timeout=10))["admission"]
+    assert stats["shed"]["waited"] >= 1 and stats["shed"]["in_flight"] >= statuses.count(503)
+    assert stats["in_flight"] == 0 and len(post_images(url, digits[:2])["predictions"]) == 2
+
+
 def test_the_audit_and_the_metrics(server, digits):
     url, metrics_port = server
     post_images(url, digits[:16])
@@ -150,7 +171,7 @@ def test_the_audit_and_the_metrics(server, digits):
                            for s in streams.values())
     names = ("adaperceiver_requests", "adaperceiver_request_latency_ms", "adaperceiver_images",
              "adaperceiver_batch_images", "adaperceiver_extension_passes", "adaperceiver_operating_point_lam",
-             "adaperceiver_audit_upper_bound")
+             "adaperceiver_audit_upper_bound", "adaperceiver_shed", "adaperceiver_admission_limit")
     text, deadline = "", time.monotonic() + 60  # each replica exports on its own period
     while time.monotonic() < deadline and not all(name in text for name in names):
         try:

@@ -1,5 +1,5 @@
-"""The serving parts that need no Ray: operating points per request, the latency controller, the online audit,
-request parsing, and the classifier at another price sharing its runner."""
+"""The serving parts that need no Ray: operating points per request, the latency controller, admission control,
+the online audit, request parsing, and the classifier at another price sharing its runner."""
 
 import base64
 import io
@@ -14,6 +14,7 @@ from backbone.data import load_dataset
 from inference import AdaptiveClassifier, load_images
 from policy.artifact import load_policy
 from policy.selection import NothingCertifiedError, OperatingPoint
+from serving.admission import Admission, AdmissionConfig, next_limit, shed_reason
 from serving.audit import Audit, AuditStream, look_delta
 from serving.controller import ControllerConfig, LatencyController
 from serving.operating import OperatingCurve
@@ -224,6 +225,22 @@ def test_the_breakdown_adds_up_to_the_client_latency_and_windows_are_judged():
     assert summary["images_per_s"] == 32.0 and summary["accuracy"] == pytest.approx(310 / 320)
 
 
+def test_shed_requests_are_counted_apart_from_errors_and_left_out_of_the_served_p99():
+    from serving.load_test import Record, summarize, sustains
+
+    served = [Record("p", i / 10, 100.0, 200, 16, 16) for i in range(50)]  # 0-5 s: served fast
+    shed = [Record("p", 5 + i / 10, 2.0, 503, 16) for i in range(30)]  # 5-8 s: all shed
+    timeout = [Record("p", 1.0, 10_000.0, 0, 16)]
+    summary = summarize(served + shed, seconds=8, p99_target_ms=250)
+    assert (summary["ok"], summary["shed"], summary["errors"]) == (50, 30, 0)
+    assert summary["shed_share"] == 30 / 80 and summary["p99_ms"] == 100.0
+    assert summary["windows"] == 2 and summary["windows_within_target"] == 0.5  # nothing served: not within
+    assert not sustains(summary, 250) and sustains(summarize(served + shed[:0], 8, 250), 250)
+    with_error = summarize(served + timeout, seconds=8, p99_target_ms=250)
+    assert with_error["errors"] == 1 and with_error["shed"] == 0 and not sustains(with_error, 250)
+    assert sustains(summarize(served * 2 + shed[:1], 8, 250), 250, max_shed=0.01)  # 1 of 101 shed
+
+
 def test_audit_streams_alarm_on_a_shifted_pool_only():
     from serving.load_test import audit_streams
 
@@ -242,3 +259,53 @@ def test_a_request_start_stamp_counts_the_wait_before_the_ingress():
     assert 1900 < _since_request_start({"x-request-start": f"t={time.time() - 2:.6f}"}) < 2500
     assert _since_request_start({}) == 0.0 and _since_request_start({"x-request-start": "t=soon"}) == 0.0
     assert _since_request_start({"x-request-start": f"t={time.time() + 60}"}) == 0.0
+
+
+# ---- admission control -----------------------------------------------------------------------------------------
+ADMISSION = AdmissionConfig(latency_budget_ms=200, max_wait_ms=100, initial_limit=8, min_limit=1, max_limit=16,
+                            backoff=0.5, decrease_every_ms=100)
+
+
+def test_a_request_is_shed_at_the_in_flight_bound_or_past_its_wait_budget_and_admitted_otherwise():
+    assert shed_reason(in_flight=3, limit=4, waited_ms=99, max_wait_ms=100) is None
+    rule, line = shed_reason(in_flight=4, limit=4, waited_ms=0, max_wait_ms=100)
+    assert rule == "in_flight" and "4 requests in flight" in line and "\n" not in line
+    rule, line = shed_reason(in_flight=0, limit=4, waited_ms=101, max_wait_ms=100)
+    assert rule == "waited" and "waited 101 ms" in line
+    assert shed_reason(in_flight=0, limit=1, waited_ms=0, max_wait_ms=100) is None  # nothing in flight: admitted
+
+
+def test_the_in_flight_bound_is_cut_by_slow_requests_and_grows_by_one_per_bound_of_fast_ones():
+    assert next_limit(8, 250, 7, 1000, ADMISSION) == 4  # slow: x0.5
+    assert next_limit(8, 250, 7, 50, ADMISSION) == 8  # cut 50 ms ago: the same burst of slow requests
+    assert next_limit(1.2, 250, 0, 1000, ADMISSION) == 1  # never below min_limit
+    assert next_limit(8, 150, 3, 0, ADMISSION) == 8 + 1 / 8  # fast and half used (3 + the one that ended)
+    assert next_limit(8, 150, 2, 0, ADMISSION) == 8  # fast but the bound is not what limits
+    assert next_limit(16, 150, 15, 0, ADMISSION) == 16  # never past max_limit
+
+
+def test_admission_sheds_a_burst_beyond_the_service_rate_and_reopens_after_it():
+    """A simulated server that serves 10 requests/s, one at a time, latency = queue wait + 100 ms: under 40
+    arrivals/s the bound falls until served requests stay within the budget and most of the burst is shed;
+    afterwards requests at 2/s are all admitted again."""
+    admission, queue_free, t, served = Admission(ADMISSION), 0.0, 0.0, []
+    ends: list[tuple[float, float]] = []  # (end s, latency ms) of admitted requests not yet ended
+
+    def arrive(now: float) -> bool:
+        nonlocal queue_free
+        for end, latency in sorted(ends):
+            if end <= now:
+                admission.done(end, latency)
+                ends.remove((end, latency))
+        if admission.admit(waited_ms=0) is not None:
+            return False
+        queue_free = max(queue_free, now) + 0.1
+        ends.append((queue_free, 1000 * (queue_free - now)))
+        served.append(1000 * (queue_free - now))
+        return True
+
+    burst = [arrive(t := t + 0.025) for _ in range(400)]  # 10 s at 40/s
+    assert 0.6 < 1 - np.mean(burst) < 0.85  # ~3/4 must go: 10 of 40 per second can be served
+    assert np.percentile(served[len(served) // 2:], 99) <= 400  # bounded: 2 x budget at most, not a growing queue
+    after = [arrive(t := t + 0.5) for _ in range(20)]
+    assert all(after) and admission.in_flight <= 1
