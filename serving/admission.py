@@ -6,8 +6,10 @@ Two rules, checked when a request reaches the ingress, before its body is read:
 - **a bound on in-flight requests**, moved by AIMD on the served requests' latencies (the TCP and Netflix
   concurrency-limits scheme; Clipper's AIMD of the batch size is the same idea): a served request slower than
   the latency budget cuts the bound by a factor (at most once per ``decrease_every_ms``, as one burst of slow
-  requests is one signal); a fast one while the bound is half used raises it by ``1 / bound`` (one per bound's
-  worth of requests). At the bound a request would queue behind work the server already cannot finish in time.
+  requests is one signal); a fast one while the bound is half used raises it by ``increase / bound``. The bound
+  settles where cuts and raises balance: with a cut of 20% and a raise of 0.05 per bound's worth of requests,
+  where one request in about 4 x bound^2 is slow (1% at a bound of 5), so the budget holds for a high
+  percentile, not the median. At the bound a request would queue behind work the server cannot finish in time.
 - **a queue-wait deadline**: a request that has already waited longer than ``max_wait_ms`` before the ingress
   saw it (in the HTTP proxy and the ingress's event loop, from the ``X-Request-Start`` stamp) cannot be answered
   in time, however short the queue behind it.
@@ -39,12 +41,16 @@ class AdmissionConfig:
     """Factor a slow request cuts the bound by."""
     decrease_every_ms: float = 100.0
     """At most one cut per this many ms."""
+    increase: float = 0.05
+    """A fast request raises the bound by this over the bound (the bound grows by this per bound's worth)."""
 
     def __post_init__(self) -> None:
         if not (self.latency_budget_ms > 0 and self.max_wait_ms > 0 and self.decrease_every_ms >= 0):
             raise ValueError(f"admission budgets must be positive, got {self}")
         if not 1 <= self.min_limit <= self.initial_limit <= self.max_limit:
             raise ValueError(f"need 1 <= min_limit <= initial_limit <= max_limit, got {self}")
+        if not self.increase > 0:
+            raise ValueError(f"increase must be positive, got {self.increase}")
         if not 0 < self.backoff < 1:
             raise ValueError(f"backoff must be in (0, 1), got {self.backoff}")
 
@@ -65,15 +71,15 @@ def shed_reason(in_flight: int, limit: float, waited_ms: float, max_wait_ms: flo
 def next_limit(limit: float, latency_ms: float, in_flight: int, since_decrease_ms: float,
                config: AdmissionConfig) -> float:
     """The in-flight bound after one served request of ``latency_ms`` (``in_flight`` still in flight as it ends,
-    ``since_decrease_ms`` since the last cut): cut by ``backoff`` when slow, +1/limit when fast and the bound is
-    at least half used, else unchanged; within [min_limit, max_limit]."""
+    ``since_decrease_ms`` since the last cut): cut by ``backoff`` when slow, + increase/limit when fast and the
+    bound is at least half used, else unchanged; within [min_limit, max_limit]."""
     c = config
     if latency_ms > c.latency_budget_ms:
         if since_decrease_ms < c.decrease_every_ms:
             return limit
         return max(c.min_limit, limit * c.backoff)
     if in_flight + 1 >= limit / 2:  # + 1: the request that just ended was in flight too
-        return min(c.max_limit, limit + 1 / limit)
+        return min(c.max_limit, limit + c.increase / limit)
     return limit
 
 

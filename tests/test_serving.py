@@ -263,7 +263,7 @@ def test_a_request_start_stamp_counts_the_wait_before_the_ingress():
 
 # ---- admission control -----------------------------------------------------------------------------------------
 ADMISSION = AdmissionConfig(latency_budget_ms=200, max_wait_ms=100, initial_limit=8, min_limit=1, max_limit=16,
-                            backoff=0.5, decrease_every_ms=100)
+                            backoff=0.5, decrease_every_ms=100, increase=1.0)
 
 
 def test_a_request_is_shed_at_the_in_flight_bound_or_past_its_wait_budget_and_admitted_otherwise():
