@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of requests also run at the full configuration, off the critical path")
     parser.add_argument("--audit-fallback", action="store_true",
                         help="serve an operating point whose audit alarmed at the full configuration")
+    parser.add_argument("--no-admission", action="store_true",
+                        help="queue every request instead of refusing (503) those the server cannot answer in time")
+    parser.add_argument("--admission-budget", type=nonnegative_float, default=0.8,
+                        help="a served request slower than this share of the p99 target cuts the in-flight bound")
+    parser.add_argument("--admission-max-wait", type=nonnegative_float, default=0.4,
+                        help="a request that waited longer than this share of the p99 target before the ingress "
+                             "is refused")
     parser.add_argument("--replicas", type=positive_int, default=1, help="replicas of each stage")
     parser.add_argument("--max-batch-size", type=positive_int, default=64, help="images per stage batch")
     parser.add_argument("--batch-wait-ms", type=nonnegative_float, default=5.0, help="how long a stage fills a batch")
@@ -50,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     options = ServeOptions(args.backbone, args.policy, args.tolerance, args.tolerance_ceiling, args.p99_target_ms,
                            args.levels, audit_share=args.audit_share, audit_fallback=args.audit_fallback,
                            replicas=args.replicas, max_batch_size=max(args.max_batch_size, args.max_images),
-                           batch_wait_ms=args.batch_wait_ms, max_images=args.max_images, threads=args.threads)
+                           batch_wait_ms=args.batch_wait_ms, max_images=args.max_images, threads=args.threads,
+                           admission=not args.no_admission, admission_budget=args.admission_budget,
+                           admission_max_wait=args.admission_max_wait)
     url = local.start(options, args.host, args.port, args.address, args.num_cpus,
                       None if args.address else args.metrics_port)
     print(f"serving at {url}/ (stats: {url}/stats; metrics: http://127.0.0.1:{args.metrics_port}/metrics); "
