@@ -93,7 +93,7 @@ def run_policy_job(job: PolicyJob) -> dict:
     artifact = trained.artifact
     summary = {"dataset": job.dataset, "saved_to": str(job.out)}
     if job.report_test:
-        test, _ = load_tables(job, ("test",))
+        test, _ = load_tables(job, ("test",), data=trained.data)
         summary |= summarize(artifact, test["test"], trained.tables["calibration"], job.train, trained.latency)
     else:
         summary |= {"test": "not read (report_test off)", "lambda": artifact.meta["lam"],

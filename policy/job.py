@@ -74,10 +74,12 @@ def job_dataset(job: PolicyJob) -> Dataset:
 
 
 def load_tables(
-    job: PolicyJob, splits=("policy_train", "calibration", "test"), device: str | torch.device = "cpu"
+    job: PolicyJob, splits=("policy_train", "calibration", "test"), device: str | torch.device = "cpu",
+    data: Dataset | None = None,
 ) -> tuple[dict[str, OutcomeTable], str]:
-    """Outcome tables of ``splits`` for the job's backbone (cached), and the backbone's hash."""
-    data = job_dataset(job)
+    """Outcome tables of ``splits`` for the job's backbone (cached), and the backbone's hash. ``data``: the job's
+    dataset (``job_dataset``) when the caller already has it, so that it is read (and a folder listed) once."""
+    data = job_dataset(job) if data is None else data
     model = load_checkpoint(job.backbone, device)
     digest = backbone_hash(job.backbone)
     tables = {
@@ -127,6 +129,8 @@ class TrainedPolicy:
     tables: dict[str, OutcomeTable]
     latency: dict | None
     extra_files: dict[str, bytes]
+    data: Dataset
+    """The job's dataset, whose test split the main job tabulates."""
 
 
 def train_policy_job(job: PolicyJob) -> TrainedPolicy:
@@ -134,7 +138,8 @@ def train_policy_job(job: PolicyJob) -> TrainedPolicy:
     calibration splits, train and calibrate the policy. Writes only the sweep's members (``out/sweep``)."""
     check_out(job)
     latency = job_latency(job)  # checked before any table is built
-    tables, digest = load_tables(job, ("policy_train", "calibration"))
+    dataset = job_dataset(job)
+    tables, digest = load_tables(job, ("policy_train", "calibration"), data=dataset)
     config, _ = read_config(job.backbone)
     meta = {
         "dataset": job.dataset,
@@ -161,4 +166,4 @@ def train_policy_job(job: PolicyJob) -> TrainedPolicy:
     if len(sweep) > 1:  # one policy per price: keep each beside the chosen one (evaluate.py reads them)
         for member in sweep:
             save_policy(member, Path(job.out) / "sweep" / f"lambda_{member.price.lam:g}")
-    return TrainedPolicy(artifact, sweep, tables, latency, extra_files)
+    return TrainedPolicy(artifact, sweep, tables, latency, extra_files, dataset)

@@ -82,6 +82,8 @@ def test_cuda_on_a_machine_without_it_stops_before_any_compute(tmp_path, monkeyp
 def test_bad_policy_numbers_stop_before_any_compute(flags, tmp_path, monkeypatch):
     from policy import job as pipeline
 
+    monkeypatch.setattr(pipeline, "job_dataset", lambda *a, **k: pytest.fail("dataset read"))
+
     monkeypatch.setattr(pipeline, "load_tables", lambda *a, **k: pytest.fail("tables built"))
     with pytest.raises(SystemExit) as exit_info:
         train_policy.main(["--out", str(tmp_path / "p"), *flags])
@@ -93,6 +95,7 @@ def test_a_policy_is_not_replaced_without_force_but_the_default_output_is(tmp_pa
 
     save_policy(random_artifact(tiny_config, "a" * 64), tmp_path / "mine")
     before = snapshot(tmp_path / "mine")
+    monkeypatch.setattr(pipeline, "job_dataset", lambda *a, **k: pytest.fail("dataset read"))
     monkeypatch.setattr(pipeline, "load_tables", lambda *a, **k: pytest.fail("tables built"))
     with pytest.raises(ProjectError, match="already holds a policy; pass --force"):
         train_policy.main(["--out", str(tmp_path / "mine")])
@@ -100,6 +103,8 @@ def test_a_policy_is_not_replaced_without_force_but_the_default_output_is(tmp_pa
     # the default output is the job's own: a second run says it replaces it, and goes on
     monkeypatch.chdir(tmp_path)
     save_policy(random_artifact(tiny_config, "a" * 64), tmp_path / "runs" / "digits" / "policy")
+    # the job goes on to its work: reading the dataset, then its tables
+    monkeypatch.setattr(pipeline, "job_dataset", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("tables")))
     monkeypatch.setattr(pipeline, "load_tables", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("tables")))
     with pytest.raises(RuntimeError, match="tables"):
         train_policy.main([])

@@ -246,6 +246,7 @@ def test_cost_latency_without_a_table_or_with_another_grid_stops_before_any_tabl
     from policy import job as pipeline
 
     root, table, _ = latency_run
+    monkeypatch.setattr(pipeline, "job_dataset", lambda *a, **k: pytest.fail("dataset read"))
     monkeypatch.setattr(pipeline, "load_tables", lambda *a, **k: pytest.fail("tables built"))
     with pytest.raises(SystemExit) as exit_info:
         train_policy.main(["--out", str(tmp_path / "p"), "--cost", "latency"])
