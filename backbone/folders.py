@@ -74,6 +74,15 @@ class FolderSpec:
         return "RGB" if self.channels == 3 else "L"
 
 
+def converted(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in PIL mode ``mode`` ('RGB' or 'L'); ``ValueError`` where PIL has no such conversion."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grey: scaled to 8 bits from its full depth (a plain convert would clip it to 0 / 255)
+        wide = np.asarray(image, dtype=np.float64) / 65535
+        image = Image.fromarray(np.round(255 * wide.clip(0, 1)).astype(np.uint8), "L")
+    return image.convert(mode)
+
+
 def read_image(path: Path, spec: FolderSpec) -> tuple[torch.Tensor, str]:
     """One file as float32 ``(C, size, size)`` in ``[0, 1]``, and the PIL mode it was stored in.
 
@@ -84,12 +93,8 @@ def read_image(path: Path, spec: FolderSpec) -> tuple[torch.Tensor, str]:
         with Image.open(path) as image:
             mode = image.mode
             image.load()  # decode now: a truncated file fails here, with its name, not later in a worker
-            if mode.startswith("I;16") or mode == "I":
-                # 16-bit grey: scaled to 8 bits from its full depth (a plain convert would clip it to 0 / 255)
-                wide = np.asarray(image, dtype=np.float64) / 65535
-                image = Image.fromarray(np.round(255 * wide.clip(0, 1)).astype(np.uint8), "L")
             try:  # Pillow converts every mode it decodes from a file today; a plugin's own mode may not
-                image = image.convert(spec.mode)
+                image = converted(image, spec.mode)
             except ValueError as err:
                 raise DataError(f"{path}: images in mode {mode} cannot be converted to {spec.mode} ({err}); save it "
                                 f"again as an RGB or grey PNG/JPEG") from err

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from backbone.config import AdaPerceiverConfig
 from backbone.data import DataError, check_labels, read_npz, to_images
-from backbone.folders import FolderSpec, ImageFiles, scan_folder
+from backbone.folders import FolderSpec, ImageFiles, converted, scan_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -20,11 +20,7 @@ def _read_image(path: Path, config: AdaPerceiverConfig) -> np.ndarray:
     """uint8 ``(C, H, W)``: grey or RGB by ``config.in_chans``, resized to ``config.img_size``."""
     try:
         with Image.open(path) as image:
-            if image.mode.startswith("I;16") or image.mode == "I":
-                # 16-bit grey: scaled to 8 bits from its full depth (a plain convert would clip it to 0 / 255)
-                wide = np.asarray(image, dtype=np.float64) / 65535
-                image = Image.fromarray(np.round(255 * wide.clip(0, 1)).astype(np.uint8), "L")
-            image = image.convert("L" if config.in_chans == 1 else "RGB")
+            image = converted(image, "L" if config.in_chans == 1 else "RGB")
             pixels = np.asarray(image.resize((config.img_size, config.img_size), Image.Resampling.BICUBIC), np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
