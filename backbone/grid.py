@@ -27,6 +27,11 @@ class GridPoint(NamedTuple):
         k, l, m = (int(a) for a in action)
         return cls(int(token_grans[k]), l + 1, float(ffn_widths[m]))
 
+    @property
+    def name(self) -> str:
+        """``tokens/depth/width`` as reports print it, e.g. ``32/6/0.5``."""
+        return "/".join(f"{v:g}" for v in self)
+
     def action(self, token_grans: Sequence[int], ffn_widths: Sequence[float]) -> tuple[int, int, int]:
         """The action indices ``(token index, depth - 1, width index)`` of this point."""
         return list(token_grans).index(self.tokens), self.depth - 1, [float(w) for w in ffn_widths].index(float(self.width))

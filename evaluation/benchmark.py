@@ -280,7 +280,7 @@ def latency_batch1(classifier: AdaptiveClassifier, images: torch.Tensor, rounds:
     device = next(model.parameters()).device
     images = images.to(device)
     prediction = classifier.predict_batched(images)
-    names = {cfg: "config " + "/".join(f"{v:g}" for v in cfg) for cfg in set(prediction.configs)}
+    names = {cfg: "config " + GridPoint(*cfg).name for cfg in set(prediction.configs)}
     share = {"full": 1.0, "adaptive": 1.0}
     full = GridPoint(*model.resolve(None, None, None))
     variants: dict[str, Callable[[torch.Tensor], object]] = {

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import matplotlib
 
+from backbone.grid import GridPoint
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -17,14 +19,14 @@ FAMILIES = ("fixed", "early_exit", "random", "glance_threshold", "router", "ppo"
 def _what(name: str, e: dict) -> str:
     """The knob(s) the rule chose, one per calibration fold."""
     if name in ("reference",):
-        return "config " + "/".join(f"{v:g}" for v in e["config"])
+        return "config " + GridPoint(*e["config"]).name
     if name == "oracle":
         return "hindsight, per input"
     parts = []
     for fold in e["selection"]["folds"]:
         mark = "" if fold["meets_target"] else " †"
         if name == "fixed":
-            parts.append("config " + "/".join(f"{v:g}" for v in fold["config"]) + mark)
+            parts.append("config " + GridPoint(*fold["config"]).name + mark)
         elif name in ("early_exit", "glance_threshold"):
             parts.append(f"tau {fold['tau']:.4g}" + mark)
         elif name == "ppo":

@@ -135,10 +135,6 @@ class Mix:
                 "shares": [{"config": list(p), "share": s} for p, s in self.shares.items()]}
 
 
-def config_name(point: GridPoint) -> str:
-    return "/".join(f"{v:g}" for v in point)
-
-
 def _interleaved(variants: dict[str, Callable], batches: list[torch.Tensor], rounds: int, timer: Timer,
                  desc: str, progress: bool) -> dict[str, dict[str, list[float]]]:
     """Images/s ``[clock][variant]`` in each of ``rounds`` rounds, each round timing every variant once in turn."""
@@ -162,7 +158,7 @@ def config_speed(classifier: AdaptiveClassifier, images: torch.Tensor, configs: 
     c = classifier.backbone.config
     batches = batches_of(images, batch_size)
     points = [GridPoint(*classifier.backbone.resolve(*p)) for p in configs]
-    variants = {config_name(p): (lambda x, p=p: classifier.forward_config(x, p)) for p in points}
+    variants = {p.name: (lambda x, p=p: classifier.forward_config(x, p)) for p in points}
     if classifier.path != "eager":  # untimed: builds each program (at this size eager needs no warm-up pass)
         with torch.inference_mode():
             for fn in variants.values():
@@ -173,7 +169,7 @@ def config_speed(classifier: AdaptiveClassifier, images: torch.Tensor, configs: 
         gflops = flops(c, *p) / 1e9
         row = {"config": list(p), "batch_size": len(batches[0]), "gflops": gflops}
         for clock, speeds in measured.items():
-            ips = float(np.median(speeds[config_name(p)]))
+            ips = float(np.median(speeds[p.name]))
             prefix = "" if clock == "wall" else f"{clock}_"
             row |= {f"{prefix}images_per_s": ips, f"{prefix}ms_per_batch": 1e3 * len(batches[0]) / ips,
                     f"{prefix}gflop_per_s": ips * gflops}
@@ -397,7 +393,7 @@ def format_configs(rows: list[dict], peak: dict | None = None) -> str:
     header += ["CPU-time ms/batch", "CPU-time GFLOP/s"] if cpu else []
     lines = ["| " + " | ".join(header) + " |", "| ---: | --- |" + " ---: |" * (len(header) - 2)]
     for r in rows:
-        line = (f"| {r['batch_size']} | {config_name(GridPoint(*r['config']))} | {r['gflops']:.2f} | "
+        line = (f"| {r['batch_size']} | {GridPoint(*r['config']).name} | {r['gflops']:.2f} | "
                 f"{r['ms_per_batch']:,.1f} | {r['images_per_s']:,.2f} | {r['gflop_per_s']:.1f} |")
         if peak:
             line += f" {100 * r['gflop_per_s'] / peak['gflop_per_s']:.0f}% |"
@@ -411,7 +407,7 @@ def format_mixes(mixes: Sequence[Mix], results: list[dict], goal: float) -> str:
     """Markdown: each mix's shares, then one row per (clock, batch size, mix) of ``mix_speed`` results."""
     lines = []
     for mix in mixes:
-        shares = ", ".join(f"{config_name(p)} {100 * s:.1f}%" for p, s in mix.shares.items())
+        shares = ", ".join(f"{p.name} {100 * s:.1f}%" for p, s in mix.shares.items())
         lines.append(f"- **{mix.name}** ({mix.source}): {shares}")
     header = ["clock", "batch", "images", "rounds", "mix", "full img/s", "adaptive img/s", "GFLOPs/image (full)",
               "FLOP speed-up", "realized speed-up", f"realized / FLOP (goal >= {goal:g})", "per round"]
