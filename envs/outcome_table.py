@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from backbone import AdaPerceiver, flops_grid
@@ -165,18 +164,42 @@ class TableError(ValueError):
 
 def save_table(table: OutcomeTable, path: str | Path) -> None:
     """Write ``table`` to an ``.npz`` (plain arrays, metadata and the arrays' digest as JSON text), atomically."""
-    arrays = {key: getattr(table, key) for key in ARRAYS}
-    arrays["header"] = np.array(json.dumps({
-        "format": FORMAT_VERSION,
-        "token_grans": list(table.token_grans),
-        "ffn_widths": list(table.ffn_widths),
-        "meta": table.meta,
-        "digest": arrays_digest(arrays),
-    }))
+    save_concatenated([table], path)
+
+
+def save_concatenated(parts: list[OutcomeTable], path: str | Path, chunk_bytes: int = 1 << 26) -> None:
+    """Write the row slices ``parts`` of one split, in order, as one table file (what ``save_table`` writes for
+    their concatenation), atomically. Rows are copied ``chunk_bytes`` at a time, so parts that are memory-mapped
+    shards of a table larger than memory are merged in bounded memory."""
+    first = parts[0]
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        digest = hashlib.sha256()  # the digest ``arrays_digest`` gives the concatenated arrays, fed slice by slice
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key in ARRAYS:
+                values = [getattr(p, key) for p in parts] if key in PER_INPUT else [getattr(first, key)]
+                if len({(v.dtype.str, v.shape[1:]) for v in values}) != 1:
+                    raise TableError(f"the parts' {key} arrays differ in dtype or row shape")
+                shape = (sum(len(v) for v in values), *values[0].shape[1:])
+                digest.update(f"{key}:{values[0].dtype.str}:{shape}".encode())
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_2_0(member, {
+                        "descr": np.lib.format.dtype_to_descr(values[0].dtype), "fortran_order": False, "shape": shape})
+                    for value in values:
+                        step = max(1, chunk_bytes // max(1, value[:1].nbytes))
+                        for start in range(0, len(value), step):
+                            chunk = np.ascontiguousarray(value[start : start + step]).reshape(-1).view(np.uint8)
+                            digest.update(chunk)
+                            member.write(chunk)
+            header = json.dumps({
+                "format": FORMAT_VERSION,
+                "token_grans": list(first.token_grans),
+                "ffn_widths": list(first.ffn_widths),
+                "meta": first.meta,
+                "digest": digest.hexdigest(),
+            })
+            with archive.open("header.npy", "w") as member:
+                np.lib.format.write_array(member, np.array(header))
 
     atomic_write(Path(path), write)
 
@@ -269,19 +292,20 @@ def cached_outcome_table(
     rows = np.array_split(np.arange(len(labels)), ctx.world)[ctx.rank]
     mine = images[rows] if isinstance(images, torch.Tensor) else images.subset(rows)
     table = build_outcome_table(model, mine, labels[rows], spec, batch_size, meta, progress and ctx.is_main)
-    if ctx.enabled:
-        # under torchrun each rank tabulates a contiguous slice; every rank gets the whole table
-        parts: list = [None] * ctx.world
-        dist.all_gather_object(parts, table)
-        table = concat_tables(parts)
-    if ctx.is_main:
+    if not ctx.enabled:
         save_table(table, path)
+        return table
+    # under torchrun each rank tabulates a contiguous slice and writes it as a shard; the main rank merges the
+    # shards into the cached file in bounded memory, and every rank then reads that file memory-mapped, so no
+    # process ever holds more than its own slice
+    shards = [path.parent / "shards" / f"{path.stem}.rank{r:04d}-of-{ctx.world:04d}.npz" for r in range(ctx.world)]
+    shards[ctx.rank].parent.mkdir(parents=True, exist_ok=True)
+    save_table(table, shards[ctx.rank])
+    del table
     ctx.barrier()
-    return table
-
-
-def concat_tables(parts: list[OutcomeTable]) -> OutcomeTable:
-    """One table from row slices of the same split, in order."""
-    first = parts[0]
-    rows = {key: np.concatenate([getattr(p, key) for p in parts]) for key in PER_INPUT}
-    return OutcomeTable(**rows, **{key: getattr(first, key) for key in SHARED})
+    if ctx.is_main:
+        save_concatenated([load_table(shard, mmap=True) for shard in shards], path)
+        for shard in shards:
+            shard.unlink()
+    ctx.barrier()
+    return load_table(path, mmap=True)

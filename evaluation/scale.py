@@ -8,7 +8,7 @@ network (its cost is paid, its choices are not used) serve three measurements:
   to inputs, ``Mix``) through the same glance, plan and extension passes as ``AdaptiveClassifier.predict``
   (``predict_assigned``), against the full model on the same path, interleaved over rounds;
 - ``tabulation_speed`` and ``ppo_speed``: building outcome tables, and PPO over a memory-mapped synthetic table of
-  millions of rows (``synthetic_table``).
+  millions of rows (``synthetic_table``); ``merge_memory``: the memory of merging torchrun's table shards.
 
 Every timing goes through a ``timer`` (default ``two_clocks``: the wall clock and the process's CPU time of the same
 pass), so a test can give known times and check that each reported ratio is computed from them.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import resource
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from backbone.config import ConfigError
 from backbone.grid import GridPoint
 from envs import FeatureSpec, OutcomeTable, TableVecEnv, build_outcome_table, load_table, save_table
 from envs.features import staged_flops
-from envs.outcome_table import PER_INPUT
+from envs.outcome_table import PER_INPUT, save_concatenated
 from evaluation.benchmark import batches_of, sync
 from inference.classifier import AdaptiveClassifier
 from policy.artifact import PolicyArtifact, make_policy
@@ -307,6 +308,49 @@ def synthetic_table(path: str | Path, config: AdaPerceiverConfig, rows: int, spe
         save_table(table, path)
         del table, arrays
     return path
+
+
+class AnonPeak:
+    """The peak of this process's anonymous resident memory while the block runs, sampled every ``interval`` s (MiB,
+    ``peak`` and the ``growth`` over its value on entry). File-backed pages, such as a memory-mapped table's, are left
+    out: the kernel can drop and read them again."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self.growth = interval, float("nan"), float("nan")
+
+    def __enter__(self) -> AnonPeak:
+        self._start = self.peak = rss_mib()["anon"]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_mib()["anon"])
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib()["anon"])
+        self.growth = self.peak - self._start
+
+
+def merge_memory(config: AdaPerceiverConfig, rows: int, shards: int, scratch: str | Path, seed: int = 0,
+                 clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Time and peak anonymous memory of merging ``shards`` synthetic table shards of ``rows`` rows in all into one
+    file, as the main rank does under torchrun (``save_concatenated`` over the shards memory-mapped; each shard is
+    verified against its digest first, as ``load_table`` does)."""
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
+        parts = [synthetic_table(Path(folder) / f"shard{i}.npz", config, len(r), seed=seed + i)
+                 for i, r in enumerate(np.array_split(np.arange(rows), shards))]
+        merged = Path(folder) / "merged.npz"
+        with AnonPeak() as memory:
+            start = clock()
+            save_concatenated([load_table(part, mmap=True) for part in parts], merged)
+            seconds = clock() - start
+        return {"rows": rows, "shards": shards, "table_bytes": merged.stat().st_size, "seconds": seconds,
+                "anon_peak_growth_mib": memory.growth}
 
 
 def ppo_speed(table_path: str | Path, timesteps: int, config: PolicyTrainConfig | None = None,

@@ -6,7 +6,8 @@ of some at larger batches, and the adaptive classifier answering a fixed mix of 
 Fashion-MNIST policy chooses, mapped onto the same grid positions, at its calibrated price and at its certified
 operating point) through its glance, plan and extension passes, against the full model on the same path in the same
 interleaved rounds. Part ``training`` (reports/bench_scale_<device>_training.*): images/s of building outcome tables,
-and PPO steps/s and memory over a synthetic memory-mapped table of --ppo-rows rows.
+PPO steps/s and memory over a synthetic memory-mapped table of --ppo-rows rows, and the memory of merging torchrun's
+table shards at two sizes (--merge-rows).
 
     python experiments/bench_scale.py --threads 1 --quiet                                  # eager, CPU
     python experiments/bench_scale.py --threads 1 --path compiled --latency-configs used --throughput-batch-sizes 16
@@ -34,6 +35,7 @@ from evaluation.scale import (
     config_speed,
     format_configs,
     format_mixes,
+    merge_memory,
     mix_speed,
     policy_mixes,
     ppo_speed,
@@ -93,7 +95,8 @@ def training_part(args, classifier: AdaptiveClassifier) -> tuple[dict, str]:
         ppo = ppo_speed(path, args.ppo_timesteps)
     finally:
         path.unlink(missing_ok=True)
-    data = {"tabulation": tabulation, "ppo": ppo}
+    merges = [merge_memory(c, rows, args.merge_shards, args.scratch, args.seed) for rows in args.merge_rows]
+    data = {"tabulation": tabulation, "ppo": ppo, "merges": merges}
     tables = "\n".join([
         "| measurement | value |", "| --- | ---: |",
         f"| tabulation: images / batch | {tabulation['images']} / {tabulation['batch_size']} |",
@@ -105,7 +108,9 @@ def training_part(args, classifier: AdaptiveClassifier) -> tuple[dict, str]:
         f"| PPO: env steps timed, steps/s | {ppo['timesteps']:,}, {ppo['steps_per_s']:,.0f} |",
         (f"| PPO: resident memory after, anonymous / file-backed MiB | {ppo['rss_after_mib']['anon']:,.0f} / "
          f"{ppo['rss_after_mib']['file']:,.0f} |"),
-        f"| PPO process: peak resident memory, MiB | {ppo['peak_rss_mib']:,.0f} |"])
+        f"| PPO process: peak resident memory, MiB | {ppo['peak_rss_mib']:,.0f} |",
+        *(f"| merging {m['shards']} shards of {m['rows']:,} rows ({m['table_bytes'] / 2**30:.2f} GiB): s, "
+          f"peak anonymous memory growth MiB | {m['seconds']:.1f}, {m['anon_peak_growth_mib']:,.0f} |" for m in merges)])
     return data, tables
 
 
@@ -137,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ppo-rows", type=positive_int, default=1_281_167,
                         help="rows of the synthetic table (ImageNet-1K's training images)")
     parser.add_argument("--ppo-timesteps", type=positive_int, default=100_000, help="PPO env steps timed")
+    parser.add_argument("--merge-rows", type=positive_ints, default=[40_000, 160_000],
+                        help="rows of the synthetic tables whose torchrun shards are merged (memory at two sizes)")
+    parser.add_argument("--merge-shards", type=positive_int, default=4, help="shards each merged table is split into")
     parser.add_argument("--scratch", default="/tmp", help="folder for the synthetic table (removed afterwards)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, images and assignments")
     parser.add_argument("--json", default=None, help="default reports/bench_scale_<device type>_<path or training>.json")

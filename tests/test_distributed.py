@@ -82,3 +82,5 @@ def test_sharded_outcome_table_equals_single_process(tmp_path, tiny_model):
         assert np.allclose(a.true_logprob, b.true_logprob, atol=1e-5)
         assert np.allclose(a.features, b.features, atol=1e-5)
         assert a.meta == b.meta
+    # the ranks' shards were merged into the cached files and removed
+    assert list((tmp_path / "two" / "shards").iterdir()) == []

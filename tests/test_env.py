@@ -203,6 +203,27 @@ def test_a_damaged_cache_is_rebuilt_with_a_notice(tmp_path, tiny_model, digits_s
     assert header  # the first table had a header to keep
 
 
+def test_shards_merge_into_the_file_of_their_concatenation(tmp_path, table):
+    """The torchrun merge: memory-mapped row slices written in small chunks give the file of the whole table."""
+    import envs.outcome_table as ot
+
+    ot.save_table(table, tmp_path / "whole.npz")
+    for i, rows in enumerate(np.array_split(np.arange(len(table)), 3)):
+        ot.save_table(table.subset(rows), tmp_path / f"shard{i}.npz")
+    shards = [ot.load_table(tmp_path / f"shard{i}.npz", mmap=True) for i in range(3)]
+    ot.save_concatenated(shards, tmp_path / "merged.npz", chunk_bytes=1000)  # many chunks per shard
+    whole, merged = ot.load_table(tmp_path / "whole.npz"), ot.load_table(tmp_path / "merged.npz", mmap=True)
+    with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "merged.npz") as b:
+        assert str(a["header"]) == str(b["header"]), "same digest and metadata"
+    for key in ot.ARRAYS:
+        assert np.array_equal(getattr(whole, key), getattr(merged, key)), key
+    # a shard from another grid cannot be merged in
+    other = dataclasses.replace(table, predicted=table.predicted[:, :2])
+    with pytest.raises(ot.TableError, match="predicted"):
+        ot.save_concatenated([table, other], tmp_path / "bad.npz")
+    assert not (tmp_path / "bad.npz").exists()
+
+
 def test_env_rejects_bad_arguments(table):
     with pytest.raises(ValueError, match="exactly one"):
         AdaptiveComputeEnv()

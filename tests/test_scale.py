@@ -1,6 +1,8 @@
 """The paper-sized preset and the scale benchmark's library (evaluation/scale.py) on tiny configurations."""
 
 import dataclasses
+import mmap
+import time
 
 import numpy as np
 import pytest
@@ -11,9 +13,11 @@ from backbone.config import ConfigError, paper_config, preset
 from backbone.grid import GridPoint
 from envs import FeatureSpec, TableVecEnv, load_table
 from evaluation.scale import (
+    AnonPeak,
     Mix,
     config_speed,
     map_point,
+    merge_memory,
     mix_speed,
     ppo_speed,
     random_classifier,
@@ -200,3 +204,27 @@ def test_ppo_speed_on_a_memory_mapped_table(tmp_path, tiny_config):
     result = ppo_speed(path, timesteps=128, config=config)
     assert result["rows"] == 500 and result["timesteps"] == 128 and result["steps_per_s"] > 0
     assert result["table_bytes"] == path.stat().st_size and result["peak_rss_mib"] > 0
+
+
+def test_anon_peak_sees_an_allocation_and_not_a_memory_map(tmp_path):
+    with AnonPeak() as allocated:
+        # 64 MiB of fresh anonymous pages (a heap allocation could reuse pages earlier tests freed), freed in the block
+        block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        block.write(b"x" * len(block))
+        time.sleep(0.1)  # held across several samples
+        block.close()
+    assert allocated.growth > 48
+    np.ones(64 * 2**20, dtype=np.uint8).tofile(tmp_path / "pages.bin")
+    with AnonPeak() as mapped:
+        assert int(np.memmap(tmp_path / "pages.bin", mode="r").sum()) == 64 * 2**20  # every file page read
+    assert mapped.growth < 16
+
+
+def test_merge_memory_merges_the_shards_of_the_rows(tmp_path, tiny_config):
+    ticks = iter([2.0, 5.0])
+    result = merge_memory(tiny_config, rows=301, shards=3, scratch=tmp_path, clock=lambda: next(ticks))
+    single = synthetic_table(tmp_path / "single.npz", tiny_config, rows=301)
+    assert result["rows"] == 301 and result["shards"] == 3 and result["seconds"] == 3.0
+    # the merged file holds the rows of one 301-row table (same layout; sizes agree up to the zip's small records)
+    assert abs(result["table_bytes"] - single.stat().st_size) < 1024
+    assert list(tmp_path.iterdir()) == [single], "the shards and the merged file are removed"
