@@ -17,18 +17,37 @@ import torch
 from scipy.stats import bootstrap
 
 from backbone.checkpoint import load_checkpoint, read_config
-from backbone.data import Dataset
+from backbone.data import DataError, Dataset, SplitConfig, load_dataset
+from backbone.folders import SPLITS_FILE, FolderSpec, ImageFiles, image_batches, is_image_folder, load_folder, recorded_splits
 
 HELD_OUT_SPLITS = ("policy_train", "calibration", "test")
 
 
+def comparison_data(dataset: str, data_dir: str | None, split_seed: int, first_checkpoint: str | Path,
+                    workers: int = 0) -> Dataset:
+    """The dataset the checkpoints are scored on: a named set or ``.npz`` cut with ``split_seed``, or an image folder
+    with the splits recorded beside ``first_checkpoint`` (its files streamed; ``check_same_data`` then holds every
+    other checkpoint to the same record)."""
+    if not is_image_folder(dataset):
+        return load_dataset(dataset, data_dir, SplitConfig(seed=split_seed))
+    config, meta = read_config(first_checkpoint)
+    record = recorded_splits(first_checkpoint, meta)
+    if record is None:
+        raise DataError(f"{first_checkpoint} was trained on {meta.get('dataset')!r}, not on an image folder; pass its "
+                        "--dataset, or checkpoints trained on this folder")
+    return load_folder(dataset, FolderSpec(config.img_size, config.in_chans, workers), record=record,
+                       source=str(Path(first_checkpoint) / SPLITS_FILE))
+
+
 @torch.inference_mode()
-def full_config_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def full_config_correct(model: torch.nn.Module, images: torch.Tensor | ImageFiles, labels: torch.Tensor,
                         batch_size: int = 512) -> np.ndarray:
-    """Whether the full configuration classifies each image right: bool ``(n,)``."""
+    """Whether the full configuration classifies each image right: bool ``(n,)``; ``images`` in memory ``(n, C, H,
+    W)`` or image files, read batch by batch."""
     model.eval()
-    hits = [model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]
-            for i in range(0, len(images), batch_size)]
+    device = next(model.parameters()).device
+    hits = [model(x.to(device)).argmax(-1).cpu() == labels[i * batch_size : (i + 1) * batch_size]
+            for i, x in enumerate(image_batches(images, batch_size))]
     return torch.cat(hits).numpy()
 
 
@@ -42,12 +61,18 @@ def paired_interval_pp(diff: np.ndarray, seed: int = 0) -> tuple[float, float]:
 
 
 def check_same_data(directories: list[str | Path], data: Dataset, split_seed: int) -> None:
-    """Raise ``ValueError`` unless every checkpoint was trained on ``data`` cut with ``split_seed``."""
+    """Raise ``DataError`` unless every checkpoint was trained on ``data`` cut with ``split_seed`` (an image folder:
+    with the file lists of ``data``'s record)."""
     for directory in directories:
         _, meta = read_config(directory)
+        if data.record is not None:
+            if recorded_splits(directory, meta) != data.record:
+                raise DataError(f"{directory} was not trained on the splits of this image folder that "
+                                 "the first checkpoint records; compare checkpoints trained on the same splits")
+            continue
         name = Path(str(meta.get("dataset", ""))).stem
         if name != data.name or meta.get("split_seed") != split_seed:
-            raise ValueError(
+            raise DataError(
                 f"{directory} was trained on dataset {meta.get('dataset')!r} with split seed "
                 f"{meta.get('split_seed')}, not {data.name!r} with split seed {split_seed}; compare checkpoints "
                 "of one dataset and one split seed (pass --dataset and --split-seed to match them)"
@@ -63,10 +88,10 @@ def compare_backbones(groups: dict[str, list[str | Path]], data: Dataset, split_
     a 95% paired bootstrap interval over images of the seed-averaged correctness.
     """
     if len(groups) < 1 or any(not dirs for dirs in groups.values()):
-        raise ValueError("each group needs at least one checkpoint directory")
+        raise DataError("each group needs at least one checkpoint directory")
     unknown = [s for s in splits if s not in data.splits]
     if unknown or not splits:
-        raise ValueError(f"unknown splits {unknown}; choose among {sorted(data.splits)}")
+        raise DataError(f"unknown splits {unknown}; choose among {sorted(data.splits)}")
     check_same_data([d for dirs in groups.values() for d in dirs], data, split_seed)
     parts = (*splits, "pooled")
     result: dict = {"splits": {s: len(data.splits[s]) for s in splits}, "groups": {}}

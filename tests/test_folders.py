@@ -31,7 +31,7 @@ from backbone.folders import (
     scan_folder,
 )
 from envs import FeatureSpec, build_outcome_table, load_table
-from experiments import build_tables, calibrate, evaluate, infer, train_backbone, train_policy
+from experiments import build_tables, calibrate, compare_backbones, evaluate, infer, train_backbone, train_policy
 from inference.inputs import _read_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,6 +359,30 @@ def test_later_scripts_refuse_a_folder_whose_file_list_changed(trained, tmp_path
         assert f"{folder / 'red' / 'extra.png'} was added" in line and "train a new backbone" in line
     assert not cache.exists() and not policy.exists() and not (tmp_path / "tb").exists()
     assert snapshot(backbone) == before
+
+
+def test_compare_backbones_scores_a_folder_on_the_recorded_splits(trained, tmp_path, monkeypatch, capsys):
+    from backbone.checkpoint import load_checkpoint
+
+    folder, backbone = trained
+    result = compare_backbones.main(["--dataset", str(folder), "--workers", "0", "--joint", str(backbone),
+                                     "--reference", str(backbone)])
+    record = recorded_splits(backbone, read_config(backbone)[1])
+    assert result["splits"] == {s: len(record["splits"][s]) for s in ("policy_train", "calibration", "test")}
+    # the test split's accuracy is the model's on the recorded test files, read here on their own
+    data = load_folder(folder, FolderSpec(16, 3, 0), record=record)
+    model = load_checkpoint(backbone).eval()
+    with torch.inference_mode():
+        right = torch.cat([model(x).argmax(-1) for x in image_batches(data.splits["test"].x, 7)]) == data.splits["test"].y
+    assert result["groups"]["joint"]["runs"][0]["test"] == pytest.approx(right.float().mean().item())
+    assert result["difference"]["pooled_delta_pp"] == 0.0
+    # a backbone cut from the folder with other splits is refused, in one line
+    other = tmp_path / "other"
+    train_backbone.main(["--dataset", str(folder), *TINY, "--epochs", "1", "--batch-size", "32", "--workers", "0",
+                         "--split-seed", "1", "--out", str(other)])
+    status, err = cli(compare_backbones.main, ["--dataset", str(folder), "--workers", "0", "--joint", str(backbone),
+                                               "--reference", str(other)], monkeypatch, capsys)
+    assert status == 2 and f"{other} was not trained on the splits of this image folder" in error_line(err)
 
 
 @pytest.mark.slow
