@@ -222,7 +222,7 @@ class Ingress:
             self.metrics["alarms"].inc(tags={"point": point.key})
             logger.warning(f"audit alarm at {point.key}: disagreement with the full configuration is above "
                            f"{point.tolerance:g}% with confidence {1 - stream.delta:g} ({stream.disagreements} of "
-                           f"{stream.n} audited images, lower bound {100 * stream.lower:.3g}%)"
+                           f"{stream.n} audited images, evidence {stream.evidence:.3g} >= 1/delta)"
                            + ("; serving it at the full configuration from now on" if self.options.audit_fallback else ""))
 
     def _body(self, served: Served, point: ServedPoint | None, with_logits: bool) -> dict:

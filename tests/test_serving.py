@@ -15,7 +15,7 @@ from inference import AdaptiveClassifier, load_images
 from policy.artifact import load_policy
 from policy.selection import NothingCertifiedError, OperatingPoint
 from serving.admission import Admission, AdmissionConfig, next_limit, shed_reason
-from serving.audit import Audit, AuditStream, look_delta
+from serving.audit import Audit, AuditStream, evidence, look_delta
 from serving.controller import ControllerConfig, LatencyController
 from serving.operating import OperatingCurve
 from serving.request_body import RequestError, parse_request
@@ -134,6 +134,35 @@ def test_the_audit_rarely_fires_at_the_certified_rate():
     stream = AuditStream(1.0)
     stream.record(0, 16)
     assert stream.upper > 0.01 and not stream.alarmed  # a fresh stream certifies little, and alarms on nothing
+
+
+def test_the_alarms_test_keeps_delta_at_the_worst_rate_within_the_promise():
+    """Ville's inequality, simulated: streams of images at exactly the promised rate (the null's worst case) whose
+    evidence ever reaches 1/delta, looked at after every image for 4,000 images, are at most delta."""
+    rng = np.random.default_rng(0)
+    streams, images, delta = 4000, 4000, 0.1
+    counts = np.cumsum(rng.random((streams, images)) < 0.01, axis=1)
+    ever = (evidence(counts, np.arange(1, images + 1), 0.01) >= 1 / delta).any(axis=1)
+    assert ever.mean() <= delta + 3 * np.sqrt(delta * (1 - delta) / streams), ever.mean()
+    assert ever.mean() > 0.005  # the bound is spent, not wasted: the test is not vacuous at its own boundary
+    # half the promised rate: alarms are far rarer still
+    low = np.cumsum(rng.random((streams, images)) < 0.005, axis=1)
+    assert (evidence(low, np.arange(1, images + 1), 0.01) >= 1 / delta).any(axis=1).mean() < 0.01
+
+
+def test_the_alarm_catches_a_shift_in_1_image_requests_where_spending_per_look_does_not():
+    """A 6% disagreement against a 1% promise, one image per audited request, 150 audited requests (10,000+
+    requests at a 1% audit): the e-process alarms in most streams, a lower bound spent look by look in few."""
+    rng = np.random.default_rng(2)
+    fired, spent_rule = 0, 0
+    for _ in range(40):
+        stream, lower_fired = AuditStream(1.0), False
+        for _ in range(150):
+            stream.record(int(rng.random() < 0.06), 1)
+            lower_fired |= stream.lower > 0.01
+        fired += stream.alarmed
+        spent_rule += lower_fired
+    assert fired >= 30 and spent_rule <= 20, (fired, spent_rule)
 
 
 def test_the_audit_draws_its_share():
