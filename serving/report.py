@@ -19,6 +19,18 @@ def _f(value, spec: str = ".1f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def cpu_ceilings(cpu_per_request: dict) -> dict[str, float]:
+    """Per request size (``"16"``), the full configuration's CPU ms per request over the adaptive one's, from
+    ``cpu_per_request`` entries named ``"adaptive 16"`` and ``"full 16"``."""
+    out = {}
+    for name, found in cpu_per_request.items():
+        mode, _, size = name.partition(" ")
+        full = cpu_per_request.get(f"full {size}")
+        if mode == "adaptive" and full and found["cpu_ms"] > 0:
+            out[size] = full["cpu_ms"] / found["cpu_ms"]
+    return out
+
+
 def markdown(report: dict) -> str:
     o = report["options"]
     lines = [f"# Load test: {o['backbone']} + {o['policy']}, p99 target {o['p99_target_ms']:g} ms", "",
@@ -66,6 +78,11 @@ def markdown(report: dict) -> str:
     for name, found in report.get("cpu_per_request", {}).items():
         lines.append(f"| {name} | {found['wall_ms']:.1f} | {found['cpu_ms']:.1f} | "
                      + ", ".join(f"{k} {v:.1f}" for k, v in found["by_process_ms"].items()) + " |")
+    ceilings = cpu_ceilings(report.get("cpu_per_request", {}))
+    if ceilings:
+        lines += ["", ("CPU-bound ceiling of adaptive/full throughput (full CPU ms / adaptive CPU ms per request: the "
+                       "ratio of the two throughputs when both modes saturate the machine's cores): "
+                       + ", ".join(f"{size} images {ratio:.2f}" for size, ratio in ceilings.items()))]
     lines += ["", "## Audit on measured disagreements", "",
               "| stream | images/request | requests | audit share | disagreement | streams alarmed | median requests to alarm |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

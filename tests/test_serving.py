@@ -338,3 +338,11 @@ def test_admission_sheds_a_burst_beyond_the_service_rate_and_reopens_after_it():
     assert np.percentile(served[len(served) // 2:], 99) <= 400  # bounded: 2 x budget at most, not a growing queue
     after = [arrive(t := t + 0.5) for _ in range(20)]
     assert all(after) and admission.in_flight <= 1
+
+
+def test_the_cpu_ceiling_is_full_cpu_over_adaptive_cpu_per_size():
+    from serving.report import cpu_ceilings
+
+    measured = {"adaptive 16": {"cpu_ms": 20.0}, "full 16": {"cpu_ms": 80.0}, "adaptive 1": {"cpu_ms": 10.0},
+                "full 1": {"cpu_ms": 9.0}, "adaptive 4": {"cpu_ms": 5.0}}  # no full run at 4 images: no ceiling
+    assert cpu_ceilings(measured) == {"16": 4.0, "1": 0.9}
