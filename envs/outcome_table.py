@@ -146,12 +146,17 @@ def build_outcome_table(
 ARRAYS = (*PER_INPUT, "flops", "staged_flops")
 
 
+def _digest_label(key: str, dtype: np.dtype, shape: tuple) -> bytes:
+    """What the digest reads of an array before its bytes: its name, dtype and shape."""
+    return f"{key}:{dtype.str}:{tuple(shape)}".encode()
+
+
 def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     """sha256 over the arrays' names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
     for key in ARRAYS:
         value = np.ascontiguousarray(arrays[key])
-        digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(_digest_label(key, value.dtype, value.shape))
         # the bytes as a view, not a copy (``tobytes``): a memory-mapped table of millions of rows is hashed
         # from its file pages, never held in memory twice
         digest.update(value.reshape(-1).view(np.uint8))
@@ -181,7 +186,7 @@ def save_concatenated(parts: list[OutcomeTable], path: str | Path, chunk_bytes: 
                 if len({(v.dtype.str, v.shape[1:]) for v in values}) != 1:
                     raise TableError(f"the parts' {key} arrays differ in dtype or row shape")
                 shape = (sum(len(v) for v in values), *values[0].shape[1:])
-                digest.update(f"{key}:{values[0].dtype.str}:{shape}".encode())
+                digest.update(_digest_label(key, values[0].dtype, shape))
                 with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array_header_2_0(member, {
                         "descr": np.lib.format.dtype_to_descr(values[0].dtype), "fortran_order": False, "shape": shape})
