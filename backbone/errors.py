@@ -73,6 +73,15 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(v) for v in text.split(",")]
 
 
+def grid_point(text: str) -> tuple[int, int, float]:
+    """argparse type: a configuration ``TOKENS,DEPTH,WIDTH``, e.g. ``4,2,0.25`` (checked against a backbone later)."""
+    try:
+        tokens, depth, width = (part.strip() for part in text.split(","))
+        return int(tokens), int(depth), float(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKENS,DEPTH,WIDTH such as 4,2,0.25, got {text!r}") from None
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite number (NaN and infinities are refused)."""
     value = float(text)

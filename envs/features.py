@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from backbone import AdaPerceiver, AdaPerceiverConfig, cascade_flops, flops_grid
+from backbone.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,30 @@ class FeatureSpec:
     glance_width: float | None = None
     """Width of the glance pass (None: the smallest width)."""
 
+    @classmethod
+    def from_flags(cls, pooled: bool = False, glance: tuple[int, int, float] | None = None) -> FeatureSpec:
+        """The spec of the command-line flags ``--pooled`` and ``--glance TOKENS,DEPTH,WIDTH`` (None: the default glance)."""
+        if glance is None:
+            return cls(pooled=pooled)
+        tokens, depth, width = glance
+        return cls(pooled=pooled, glance_tokens=tokens, glance_depth=depth, glance_width=width)
+
     def glance_config(self, config: AdaPerceiverConfig) -> tuple[int, int, float]:
         tokens = config.token_grans[0] if self.glance_tokens is None else self.glance_tokens
         width = config.ffn_widths[0] if self.glance_width is None else self.glance_width
         return tokens, self.glance_depth, width
+
+    def check(self, config: AdaPerceiverConfig) -> None:
+        """Refuse (``ConfigError``) a glance that is not a grid point of ``config``, before any table is built."""
+        if not self.glance:
+            return
+        tokens, depth, width = self.glance_config(config)
+        try:
+            config.token_index(tokens), config.check_depth(depth), config.width_index(width)
+        except ConfigError as err:
+            raise ConfigError(f"glance ({tokens}, {depth}, {width}) is not a configuration of this backbone: {err}; "
+                              f"pass --glance TOKENS,DEPTH,WIDTH from tokens {list(config.token_grans)}, "
+                              f"depths 1..{config.depth}, widths {list(config.ffn_widths)}") from None
 
     def dim(self, config: AdaPerceiverConfig) -> int:
         return (config.embed_dim if self.pooled else 0) + ((config.num_classes + 3) if self.glance else 0)

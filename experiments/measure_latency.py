@@ -15,7 +15,7 @@ import torch
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import default_paths
-from backbone.errors import HelpFormatter, ProjectError, nonnegative_int, positive_int, run_cli
+from backbone.errors import HelpFormatter, ProjectError, grid_point, nonnegative_int, positive_int, run_cli
 from backbone.folders import resident
 from backbone.io import check_output_path, write_json
 from backbone.train import resolve_device
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads, as the server will run")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--pooled", action="store_true", help="the policy's features include the mean input token")
+    parser.add_argument("--glance", type=grid_point, default=None, metavar="TOKENS,DEPTH,WIDTH",
+                        help="the policy's glance, as train_policy.py --glance (default: the smallest tokens and width, "
+                             f"depth {FeatureSpec().glance_depth})")
     parser.add_argument("--out", default=None, help="JSON table (default runs/<dataset>/latency.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -54,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise ProjectError(f"--batch-size {args.batch_size} is larger than the {len(images)} test images it is timed "
                            f"on; give at most {len(images)}")
     model = load_checkpoint(backbone, device)
-    table = measure_latency_table(model, FeatureSpec(pooled=args.pooled), images, args.batch_size, args.rounds,
+    spec = FeatureSpec.from_flags(args.pooled, args.glance)
+    spec.check(model.config)
+    table = measure_latency_table(model, spec, images, args.batch_size, args.rounds,
                                   args.repeats, args.warmup, backbone_hash(backbone), progress=not args.quiet)
     table.update(dataset=args.dataset, backbone=str(backbone))
     write_json(out, table)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from backbone.data import default_paths
-from backbone.errors import HelpFormatter, nonnegative_int, positive_int, run_cli
+from backbone.errors import HelpFormatter, grid_point, nonnegative_int, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--force", action="store_true", help="replace a policy already in --out")
     parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
     floats = lambda s: tuple(float(v) for v in s.split(","))
-    defaults, rule = PolicyTrainConfig(), SelectionRule()
+    defaults, rule, glance = PolicyTrainConfig(), SelectionRule(), FeatureSpec()
     parser.add_argument("--lam-range", type=floats, default=defaults.lam_range,
                         help="low,high: one policy conditioned on its FLOP price (default %(default)s)")
     parser.add_argument("--lambdas", type=floats, default=None,
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-test", action="store_true",
                         help="do not read the test split (recipe search: compare recipes with experiments/develop.py)")
     parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
+    parser.add_argument("--glance", type=grid_point, default=None, metavar="TOKENS,DEPTH,WIDTH",
+                        help="the glance pass the policy sees (its softmax and confidence) and extends "
+                             f"(default: the smallest tokens and width, depth {glance.glance_depth})")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="where outcome tables are cached, by backbone hash and split")
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
     args = parser.parse_args(argv)
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         replace=args.force or args.out is None,  # the default output is the job's own, replaced each run
         cache_dir=args.cache_dir,
         log_dir=args.log_dir,
-        features=FeatureSpec(pooled=args.pooled),
+        features=FeatureSpec.from_flags(args.pooled, args.glance),
         train=train,
         latency=args.latency,
         report_test=not args.no_test,

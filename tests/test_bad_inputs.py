@@ -414,6 +414,18 @@ def test_a_dataset_that_is_not_the_backbones_is_one_clear_error(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_a_glance_off_the_grid_is_refused_before_any_table_is_built(tmp_path, capsys):
+    from experiments import train_policy
+
+    cache = tmp_path / "cache"
+    with pytest.raises(ProjectError, match=r"glance \(4, 9, 0.25\) is not a configuration.*depths 1\.\.4"):
+        train_policy.main(["--glance", "4,9,0.25", "--out", str(tmp_path / "p"), "--cache-dir", str(cache), "--quiet"])
+    assert not (tmp_path / "p").exists() and not cache.exists()
+    with pytest.raises(SystemExit) as exit_:
+        train_policy.main(["--glance", "4,2", "--out", str(tmp_path / "p")])
+    assert exit_.value.code == 2 and "TOKENS,DEPTH,WIDTH such as 4,2,0.25" in capsys.readouterr().err
+
+
 def test_a_latency_batch_larger_than_the_images_is_one_clear_error(tmp_path):
     from experiments import measure_latency
 

@@ -30,10 +30,10 @@ def digits_images():
     return split.x[:64], split.y[:64]
 
 
-def random_artifact(config, digest: str, seed: int = 0, scaler=None) -> PolicyArtifact:
+def random_artifact(config, digest: str, seed: int = 0, scaler=None, spec: FeatureSpec | None = None) -> PolicyArtifact:
     """A policy with random weights whose actions vary across inputs (no PPO needed)."""
     torch.manual_seed(seed)
-    spec = FeatureSpec()
+    spec = FeatureSpec() if spec is None else spec
     n = spec.dim(config)
     policy = make_policy(n, [len(config.token_grans), config.depth, len(config.ffn_widths)], [16])
     with torch.no_grad():
@@ -513,6 +513,28 @@ def test_reported_flops_match_torch_flop_counter(dirs, digits_images):
     merging = AdaptiveClassifier.from_dirs(*dirs, merge_passes=True)
     merged = measure_flops(lambda: merging.predict(x))
     assert merged > reported and torch.allclose(merging.predict(x).logits, classifier.predict(x).logits, atol=1e-5)
+
+
+def test_reported_flops_match_with_a_deeper_glance(tmp_path, tiny_model, digits_images):
+    # a policy whose glance is two blocks deep (train_policy.py --glance -,2,-): extensions reuse both blocks,
+    # and what predict() charges is still what torch counts
+    from backbone import measure_flops
+
+    spec = FeatureSpec(glance_depth=2)
+    save_checkpoint(tiny_model, tmp_path / "backbone", {"dataset": "digits", "split_seed": 0})
+    features = compute_features(tiny_model, tiny_model.embed(digits_images[0]), spec).numpy()
+    artifact = random_artifact(tiny_model.config, backbone_hash(tmp_path / "backbone"),
+                               scaler=(features.mean(0), features.std(0) + 1e-6), spec=spec)
+    save_policy(artifact, tmp_path / "policy")
+    classifier = AdaptiveClassifier.from_dirs(tmp_path / "backbone", tmp_path / "policy")
+    x = digits_images[0]
+    result = classifier.predict(x)
+    assert classifier.glance_point.depth == 2 and len(set(result.configs)) >= 3
+    assert result.flops.sum() == measure_flops(lambda: classifier.predict(x))
+    # each input's answer is that of a fresh pass at its own configuration
+    for i, config in enumerate(result.configs):
+        fresh = tiny_model.run(tiny_model.embed(x[i : i + 1]), *config)
+        assert torch.allclose(result.logits[i : i + 1], fresh, atol=1e-4), config
 
 
 def test_bench_attention_cli(tmp_path, capsys):
