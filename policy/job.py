@@ -138,8 +138,8 @@ def train_policy_job(job: PolicyJob) -> TrainedPolicy:
     calibration splits, train and calibrate the policy. Writes only the sweep's members (``out/sweep``)."""
     check_out(job)
     latency = job_latency(job)  # checked before any table is built
-    job.features.check(read_config(job.backbone)[0])
     dataset = job_dataset(job)
+    job.features.check(read_config(job.backbone)[0])
     tables, digest = load_tables(job, ("policy_train", "calibration"), data=dataset)
     config, _ = read_config(job.backbone)
     meta = {
