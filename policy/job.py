@@ -139,9 +139,9 @@ def train_policy_job(job: PolicyJob) -> TrainedPolicy:
     check_out(job)
     latency = job_latency(job)  # checked before any table is built
     dataset = job_dataset(job)
-    job.features.check(read_config(job.backbone)[0])
-    tables, digest = load_tables(job, ("policy_train", "calibration"), data=dataset)
     config, _ = read_config(job.backbone)
+    job.features.check(config)
+    tables, digest = load_tables(job, ("policy_train", "calibration"), data=dataset)
     meta = {
         "dataset": job.dataset,
         "backbone": str(job.backbone),

@@ -516,7 +516,7 @@ def test_reported_flops_match_torch_flop_counter(dirs, digits_images):
 
 
 def test_reported_flops_match_with_a_deeper_glance(tmp_path, tiny_model, digits_images):
-    # a policy whose glance is two blocks deep (train_policy.py --glance -,2,-): extensions reuse both blocks,
+    # a policy whose glance is two blocks deep (train_policy.py --glance TOKENS,2,WIDTH): extensions reuse both blocks,
     # and what predict() charges is still what torch counts
     from backbone import measure_flops
 
