@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)  # refuses cuda without CUDA, before any work
     torch.set_num_threads(args.threads)
     backbone = args.backbone or paths["backbone"]
+    model = load_checkpoint(backbone, device)
+    spec = FeatureSpec.from_flags(args.pooled, args.glance)
+    spec.check(model.config)  # a glance off the grid is refused before the (slow) read of the images
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone, quiet=args.quiet)
     test = job_dataset(job).splits["test"].x
     images = resident(test, len(test))  # an image folder's read first: reading is not timed
     if args.batch_size > len(images):
         raise ProjectError(f"--batch-size {args.batch_size} is larger than the {len(images)} test images it is timed "
                            f"on; give at most {len(images)}")
-    model = load_checkpoint(backbone, device)
-    spec = FeatureSpec.from_flags(args.pooled, args.glance)
-    spec.check(model.config)
     table = measure_latency_table(model, spec, images, args.batch_size, args.rounds,
                                   args.repeats, args.warmup, backbone_hash(backbone), progress=not args.quiet)
     table.update(dataset=args.dataset, backbone=str(backbone))

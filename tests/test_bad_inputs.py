@@ -434,6 +434,19 @@ def test_a_latency_batch_larger_than_the_images_is_one_clear_error(tmp_path):
     assert not (tmp_path / "l.json").exists()
 
 
+def test_a_latency_glance_off_the_grid_is_refused_before_the_images_are_read(tmp_path, monkeypatch):
+    from backbone.config import ConfigError
+    from experiments import measure_latency
+
+    def no_read(job):
+        raise AssertionError("the images were read before the glance was checked")
+
+    monkeypatch.setattr(measure_latency, "job_dataset", no_read)
+    with pytest.raises(ConfigError, match=r"glance \(3, 1, 0.25\) is not a configuration of this backbone"):
+        measure_latency.main(["--glance", "3,1,0.25", "--out", str(tmp_path / "l.json"), "--quiet"])
+    assert not (tmp_path / "l.json").exists()
+
+
 @pytest.mark.parametrize("shape", [(4, 10, 10), (4, 3, 8, 8), (4, 8, 8, 1)], ids=["size", "channels", "channels-last"])
 def test_images_of_another_shape_are_one_clear_error(tmp_path, tiny_config, shape):
     np.savez(tmp_path / "odd.npz", x=np.zeros(shape, np.uint8))
