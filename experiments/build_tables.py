@@ -1,6 +1,7 @@
 """Build (and cache) the outcome tables of a frozen backbone; runs unchanged under torchrun.
 
     python experiments/build_tables.py --dataset fashion-mnist --backbone checkpoints/fashion-mnist
+    python experiments/build_tables.py --dataset fashion-mnist --glance 4,2,0.25   # the shipped policy's tables
     torchrun --nproc_per_node=4 experiments/build_tables.py --dataset fashion-mnist --device cuda
     torchrun --nproc_per_node=2 experiments/build_tables.py --dataset photos/ --backbone runs/photos/backbone --workers 2
 """
@@ -11,7 +12,7 @@ import argparse
 
 from backbone.data import default_paths
 from backbone.distributed import init_distributed
-from backbone.errors import HelpFormatter, nonnegative_int, run_cli
+from backbone.errors import HelpFormatter, grid_point, nonnegative_int, run_cli
 from backbone.train import resolve_device
 from envs import FeatureSpec
 from policy.job import PolicyJob, load_tables
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--splits", default="policy_train,calibration,test", help="comma-separated splits to tabulate")
     parser.add_argument("--pooled", action="store_true", help="features include the mean input token")
+    parser.add_argument("--glance", type=grid_point, default=None, metavar="TOKENS,DEPTH,WIDTH",
+                        help="the policy's glance, as train_policy.py's --glance (its features are in the table; "
+                             "default: the smallest tokens and width, one block)")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="where outcome tables are cached, by backbone hash and split")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ctx = init_distributed(resolve_device(args.device))
     job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone or default_paths(args.dataset)["backbone"],
-                    cache_dir=args.cache_dir, features=FeatureSpec(pooled=args.pooled), quiet=args.quiet,
+                    cache_dir=args.cache_dir, features=FeatureSpec.from_flags(args.pooled, args.glance), quiet=args.quiet,
                     workers=args.workers)
     tables, digest = load_tables(job, tuple(args.splits.split(",")), device=ctx.device)
     if ctx.is_main:

@@ -251,3 +251,22 @@ def test_live_mode_in_subprocesses_matches_the_table(table, tiny_model, digits_s
         assert dones.all()
     finally:
         vec.close()
+
+
+def test_build_tables_warms_the_cache_that_a_policy_with_that_glance_reads(tmp_path, monkeypatch):
+    from experiments import build_tables
+    from policy.job import PolicyJob, load_tables
+
+    import envs.outcome_table as ot
+
+    build_tables.main(["--splits", "calibration", "--glance", "4,2,0.5", "--cache-dir", str(tmp_path), "--quiet",
+                       "--device", "cpu"])
+    built = sorted(tmp_path.glob("*.npz"))
+    calls = []
+    real_build = ot.build_outcome_table
+    monkeypatch.setattr(ot, "build_outcome_table", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    job = PolicyJob(cache_dir=str(tmp_path), features=FeatureSpec.from_flags(False, (4, 2, 0.5)), quiet=True)
+    load_tables(job, ("calibration",))
+    assert calls == [] and sorted(tmp_path.glob("*.npz")) == built  # read from the cache, not rebuilt
+    load_tables(PolicyJob(cache_dir=str(tmp_path), quiet=True), ("calibration",))  # the default glance: another table
+    assert calls == [1] and len(list(tmp_path.glob("*.npz"))) == len(built) + 1
