@@ -8,6 +8,7 @@ of every configuration's staged cost (``staged_flops``), never an overhead paid 
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from backbone import AdaPerceiver, AdaPerceiverConfig, cascade_flops, flops_grid
 from backbone.config import ConfigError
+from backbone.errors import grid_point
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,15 @@ class FeatureSpec:
     glance_depth: int = 1
     glance_width: float | None = None
     """Width of the glance pass (None: the smallest width)."""
+
+    @staticmethod
+    def add_flags(parser: argparse.ArgumentParser) -> None:
+        """The command-line flags ``from_flags`` reads: every script that builds or reads a policy's tables takes
+        the same two, so a table built by one is the table the others look up."""
+        parser.add_argument("--pooled", action="store_true", help="the policy's features include the mean input token")
+        parser.add_argument("--glance", type=grid_point, default=None, metavar="TOKENS,DEPTH,WIDTH",
+                            help="the glance pass the policy sees (its softmax and confidence) and extends "
+                                 f"(default: the smallest tokens and width, depth {FeatureSpec.glance_depth})")
 
     @classmethod
     def from_flags(cls, pooled: bool = False, glance: tuple[int, int, float] | None = None) -> FeatureSpec:

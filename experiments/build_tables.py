@@ -12,7 +12,7 @@ import argparse
 
 from backbone.data import default_paths
 from backbone.distributed import init_distributed
-from backbone.errors import HelpFormatter, grid_point, nonnegative_int, run_cli
+from backbone.errors import HelpFormatter, nonnegative_int, run_cli
 from backbone.train import resolve_device
 from envs import FeatureSpec
 from policy.job import PolicyJob, load_tables
@@ -26,10 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--backbone", default=None, help="default checkpoints/<dataset>")
     parser.add_argument("--splits", default="policy_train,calibration,test", help="comma-separated splits to tabulate")
-    parser.add_argument("--pooled", action="store_true", help="features include the mean input token")
-    parser.add_argument("--glance", type=grid_point, default=None, metavar="TOKENS,DEPTH,WIDTH",
-                        help="the policy's glance, as train_policy.py's --glance (its features are in the table; "
-                             "default: the smallest tokens and width, one block)")
+    FeatureSpec.add_flags(parser)
     parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="where outcome tables are cached, by backbone hash and split")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

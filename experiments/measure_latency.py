@@ -15,7 +15,7 @@ import torch
 
 from backbone.checkpoint import backbone_hash, load_checkpoint
 from backbone.data import default_paths
-from backbone.errors import HelpFormatter, ProjectError, grid_point, nonnegative_int, positive_int, run_cli
+from backbone.errors import HelpFormatter, ProjectError, nonnegative_int, positive_int, run_cli
 from backbone.folders import resident
 from backbone.io import check_output_path, write_json
 from backbone.train import resolve_device
@@ -36,10 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed runs of each point first")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads, as the server will run")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--pooled", action="store_true", help="the policy's features include the mean input token")
-    parser.add_argument("--glance", type=grid_point, default=None, metavar="TOKENS,DEPTH,WIDTH",
-                        help="the policy's glance, as train_policy.py --glance (default: the smallest tokens and width, "
-                             f"depth {FeatureSpec().glance_depth})")
+    FeatureSpec.add_flags(parser)
     parser.add_argument("--out", default=None, help="JSON table (default runs/<dataset>/latency.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

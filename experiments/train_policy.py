@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from backbone.data import default_paths
-from backbone.errors import HelpFormatter, grid_point, nonnegative_int, positive_int, run_cli
+from backbone.errors import HelpFormatter, nonnegative_int, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs import FeatureSpec
 from envs.reward import REWARDS
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--force", action="store_true", help="replace a policy already in --out")
     parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
     floats = lambda s: tuple(float(v) for v in s.split(","))
-    defaults, rule, glance = PolicyTrainConfig(), SelectionRule(), FeatureSpec()
+    defaults, rule = PolicyTrainConfig(), SelectionRule()
     parser.add_argument("--lam-range", type=floats, default=defaults.lam_range,
                         help="low,high: one policy conditioned on its FLOP price (default %(default)s)")
     parser.add_argument("--lambdas", type=floats, default=None,
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-test", action="store_true",
                         help="do not read the test split (recipe search: compare recipes with experiments/develop.py)")
-    parser.add_argument("--pooled", action="store_true", help="also give the policy the mean input token")
-    parser.add_argument("--glance", type=grid_point, default=None, metavar="TOKENS,DEPTH,WIDTH",
-                        help="the glance pass the policy sees (its softmax and confidence) and extends "
-                             f"(default: the smallest tokens and width, depth {glance.glance_depth})")
+    FeatureSpec.add_flags(parser)
     parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="where outcome tables are cached, by backbone hash and split")
     parser.add_argument("--log-dir", default="runs", help="TensorBoard root")
     args = parser.parse_args(argv)

@@ -254,10 +254,9 @@ def test_live_mode_in_subprocesses_matches_the_table(table, tiny_model, digits_s
 
 
 def test_build_tables_warms_the_cache_that_a_policy_with_that_glance_reads(tmp_path, monkeypatch):
+    import envs.outcome_table as ot
     from experiments import build_tables
     from policy.job import PolicyJob, load_tables
-
-    import envs.outcome_table as ot
 
     build_tables.main(["--splits", "calibration", "--glance", "4,2,0.5", "--cache-dir", str(tmp_path), "--quiet",
                        "--device", "cpu"])
