@@ -18,7 +18,15 @@ from scipy.stats import bootstrap
 
 from backbone.checkpoint import load_checkpoint, read_config
 from backbone.data import DataError, Dataset, SplitConfig, load_dataset
-from backbone.folders import SPLITS_FILE, FolderSpec, ImageFiles, image_batches, is_image_folder, load_folder, recorded_splits
+from backbone.folders import (
+    SPLITS_FILE,
+    FolderSpec,
+    ImageFiles,
+    image_batches,
+    is_image_folder,
+    load_folder,
+    recorded_splits,
+)
 
 HELD_OUT_SPLITS = ("policy_train", "calibration", "test")
 

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -318,7 +319,7 @@ class AnonPeak:
     def __init__(self, interval: float = 0.02):
         self.interval, self.peak, self.growth = interval, float("nan"), float("nan")
 
-    def __enter__(self) -> AnonPeak:
+    def __enter__(self) -> Self:
         self._start = self.peak = rss_mib()["anon"]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
