@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
                            threads=args.threads, seed=args.seed)
     command = " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": f"python experiments/load_test.py {command}".strip(), "options": vars(args),
-              "note": "loopback, one machine: the load generator, Ray and both stages share its CPUs; the machine "
-                      "was shared with other jobs, so absolute figures are loaded-machine figures",
-              "sustainable": {}, "burst": {}}
+              **lt.machine_note(args.factor), "sustainable": {}, "burst": {}}
     started = time.time()
     with local_server(options, port=args.port, num_cpus=args.num_cpus) as url:
         for size in args.sizes:

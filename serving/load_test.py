@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -15,6 +16,16 @@ import numpy as np
 from PIL import Image
 
 from serving.audit import Audit
+
+
+def machine_note(factor: float) -> dict:
+    """The report's note on where it ran, with the 1-minute load average measured before the run: what else the
+    machine runs changes the absolute figures, so the report says what it saw rather than assuming."""
+    load = os.getloadavg()[0]
+    return {"note": "loopback, one machine: the load generator, Ray and both stages share its CPUs; 1-minute load "
+                    f"average {load:.1f} on {os.cpu_count()} CPUs before the run (other jobs change the absolute "
+                    f"figures); sustainable rates are searched in steps of {factor:g}x, so each is known to one step",
+            "load_average_before": load}
 
 
 @dataclass(frozen=True)

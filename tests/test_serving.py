@@ -346,3 +346,13 @@ def test_the_cpu_ceiling_is_full_cpu_over_adaptive_cpu_per_size():
     measured = {"adaptive 16": {"cpu_ms": 20.0}, "full 16": {"cpu_ms": 80.0}, "adaptive 1": {"cpu_ms": 10.0},
                 "full 1": {"cpu_ms": 9.0}, "adaptive 4": {"cpu_ms": 5.0}}  # no full run at 4 images: no ceiling
     assert cpu_ceilings(measured) == {"16": 4.0, "1": 0.9}
+
+
+def test_the_report_note_states_the_load_it_measured(monkeypatch):
+    from serving import load_test
+
+    monkeypatch.setattr(load_test.os, "getloadavg", lambda: (7.25, 1.0, 1.0))
+    quiet = load_test.machine_note(1.5)
+    assert quiet["load_average_before"] == 7.25 and "load average 7.2 " in quiet["note"] and "1.5x" in quiet["note"]
+    monkeypatch.setattr(load_test.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert "load average 0.0 " in load_test.machine_note(1.5)["note"]
