@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     load = {"before": load_before, "after": os.getloadavg()}
     label = args.path if args.part == "inference" else "training"
     head = (f"device: {device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"{label}; {RANDOM}; machine shared with other jobs, 1-minute load average {load_before[0]:.1f} before, "
+            f"{label}; {RANDOM}; 1-minute load average {load_before[0]:.1f} before, "
             f"{load['after'][0]:.1f} after (ratios are measured within one run)")
     report = "\n\n".join([f"## bench_scale: paper-in1k, {label}", head, tables]) + "\n"
     print(report)
