@@ -352,7 +352,7 @@ def test_the_report_note_states_the_load_it_measured(monkeypatch):
     from serving import load_test
 
     monkeypatch.setattr(load_test.os, "getloadavg", lambda: (7.25, 1.0, 1.0))
-    quiet = load_test.machine_note(1.5)
-    assert quiet["load_average_before"] == 7.25 and "load average 7.2 " in quiet["note"] and "1.5x" in quiet["note"]
+    loaded = load_test.machine_note(1.5)
+    assert loaded["load_average_before"] == 7.25 and "load average 7.2 " in loaded["note"] and "1.5x" in loaded["note"]
     monkeypatch.setattr(load_test.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert "load average 0.0 " in load_test.machine_note(1.5)["note"]
