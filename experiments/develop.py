@@ -15,6 +15,7 @@ from backbone.checkpoint import backbone_hash
 from backbone.data import default_paths
 from backbone.errors import HelpFormatter, finite_float, run_cli
 from backbone.io import check_output_path, write_json
+from envs.price import GRID
 from evaluation.development import develop
 from policy.artifact import load_policy
 from policy.job import PolicyJob, load_tables
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tolerance-pp", type=finite_float, default=rule.tolerance_pp,
                         help="disagreement allowed, %% (default %(default)s)")
     parser.add_argument("--delta", type=finite_float, default=rule.delta, help="default %(default)s")
+    parser.add_argument("--prices", type=int, default=GRID,
+                        help="prices scanned, log-spaced over each policy's range (default %(default)s)")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="default %(default)s")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rule = SelectionRule("certified", args.tolerance_pp, delta=args.delta)
     except ValueError as err:
         parser.error(str(err))
+    if args.prices < 1:
+        parser.error(f"--prices must be at least 1, got {args.prices}")
     backbone = args.backbone or default_paths(args.dataset)["backbone"]
     digest = backbone_hash(backbone)
     policies = [load_policy(p, digest) for p in args.policy]
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone, cache_dir=args.cache_dir,
                         features=artifact.feature_spec, quiet=args.quiet)
         tables, _ = load_tables(job, ("calibration",))
-        row = {"policy": directory, **develop(artifact, tables["calibration"], rule)}
+        row = {"policy": directory, **develop(artifact, tables["calibration"], rule, prices=args.prices)}
         rows.append(row)
         print(f"{directory}: FLOP cut {100 * row['flop_reduction']:.1f}%, held-out disagreement "
               + " / ".join(f"{100 * d:.3f}%" for d in row["held_out_disagreement"])
