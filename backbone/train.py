@@ -92,6 +92,10 @@ class TrainConfig:
     distill_weight: float = 0.0
     """In-place distillation (grid objective): every smaller (tokens, depth) learns from a target that mixes
     the label with this share of the row's own largest configuration's detached prediction (0 turns it off)."""
+    distill_skip_rows: int = 0
+    """In-place distillation leaves this many token rows (the fewest tokens first, where a glance sits) on the
+    label alone, so their confidence is learned from labels only (0: every row but the largest configuration's
+    learns from it)."""
     ema_decay: float = 0.0
     """Decay of an EMA of the weights, saved instead of the raw weights when > 0."""
     seed: int = 0
@@ -117,7 +121,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr {self.lr}, min_lr {self.min_lr}")
-        for name in ("weight_decay", "warmup_epochs", "augment_shift"):
+        for name in ("weight_decay", "warmup_epochs", "augment_shift", "distill_skip_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("label_smoothing", "ema_decay"):
@@ -230,6 +234,7 @@ def training_loss(
         teacher = logits[:, -1, -1].detach().softmax(-1)
         soft = (1 - train.distill_weight) * labels + train.distill_weight * teacher
         targets = soft[:, None, None, :].expand(b, k, l, c).clone()
+        targets[:, : train.distill_skip_rows] = labels[:, None, None, :]  # rows kept on the label alone
         targets[:, -1, -1] = labels
     per_exit = F.cross_entropy(
         logits.reshape(b * k * l, c), targets.reshape(b * k * l, *targets.shape[3:]),
