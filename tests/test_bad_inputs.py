@@ -537,3 +537,11 @@ def test_aot_on_a_cpu_says_nothing_of_cuda_and_reports_images_per_s_without_comp
     wall, compile_s, per_s = totals["wall_s"], totals["compile_s"], totals["images_per_s"]
     assert 0 < compile_s < wall, "compiling is part of the wall time"
     assert per_s == pytest.approx(8 / (wall - compile_s), rel=1e-3), "images/s leave the compile time out"
+
+
+def test_develop_refuses_an_empty_price_grid_before_reading_anything(tmp_path, capsys):
+    from experiments import develop
+
+    with pytest.raises(SystemExit) as exit_:
+        develop.main(["--policy", str(tmp_path / "absent"), "--prices", "0"])
+    assert exit_.value.code == 2 and "error: --prices must be at least 1, got 0" in capsys.readouterr().err

@@ -163,3 +163,43 @@ def test_classifier_takes_the_tolerance_or_a_price_not_both(tiny_run, digits_hal
         AdaptiveClassifier(model, artifact, lam=0.1, tolerance=40)
     x = torch.zeros(2, 1, 8, 8)
     assert len(classifier.predict(x).configs) == 2
+
+
+@dataclasses.dataclass
+class RankedStub:
+    """Sends the inputs whose rank (feature 0) is below ``40 - 4 * position`` to the full configuration and
+    answers the rest with the glance; ``position`` runs continuously from 0 (lowest price) to 60 (highest)."""
+
+    price: Price = STUB_PRICE
+    meta: dict = dataclasses.field(default_factory=lambda: {"lam": None})
+
+    def network_flops(self) -> int:
+        return 0
+
+    def act(self, features: np.ndarray, lam: float) -> np.ndarray:
+        position = 60 * np.log(lam / self.price.low) / np.log(self.price.high / self.price.low)
+        actions = np.zeros((len(features), 3), np.int64)
+        actions[features[:, 0] < 40 - 4 * position, 0] = 1
+        return actions
+
+
+def test_development_scans_the_price_grid_it_is_given():
+    # each unlabeled half holds 10 glance errors at ranks 0-9, so a half passes (no disagreement in 3,000)
+    # while at least 10 ranks go to the full model: up to position 7.5. 61 prices stop at 7, 241 at 7.5
+    from evaluation.development import develop
+
+    n = 6000
+    ranks = np.zeros(n, np.float32)
+    for half in split_halves(n, 0):
+        ranks[half] = np.arange(len(half))
+    agree = np.ones((n, 2, 1, 1), bool)
+    agree[ranks < 10, 0, 0, 0] = False
+    table = dataclasses.replace(synthetic_table(np.ones((n, 2, 1, 1), bool), agree=agree,
+                                                staged=np.array([10, 100])[:, None, None]),
+                                features=np.stack([ranks, ranks], axis=1))
+    rule = SelectionRule("certified", tolerance_pp=0.1, delta=0.1)
+    coarse, fine = (develop(RankedStub(), table, rule, prices=p) for p in (GRID, 241))
+    assert coarse["prices"] == GRID and fine["prices"] == 241
+    assert coarse["lams"] == pytest.approx([np.geomspace(0.001, 1.0, 241)[28]] * 2)  # position 7
+    assert fine["lams"] == pytest.approx([np.geomspace(0.001, 1.0, 241)[30]] * 2)  # position 7.5
+    assert fine["flop_reduction"] > coarse["flop_reduction"] and fine["max_held_out_disagreement"] == 0
