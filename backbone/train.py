@@ -260,6 +260,11 @@ def check_resumable(state: dict, model_config: AdaPerceiverConfig, train: TrainC
     """Refuse to resume a state written with another architecture, recipe or image folder file list."""
     found = json.loads(state.get("settings", "{}") or "{}")
     wanted = json.loads(resume_settings(model_config, train, data))
+    if isinstance(found.get("recipe"), dict):
+        # a recipe field added after the state was written is absent from it; each is added with a default
+        # that trains as before, so the state's run used that default
+        defaults = json.loads(resume_settings(model_config, TrainConfig(), data))["recipe"]
+        found["recipe"] = {**defaults, **found["recipe"]}
     differ = sorted(f"{part}.{k}" for part in ("architecture", "recipe", "data")
                     for k in set(wanted[part]) | set(found.get(part, {}))
                     if wanted[part].get(k) != found.get(part, {}).get(k))

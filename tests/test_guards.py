@@ -2,6 +2,7 @@
 before any compute."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ def test_resume_with_another_recipe_or_architecture_is_refused(tiny_config, digi
     assert (tmp_path / "train_state.pt").read_bytes() == state, "a refused resume changes nothing"
     train_backbone(tiny_config, dataclasses.replace(recipe, eval_limit=16), digits, tmp_path)  # a run-only change
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_a_state_written_before_a_recipe_field_existed_resumes_at_its_default(tiny_config, tmp_path):
+    recipe = TrainConfig(epochs=2)
+    settings = json.loads(train_module.resume_settings(tiny_config, recipe))
+    del settings["recipe"]["distill_skip_rows"]  # as a state written before the field was added
+    state = {"settings": json.dumps(settings)}
+    train_module.check_resumable(state, tiny_config, recipe, tmp_path)  # the default: the same run
+    with pytest.raises(ProjectError, match=r"other settings \(recipe.distill_skip_rows\)"):
+        train_module.check_resumable(state, tiny_config, dataclasses.replace(recipe, distill_skip_rows=1), tmp_path)
+    with pytest.raises(ProjectError, match="recipe.epochs"):
+        train_module.check_resumable(state, tiny_config, dataclasses.replace(recipe, epochs=3), tmp_path)
 
 
 @pytest.mark.parametrize("flags", [["--lr", "-1"], ["--eval-limit", "0"], ["--epochs", "0"], ["--label-smoothing", "1"],
