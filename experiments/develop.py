@@ -13,7 +13,7 @@ import numpy as np
 
 from backbone.checkpoint import backbone_hash
 from backbone.data import default_paths
-from backbone.errors import HelpFormatter, finite_float, run_cli
+from backbone.errors import HelpFormatter, finite_float, positive_int, run_cli
 from backbone.io import check_output_path, write_json
 from envs.price import GRID
 from evaluation.development import develop
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tolerance-pp", type=finite_float, default=rule.tolerance_pp,
                         help="disagreement allowed, %% (default %(default)s)")
     parser.add_argument("--delta", type=finite_float, default=rule.delta, help="default %(default)s")
-    parser.add_argument("--prices", type=int, default=GRID,
+    parser.add_argument("--prices", type=positive_int, default=GRID,
                         help="prices scanned, log-spaced over each policy's range (default %(default)s)")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="default %(default)s")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default none)")
@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rule = SelectionRule("certified", args.tolerance_pp, delta=args.delta)
     except ValueError as err:
         parser.error(str(err))
-    if args.prices < 1:
-        parser.error(f"--prices must be at least 1, got {args.prices}")
     backbone = args.backbone or default_paths(args.dataset)["backbone"]
     digest = backbone_hash(backbone)
     policies = [load_policy(p, digest) for p in args.policy]

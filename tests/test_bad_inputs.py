@@ -544,4 +544,4 @@ def test_develop_refuses_an_empty_price_grid_before_reading_anything(tmp_path, c
 
     with pytest.raises(SystemExit) as exit_:
         develop.main(["--policy", str(tmp_path / "absent"), "--prices", "0"])
-    assert exit_.value.code == 2 and "error: --prices must be at least 1, got 0" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: argument --prices: must be >= 1, got 0" in capsys.readouterr().err

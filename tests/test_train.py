@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -96,49 +98,35 @@ def _shift_mask(dy: int, dx: int) -> torch.Tensor:
     return mask
 
 
-def test_distillation_targets_the_largest_configuration(tiny_config):
+@pytest.mark.parametrize("skip_rows", [0, 1])
+def test_distillation_targets_the_largest_configuration(tiny_config, skip_rows):
     torch.manual_seed(0)
     y, weights = torch.arange(8) % 10, grid_loss_weights(tiny_config, TrainConfig())
     k_max, l_max = weights.shape[0] - 1, weights.shape[1] - 1
     grid = torch.randn(8, *weights.shape, 10, requires_grad=True)  # stands in for the grid logits (B, K, L, C)
-    recipe = TrainConfig(distill_weight=0.3, label_smoothing=0.0)
+    recipe = TrainConfig(distill_weight=0.3, distill_skip_rows=skip_rows, label_smoothing=0.0)
     loss = training_loss(lambda x, widths: grid, torch.zeros(8, 1), y, torch.ones(8), weights, recipe)
     (grad,) = torch.autograd.grad(loss, grid)
 
-    # by hand: the label for the largest configuration, label and its detached prediction for the rest
+    # by hand: the label for the largest configuration and the first skip_rows token rows, label and its
+    # detached prediction for the rest
     labels, teacher = torch.nn.functional.one_hot(y, 10).float(), grid[:, k_max, l_max].detach().softmax(-1)
     expected = 0.0
     for k in range(weights.shape[0]):
         for l in range(weights.shape[1]):
-            target = labels if (k, l) == (k_max, l_max) else 0.7 * labels + 0.3 * teacher
+            on_label = k < skip_rows or (k, l) == (k_max, l_max)
+            target = labels if on_label else 0.7 * labels + 0.3 * teacher
             expected = expected + weights[k, l] * -(target * grid[:, k, l].log_softmax(-1)).sum(-1).mean()
     (expected_grad,) = torch.autograd.grad(expected, grid)
     assert torch.allclose(loss, expected, atol=1e-5)
     assert torch.allclose(grad, expected_grad, atol=1e-6), "no gradient flows through the teacher"
     plain = training_loss(lambda x, widths: grid, torch.zeros(8, 1), y, torch.ones(8), weights, TrainConfig(label_smoothing=0.0))
     assert not torch.allclose(plain, loss)
+    if skip_rows:  # the skipped rows really change the loss
+        every_row = training_loss(lambda x, widths: grid, torch.zeros(8, 1), y, torch.ones(8), weights,
+                                  dataclasses.replace(recipe, distill_skip_rows=0))
+        assert not torch.allclose(every_row, loss)
     with pytest.raises(ValueError, match="distill_weight"):
         TrainConfig(distill_weight=1.5)
-
-
-def test_distillation_can_leave_the_fewest_token_rows_on_the_label(tiny_config):
-    torch.manual_seed(0)
-    y, weights = torch.arange(8) % 10, grid_loss_weights(tiny_config, TrainConfig())
-    k_max, l_max = weights.shape[0] - 1, weights.shape[1] - 1
-    grid = torch.randn(8, *weights.shape, 10, requires_grad=True)
-    recipe = TrainConfig(distill_weight=0.3, distill_skip_rows=1, label_smoothing=0.0)
-    loss = training_loss(lambda x, widths: grid, torch.zeros(8, 1), y, torch.ones(8), weights, recipe)
-
-    # by hand: token row 0 and the largest configuration on the label, every other exit on label and teacher
-    labels, teacher = torch.nn.functional.one_hot(y, 10).float(), grid[:, k_max, l_max].detach().softmax(-1)
-    expected = 0.0
-    for k in range(weights.shape[0]):
-        for l in range(weights.shape[1]):
-            target = labels if k == 0 or (k, l) == (k_max, l_max) else 0.7 * labels + 0.3 * teacher
-            expected = expected + weights[k, l] * -(target * grid[:, k, l].log_softmax(-1)).sum(-1).mean()
-    assert torch.allclose(loss, expected, atol=1e-5)
-    every_row = training_loss(lambda x, widths: grid, torch.zeros(8, 1), y, torch.ones(8), weights,
-                              TrainConfig(distill_weight=0.3, label_smoothing=0.0))
-    assert not torch.allclose(every_row, loss)
     with pytest.raises(ValueError, match="distill_skip_rows"):
         TrainConfig(distill_skip_rows=-1)
