@@ -18,7 +18,7 @@ from envs.reward import REWARDS
 from evaluation.pipeline import format_summary, run_policy_job
 from policy.job import PolicyJob
 from policy.selection import ALIASES, MODES, SelectionRule
-from policy.train import COSTS, PolicyTrainConfig
+from policy.train import COSTS, LR_SCHEDULES, PolicyTrainConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "checked against the backbone's grid and copied beside the policy as latency.json")
     parser.add_argument("--net-arch", type=lambda s: [int(v) for v in s.split(",")], default=defaults.net_arch,
                         help="hidden layers of the policy and value networks, e.g. 64,64")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
+                        help="PPO's learning rate: constant, or linear from its start down to 0 at the last update "
+                        "(default %(default)s)")
     parser.add_argument("--selection", choices=MODES + tuple(ALIASES), default=rule.mode,
                         help="how the price is chosen on calibration, by fixed-sequence testing from the lowest price: "
                         "certified: the (1 - delta) upper bound on disagreement with the full model <= tolerance (%%), "
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         train = PolicyTrainConfig(
             lam_range=None if args.lambdas else args.lam_range, lambdas=args.lambdas or defaults.lambdas,
             total_timesteps=args.timesteps, reward=args.reward, cost=args.cost, net_arch=args.net_arch, seed=args.seed,
+            lr_schedule=args.lr_schedule,
             threads=args.threads, quiet=args.quiet,
             selection=SelectionRule(args.selection, args.tolerance_pp, args.margin_pp, args.delta),
         )

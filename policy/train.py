@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm import tqdm
 
@@ -24,6 +25,8 @@ PASSES = 2_000
 """PPO's default budget: this many passes over the policy-train table, at most ``MAX_TIMESTEPS`` env steps."""
 COSTS = ("flops", "latency")
 """What an action can be priced by (``PolicyTrainConfig.cost``)."""
+LR_SCHEDULES = ("constant", "linear")
+"""How PPO's learning rate moves over training (``PolicyTrainConfig.lr_schedule``)."""
 
 
 @dataclass
@@ -48,6 +51,9 @@ class PolicyTrainConfig:
     batch_size: int = 512
     n_epochs: int = 5
     learning_rate: float = 3e-4
+    lr_schedule: str = "constant"
+    """'constant': ``learning_rate`` throughout; 'linear': from ``learning_rate`` at the first update down to 0 at
+    the last, so the policy kept is not one noisy step of a still-moving iterate."""
     ent_coef: float = 0.0
     """Entropy bonus; accuracy gaps between configurations are ~0.01, so any bonus of that size swamps them."""
     gamma: float = 0.0
@@ -78,6 +84,8 @@ class PolicyTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or self.ent_coef < 0:
             raise ValueError(f"learning_rate must be > 0 and ent_coef >= 0, got {self.learning_rate}, {self.ent_coef}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.cost not in COSTS:
             raise ValueError(f"cost must be one of {COSTS}, got {self.cost!r}")
         if not self.net_arch or min(self.net_arch) < 1:
@@ -90,6 +98,13 @@ class PolicyTrainConfig:
         if self.lam_range is not None:
             return [Price.of(tuple(self.lam_range))]
         return [Price.fixed(lam) for lam in self.lambdas]
+
+    @property
+    def learning_rate_schedule(self) -> float | LinearSchedule:
+        """PPO's ``learning_rate`` argument: the number itself, or a function of the progress remaining (1 -> 0)."""
+        if self.lr_schedule == "linear":
+            return LinearSchedule(self.learning_rate, 0.0, 1.0)
+        return self.learning_rate
 
 
 class RolloutStatsCallback(BaseCallback):
@@ -152,7 +167,7 @@ def train_one(
         n_steps=config.n_steps,
         batch_size=config.batch_size,
         n_epochs=config.n_epochs,
-        learning_rate=config.learning_rate,
+        learning_rate=config.learning_rate_schedule,
         ent_coef=config.ent_coef,
         gamma=config.gamma,
         policy_kwargs={"net_arch": list(config.net_arch)},
