@@ -120,3 +120,34 @@ def test_the_training_job_never_reads_test_and_the_main_job_reads_it_once(tmp_pa
     summary = run_policy_job(job)
     assert read.count("test") == 1 and summary["n_test"] == 270
     assert (tmp_path / "policy" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_the_learning_rate_schedule_is_the_one_ppo_steps_with(schedule, monkeypatch):
+    """Four rollouts of 128 steps: PPO's optimizer steps at 3e-4 throughout (constant), or at 3e-4 times the
+    progress remaining after each rollout, 0.75 / 0.5 / 0.25 / 0 (linear)."""
+    from conftest import synthetic_table
+
+    from policy import train as policy_train
+
+    steps = []
+
+    class RecordingPPO(policy_train.PPO):
+        def train(self) -> None:
+            super().train()
+            steps.append(self.policy.optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(policy_train, "PPO", RecordingPPO)
+    table = synthetic_table(np.random.default_rng(0).random((64, 2, 2, 2)) < 0.8)
+    config = policy_train.PolicyTrainConfig(lam_range=(0.01, 1.0), total_timesteps=512, num_envs=16, n_steps=8,
+                                            batch_size=64, n_epochs=1, lr_schedule=schedule, quiet=True)
+    policy_train.train_one(table, config.prices[0], config, policy_train.feature_scaler(table.features), None, {})
+    expected = [3e-4] * 4 if schedule == "constant" else [3e-4 * p for p in (0.75, 0.5, 0.25, 0.0)]
+    assert steps == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_unknown_learning_rate_schedule_is_refused():
+    from policy.train import PolicyTrainConfig
+
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        PolicyTrainConfig(lr_schedule="cosine")
