@@ -19,6 +19,7 @@ from envs.price import GRID
 from evaluation.development import develop
 from policy.artifact import load_policy
 from policy.job import PolicyJob, load_tables
+from policy.second_look import check_second_look
 from policy.selection import SelectionRule
 
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--delta", type=finite_float, default=rule.delta, help="default %(default)s")
     parser.add_argument("--prices", type=positive_int, default=GRID,
                         help="prices scanned, log-spaced over each policy's range (default %(default)s)")
+    parser.add_argument("--second-look", type=finite_float, default=None, metavar="PROBABILITY",
+                        help="give every policy this second look (an extension less sure than this goes on to the "
+                        "full configuration) in place of its own (default: each policy's own)")
     parser.add_argument("--cache-dir", default=".cache/outcome_tables", help="default %(default)s")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -45,7 +49,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(str(err))
     backbone = args.backbone or default_paths(args.dataset)["backbone"]
     digest = backbone_hash(backbone)
+    try:
+        second_look = check_second_look(args.second_look)
+    except ValueError as err:
+        parser.error(str(err))
     policies = [load_policy(p, digest) for p in args.policy]
+    if second_look is not None:
+        for artifact in policies:
+            artifact.meta["second_look"] = second_look
     rows = []
     for directory, artifact in zip(args.policy, policies, strict=True):
         job = PolicyJob(dataset=args.dataset, data_dir=args.data_dir, backbone=backbone, cache_dir=args.cache_dir,

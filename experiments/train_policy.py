@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
                         help="PPO's learning rate: constant, or linear from its start down to 0 at the last update "
                         "(default %(default)s)")
+    parser.add_argument("--second-look", type=float, default=defaults.second_look, metavar="PROBABILITY",
+                        help="at inference, an extension whose largest softmax probability is below this goes on to "
+                        "the full configuration, and the price is calibrated with it (default %(default)s: none)")
     parser.add_argument("--selection", choices=MODES + tuple(ALIASES), default=rule.mode,
                         help="how the price is chosen on calibration, by fixed-sequence testing from the lowest price: "
                         "certified: the (1 - delta) upper bound on disagreement with the full model <= tolerance (%%), "
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         train = PolicyTrainConfig(
             lam_range=None if args.lambdas else args.lam_range, lambdas=args.lambdas or defaults.lambdas,
             total_timesteps=args.timesteps, reward=args.reward, cost=args.cost, net_arch=args.net_arch, seed=args.seed,
-            lr_schedule=args.lr_schedule,
+            lr_schedule=args.lr_schedule, second_look=args.second_look,
             threads=args.threads, quiet=args.quiet,
             selection=SelectionRule(args.selection, args.tolerance_pp, args.margin_pp, args.delta),
         )

@@ -18,6 +18,7 @@ from inference.paths import make_runner
 from inference.plan import ExtensionPass, plan_extensions
 from inference.runner import Glance, Runner
 from policy.artifact import PolicyArtifact, PolicyArtifactError, check_backbone_hash, load_policy
+from policy.second_look import looked_again
 from policy.selection import certified_point, points_of
 
 
@@ -35,7 +36,8 @@ class Prediction:
     """``(tokens, depth, width)`` each input ran at."""
     flops: np.ndarray
     """``(B,)`` float64 FLOPs per input as paid: the glance, its extension to the input's configuration (none
-    when the glance answers) and the policy network."""
+    when the glance answers), the second look's extension to the full configuration where there was one, and the
+    policy network."""
 
     @classmethod
     def cat(cls, parts: list[Prediction]) -> Prediction:
@@ -98,6 +100,11 @@ class AdaptiveClassifier:
         self.staged_flops = staged_flops(self.spec, c)
         self._points = {index: GridPoint.from_action(index, c.token_grans, c.ffn_widths)
                         for index in np.ndindex(*c.grid_shape)}
+        self.full_point = GridPoint(c.token_grans[-1], c.depth, c.ffn_widths[-1])
+        self.second_look = artifact.second_look
+        """Threshold under which an extension's answer goes on to the full configuration (None: no second look)."""
+        if self.second_look is not None and self.glance_point is None:
+            raise PolicyArtifactError("a second look continues from the glance; this policy has none")
 
     @classmethod
     def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu",
@@ -142,7 +149,14 @@ class AdaptiveClassifier:
             return _prediction(logits, [config] * len(images), np.full(len(images), float(flops(self.backbone.config, *config))))
         choice = self._choose(images)
         logits, top = self._answer(choice)
-        return _prediction(logits, choice.configs, choice.flops, top)
+        again = self.looked_again(choice.configs, logits)
+        if not again.any():
+            return _prediction(logits, choice.configs, choice.flops, top)
+        rows = np.flatnonzero(again)
+        logits = logits.clone()
+        logits[torch.from_numpy(rows).to(logits.device)] = self.extend(choice.glance.state, self.full_point, rows).float()
+        configs = [self.full_point if a else config for config, a in zip(choice.configs, again, strict=True)]
+        return _prediction(logits, configs, choice.flops + again * self.second_look_flops)
 
     def _checked(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on the backbone's device, once their shape, size and dtype are checked (``ImageError``)."""
@@ -177,6 +191,24 @@ class AdaptiveClassifier:
         for extension in plan.passes:
             logits[torch.tensor(extension.rows, device=logits.device)] = self.runner.extend(glance.state, extension).float()
         return logits, None
+
+    def looked_again(self, configs: list[GridPoint], logits: torch.Tensor) -> np.ndarray:
+        """Which inputs ``(B,)`` bool the second look sends on to the full configuration, from their configurations
+        and the logits ``(B, C)`` they were answered with (none without a second look)."""
+        if self.second_look is None:
+            return np.zeros(len(configs), bool)
+        c = self.backbone.config
+        actions = np.array([config.action(c.token_grans, c.ffn_widths) for config in configs])
+        confidence = logits.float().softmax(-1).amax(-1).cpu().numpy()
+        glance, full = (p.action(c.token_grans, c.ffn_widths) for p in (self.glance_point, self.full_point))
+        return looked_again(confidence, actions, glance, full, self.second_look)
+
+    @property
+    def second_look_flops(self) -> float:
+        """FLOPs of the second look's extension from the glance to the full configuration."""
+        c = self.backbone.config
+        full, glance = (p.action(c.token_grans, c.ffn_widths) for p in (self.full_point, self.glance_point))
+        return float(self.staged_flops[full] - self.staged_flops[glance])
 
     def _paid(self, actions: np.ndarray) -> np.ndarray:
         """FLOPs per input ``(B,)`` as paid for actions ``(B, 3)``: its staged configuration and the policy."""

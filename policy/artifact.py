@@ -23,6 +23,7 @@ from backbone.errors import ProjectError
 from backbone.io import json_text, sha256_file, write_file_set
 from envs import FeatureSpec, OutcomeTable, Price, PriceError
 from envs.price import GRID
+from policy.second_look import check_second_look, glance_action, looked_again
 from policy.selection import Outcome, PriceKnob
 
 WEIGHTS = "policy.safetensors"
@@ -74,6 +75,15 @@ class PolicyArtifact:
         return Price.from_meta(self.meta)
 
     @property
+    def second_look(self) -> float | None:
+        """The threshold under which an extension's answer goes on to the full configuration (``policy.second_look``);
+        None for a policy without a second look."""
+        try:
+            return check_second_look(self.meta.get("second_look"))
+        except ValueError as err:
+            raise PolicyArtifactError(f"policy.json: {err}; {RETRAIN}") from None
+
+    @property
     def lam_range(self) -> tuple[float, float] | None:
         """``(low, high)`` of a price-conditioned policy (the price is an input), else None (``price.bounds``)."""
         return self.price.bounds if self.meta.get("lam_range") is not None else None
@@ -123,7 +133,9 @@ class PolicyArtifact:
 def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | None = None,
                    network_flops: float | None = None, cost: np.ndarray | None = None) -> Outcome:
     """The policy's predictions and per-input FLOPs on ``table`` at price ``lam``: the staged cost of each
-    chosen configuration (glance included) plus the policy network.
+    chosen configuration (glance included) plus the policy network, and, for an artifact with a second look
+    (``policy.second_look``), the extension to the full configuration of each unsure extension (``actions`` then
+    say where each answer was computed).
 
     ``cost`` (a ``(K, L, M)`` grid, e.g. measured staged ms) prices each input at its action for the
     selection rule instead of FLOPs (``Outcome.cost``); FLOPs are reported either way.
@@ -131,8 +143,21 @@ def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | N
     actions = artifact.act(table.features, lam=lam)
     network = artifact.network_flops() if network_flops is None else network_flops
     index = tuple(actions.T)
+    predicted, paid = table.predictions(actions), table.staged_flops[index] + network
     priced = None if cost is None else np.asarray(cost, dtype=np.float64)[index]
-    return Outcome(table.predictions(actions), table.staged_flops[index] + network, priced, actions)
+    threshold = artifact.second_look
+    if threshold is not None:  # unsure extensions go on to the full configuration, from the same glance
+        spec = artifact.feature_spec
+        if not spec.glance:
+            raise PolicyArtifactError("a second look continues from the glance; this policy has none")
+        glance, full = glance_action(spec, table.token_grans, table.ffn_widths), tuple(n - 1 for n in table.grid_shape)
+        again = looked_again(table.confidence[(np.arange(len(actions)), *index)], actions, glance, full, threshold)
+        predicted = np.where(again, table.predicted[:, -1, -1, -1], predicted)
+        paid = paid + again * float(table.staged_flops[full] - table.staged_flops[glance])
+        if priced is not None:
+            priced = priced + again * float(cost[full] - cost[glance])
+        actions = np.where(again[:, None], np.array(full), actions)
+    return Outcome(predicted, paid, priced, actions)
 
 
 def price_knobs(artifacts: list[PolicyArtifact], n: int = GRID) -> list[PriceKnob]:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from envs import OutcomeTable, Price, PriceError, TableVecEnv
 from envs.reward import cost_grid
 from policy.artifact import PolicyArtifact, make_policy, policy_outcome, price_knobs
+from policy.second_look import check_second_look
 from policy.selection import SelectionRule, candidate, describe_score, operating_points, select
 
 MAX_TIMESTEPS = 3_000_000
@@ -64,6 +65,9 @@ class PolicyTrainConfig:
     """What an action is priced by, in training and in the price's calibration: 'flops' (staged FLOPs over the
     full configuration's) or 'latency' (a measured latency table's staged ms over the full configuration's ms,
     the grid given to ``train_and_calibrate``). FLOPs are reported either way."""
+    second_look: float | None = None
+    """At inference, an extension whose largest softmax probability is below this goes on to the full configuration
+    (``policy.second_look``); the price is calibrated with it in place. None: no second look. PPO trains the same."""
     net_arch: list[int] = field(default_factory=lambda: [128, 128])
     """Hidden layers of the actor and of the critic (the price is an input too; [64] was measurably worse)."""
     seed: int = 0
@@ -84,6 +88,7 @@ class PolicyTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or self.ent_coef < 0:
             raise ValueError(f"learning_rate must be > 0 and ent_coef >= 0, got {self.learning_rate}, {self.ent_coef}")
+        self.second_look = check_second_look(self.second_look)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.cost not in COSTS:
@@ -185,7 +190,8 @@ def train_one(
     policy = make_policy(len(mean), list(table.grid_shape), config.net_arch)
     policy.load_state_dict(ppo.policy.state_dict())
     # a conditioned policy's meta["lam"], the price it acts at, is set by its calibration
-    return PolicyArtifact(policy, mean, std, {**meta, "lam": None, **price.to_meta()})
+    second_look = {} if config.second_look is None else {"second_look": config.second_look}
+    return PolicyArtifact(policy, mean, std, {**meta, "lam": None, **price.to_meta(), **second_look})
 
 
 def train_and_calibrate(

@@ -203,6 +203,14 @@ class Ingress:
             logits[torch.from_numpy(pending)] = result.logits
             timings |= {"extension_call": 1000 * (time.perf_counter() - sent), "extension_queue": result.queue_ms,
                         "extension_compute": result.compute_ms, "extension_batch_images": result.batch_images}
+            if result.looked_again is not None and result.looked_again.any():  # answered by the full configuration
+                again = pending[result.looked_again]
+                paid = glance.flops.copy()
+                paid[again] += result.second_look_flops
+                looked = set(again.tolist())
+                configs = [self.full_config if row in looked else config for row, config in enumerate(glance.configs)]
+                timings["looked_again"] = len(again)
+                return Served(logits, configs, paid, timings)
         return Served(logits, glance.configs, glance.flops, timings)
 
     async def _full(self, images: torch.Tensor) -> Served:

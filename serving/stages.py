@@ -73,6 +73,10 @@ class StageResult:
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     batch_images: int = 0
+    looked_again: np.ndarray | None = None
+    """``(n,)`` bool: rows the second look extended on to the full configuration (None: no second look ran)."""
+    second_look_flops: float = 0.0
+    """FLOPs each of those rows paid for it, on top of its configuration's."""
 
 
 def _images_in(calls) -> int:
@@ -174,8 +178,17 @@ class ExtensionStage:
         with torch.inference_mode():
             for extension in plan.passes:  # each pass returns its rows by exit depth
                 logits[torch.tensor(extension.rows)] = self.classifier.runner.extend(state, extension).float()
-        self.passes.observe(len(plan.passes), tags=self.tags)
-        return self._split(calls, logits, [len(s.read_kv[0]) for s in states], start, self.tags)
+            again = self.classifier.looked_again(configs, logits)  # the second look, as the classifier runs it
+            if again.any():
+                rows = np.flatnonzero(again)
+                logits[torch.from_numpy(rows)] = self.classifier.extend(state, self.classifier.full_point, rows).float()
+        self.passes.observe(len(plan.passes) + int(again.any()), tags=self.tags)
+        results = self._split(calls, logits, [len(s.read_kv[0]) for s in states], start, self.tags)
+        if self.classifier.second_look is not None:
+            for result, part in zip(results, np.split(again, np.cumsum([len(c.configs) for c in calls])[:-1]),
+                                    strict=True):
+                result.looked_again, result.second_look_flops = part, self.classifier.second_look_flops
+        return results
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def full_batch(self, calls: list[FullCall]) -> list[StageResult]:
