@@ -33,7 +33,7 @@ def summarize(artifact: PolicyArtifact, test: OutcomeTable, calibration: Outcome
     certified = certified_summary(artifact, family, test, config.selection)
     timing = {}
     if latency is not None:
-        full_ms, policy_ms = float(latency["full_ms"]), float(ms_per_input(latency, "staged", outcome.actions).mean())
+        full_ms, policy_ms = float(latency["full_ms"]), float(ms_per_input(latency, "staged", outcome.actions, outcome.looked_again).mean())
         timing = {
             "reference_ms_per_image": full_ms,
             "policy_ms_per_image": policy_ms,

@@ -119,11 +119,14 @@ def run_family(family: Family, run: SelectionRun, calibration: OutcomeTable, tes
         raise ValueError(f"calibrate_on must be 'calibration' or 'test_halves', got {run.calibrate_on!r}")
     predicted, flops = np.empty(len(test), test.predicted.dtype), np.empty(len(test))
     actions: np.ndarray | None = np.zeros((len(test), 3), np.int64)
+    looked_again, any_second_look = np.zeros(len(test), bool), False
     records = []
     for calibrate, rows in folds:
         evaluation = test if len(rows) == len(test) else test.subset(rows)
         knob, selection, outcome = choose_and_apply(family, calibrate, evaluation, run.rule)
         predicted[rows], flops[rows] = outcome.predicted, outcome.flops
+        if outcome.looked_again is not None:
+            looked_again[rows], any_second_look = outcome.looked_again, True
         if actions is not None and outcome.actions is not None:
             actions[rows] = outcome.actions
         else:
@@ -133,7 +136,7 @@ def run_family(family: Family, run: SelectionRun, calibration: OutcomeTable, tes
         records.append({**family.describe(knob), "meets_target": selection.meets_target,
                         "calibration": {k: v for k, v in chosen.items() if k != "passes"},
                         "evaluated_on": len(rows), "held_out_disagreement": held_out})
-    return Outcome(predicted, flops, actions=actions), records
+    return Outcome(predicted, flops, actions=actions, looked_again=looked_again if any_second_look else None), records
 
 
 MS_NOTES = {
@@ -147,12 +150,13 @@ MS_NOTES = {
 }
 
 
-def latency_columns(latency: dict | None, timing: str, actions: np.ndarray | None, note: str) -> dict:
-    """``ms_per_image`` (mean over the inputs), ``latency_reduction`` and ``ms_note`` of a row; ``{}`` without a
-    latency table or actions."""
+def latency_columns(latency: dict | None, timing: str, actions: np.ndarray | None, note: str,
+                    looked_again: np.ndarray | None = None) -> dict:
+    """``ms_per_image`` (mean over the inputs, the second look's extensions included where ``looked_again``),
+    ``latency_reduction`` and ``ms_note`` of a row; ``{}`` without a latency table or actions."""
     if latency is None or actions is None:
         return {}
-    ms = float(np.mean(ms_per_input(latency, timing, actions)))
+    ms = float(np.mean(ms_per_input(latency, timing, actions, looked_again)))
     return {"ms_per_image": ms, "latency_reduction": 1 - ms / float(latency["full_ms"]), "ms_note": note}
 
 
@@ -258,7 +262,7 @@ def build_report(
     def run_row(run: SelectionRun, family: Family) -> dict:
         outcome, records = run_family(family, run, calibration, test, halves)
         note = MS_NOTES["early_exit"] if family.name == "early_exit" else MS_NOTES[family.timing]
-        ms = latency_columns(latency, family.timing, outcome.actions, note)
+        ms = latency_columns(latency, family.timing, outcome.actions, note, outcome.looked_again)
         bound = None
         if run.rule.certified:  # the largest (1 - delta) bound any fold certified its choice with
             key = "disagreement_bound" if run.rule.mode == "certified" else "drop_bound_pp"

@@ -23,7 +23,7 @@ from backbone.errors import ProjectError
 from backbone.io import json_text, sha256_file, write_file_set
 from envs import FeatureSpec, OutcomeTable, Price, PriceError
 from envs.price import GRID
-from policy.second_look import check_second_look, glance_action, looked_again
+from policy.second_look import check_second_look, glance_action, looked_again, second_look_cost
 from policy.selection import Outcome, PriceKnob
 
 WEIGHTS = "policy.safetensors"
@@ -134,8 +134,7 @@ def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | N
                    network_flops: float | None = None, cost: np.ndarray | None = None) -> Outcome:
     """The policy's predictions and per-input FLOPs on ``table`` at price ``lam``: the staged cost of each
     chosen configuration (glance included) plus the policy network, and, for an artifact with a second look
-    (``policy.second_look``), the extension to the full configuration of each unsure extension (``actions`` then
-    say where each answer was computed).
+    (``policy.second_look``), the extension to the full configuration of each unsure extension (``looked_again``).
 
     ``cost`` (a ``(K, L, M)`` grid, e.g. measured staged ms) prices each input at its action for the
     selection rule instead of FLOPs (``Outcome.cost``); FLOPs are reported either way.
@@ -153,10 +152,10 @@ def policy_outcome(artifact: PolicyArtifact, table: OutcomeTable, lam: float | N
         glance, full = glance_action(spec, table.token_grans, table.ffn_widths), tuple(n - 1 for n in table.grid_shape)
         again = looked_again(table.confidence[(np.arange(len(actions)), *index)], actions, glance, full, threshold)
         predicted = np.where(again, table.predicted[:, -1, -1, -1], predicted)
-        paid = paid + again * float(table.staged_flops[full] - table.staged_flops[glance])
+        paid = paid + again * second_look_cost(table.staged_flops, glance)
         if priced is not None:
-            priced = priced + again * float(cost[full] - cost[glance])
-        actions = np.where(again[:, None], np.array(full), actions)
+            priced = priced + again * second_look_cost(cost, glance)
+        return Outcome(predicted, paid, priced, actions, again)
     return Outcome(predicted, paid, priced, actions)
 
 

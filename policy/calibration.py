@@ -21,9 +21,11 @@ from backbone.folders import ImageFiles
 from envs import OutcomeTable, build_outcome_table
 from envs.price import GRID
 from policy.artifact import PolicyArtifact, policy_outcome, price_knobs
+from policy.second_look import glance_action, second_look_cost
 from policy.selection import (
     NothingCertifiedError,
     OperatingPoint,
+    Outcome,
     SelectionRule,
     candidate,
     certified_point,
@@ -58,7 +60,7 @@ def price_curve(artifact: PolicyArtifact, table: OutcomeTable, delta: float, gri
     knobs = price_knobs([artifact], grid)
     outcomes = [policy_outcome(artifact, table, knob.lam, network) for knob in knobs]
     scored = [candidate(knob, outcome, table) for knob, outcome in zip(knobs, outcomes, strict=True)]
-    ms = None if latency_ms is None else [float(np.mean(latency_ms[tuple(o.actions.T)])) for o in outcomes]
+    ms = None if latency_ms is None else [float(np.mean(staged_ms(latency_ms, o, artifact))) for o in outcomes]
     return operating_points(scored, delta, ms)
 
 
@@ -87,3 +89,13 @@ def calibrate(artifact: PolicyArtifact, table: OutcomeTable, rule: SelectionRule
             "operating_points": {"calibrated_on": source, "labels_read": False, "n": len(table),
                                  "points": [p.to_dict() for p in points]}}
     return dataclasses.replace(artifact, meta=meta), chosen
+
+
+def staged_ms(latency_ms: np.ndarray, outcome: Outcome, artifact: PolicyArtifact) -> np.ndarray:
+    """``(n,)`` staged ms of each input of ``outcome`` on a ``(K, L, M)`` grid: its action, and the second look's
+    extension from the glance to the full configuration where it looked again."""
+    ms = latency_ms[tuple(outcome.actions.T)]
+    if outcome.looked_again is None:
+        return ms
+    glance = glance_action(artifact.feature_spec, artifact.meta["token_grans"], artifact.meta["ffn_widths"])
+    return ms + outcome.looked_again * second_look_cost(latency_ms, glance)

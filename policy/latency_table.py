@@ -128,9 +128,18 @@ def latency_cost(table: dict) -> np.ndarray:
     return latency_grid(table, "staged") / float(table["full_ms"])
 
 
-def ms_per_input(table: dict, kind: str, actions: np.ndarray) -> np.ndarray:
-    """``(n,)`` ms of each input at its action ``(n, 3)``, from the ``kind`` ('staged' or 'fresh') grid."""
-    return latency_grid(table, kind)[tuple(np.asarray(actions, dtype=np.int64).T)]
+def ms_per_input(table: dict, kind: str, actions: np.ndarray, looked_again: np.ndarray | None = None) -> np.ndarray:
+    """``(n,)`` ms of each input at its action ``(n, 3)``, from the ``kind`` ('staged' or 'fresh') grid, and for the
+    inputs ``looked_again`` ``(n,)`` bool the second look's extension from the glance to the full configuration
+    (``policy.second_look``)."""
+    grid = latency_grid(table, kind)
+    ms = grid[tuple(np.asarray(actions, dtype=np.int64).T)]
+    if looked_again is not None and np.any(looked_again):
+        if kind != "staged" or table.get("glance_ms") is None:
+            raise LatencyTableError("a second look continues from the glance: time it with a staged table measured "
+                                    f"with the policy's glance; {MEASURE}")
+        ms = ms + np.asarray(looked_again) * float(grid[-1, -1, -1] - float(table["glance_ms"]))
+    return ms
 
 
 def format_latency_summary(table: dict) -> str:

@@ -47,3 +47,10 @@ def glance_action(spec: FeatureSpec, token_grans: tuple[int, ...], ffn_widths: t
     tokens = token_grans[0] if spec.glance_tokens is None else spec.glance_tokens
     width = ffn_widths[0] if spec.glance_width is None else spec.glance_width
     return list(token_grans).index(tokens), spec.glance_depth - 1, [float(w) for w in ffn_widths].index(float(width))
+
+
+def second_look_cost(grid: np.ndarray, glance: tuple[int, int, int]) -> float:
+    """What the second look adds to an input's cost on a staged grid ``(K, L, M)`` (FLOPs, ms or a fraction):
+    the extension from the glance to the full configuration."""
+    grid = np.asarray(grid, dtype=np.float64)
+    return float(grid[-1, -1, -1] - grid[glance])

@@ -116,7 +116,11 @@ class Outcome:
     cost: np.ndarray | None = None
     """``(n,)`` float64 cost per input that the selection ranks by (None: ``flops``), e.g. measured ms."""
     actions: np.ndarray | None = None
-    """``(n, 3)`` the grid point each input's answer is computed at (None where the family does not say)."""
+    """``(n, 3)`` the grid point each input's answer is computed at (None where the family does not say); for an
+    input the second look sent on (``looked_again``), the grid point of its first extension."""
+    looked_again: np.ndarray | None = None
+    """``(n,)`` bool: inputs the second look (``policy.second_look``) answered with the full configuration, extended
+    from the glance on top of their action (None: no second look)."""
 
     def __post_init__(self) -> None:
         if self.cost is None:

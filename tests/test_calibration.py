@@ -31,6 +31,7 @@ class StubPolicy:
     full_rows: list[int]
     price: Price = STUB_PRICE
     meta: dict = dataclasses.field(default_factory=lambda: {"lam": None})
+    second_look: float | None = None
 
     def network_flops(self) -> int:
         return 0
@@ -172,6 +173,7 @@ class RankedStub:
 
     price: Price = STUB_PRICE
     meta: dict = dataclasses.field(default_factory=lambda: {"lam": None})
+    second_look: float | None = None
 
     def network_flops(self) -> int:
         return 0

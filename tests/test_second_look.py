@@ -48,7 +48,8 @@ def test_on_a_table_the_answer_and_the_cost_are_the_full_configurations_where_it
     assert (outcome.predicted == table.labels).tolist() == [False, True, False, True]
     # input 1 pays its extension (staged 600) and the one from the glance (100) to the full configuration (800)
     assert outcome.flops.tolist() == [107, 600 + 700 + 7, 607, 807]
-    assert [tuple(a) for a in outcome.actions] == [(0, 0, 0), (1, 1, 1), (1, 0, 1), (1, 1, 1)]
+    assert [tuple(a) for a in outcome.actions] == [tuple(a) for a in actions]  # where each first answer came from
+    assert outcome.looked_again.tolist() == [False, True, False, False]
     priced = policy_outcome(artifact, table, cost=staged / 800.0)
     assert priced.cost.tolist() == pytest.approx([100 / 800, 1300 / 800, 600 / 800, 1.0])
     artifact.second_look = None  # without it the unsure extension answers, wrongly, at its own cost
@@ -98,3 +99,16 @@ def test_a_second_look_without_a_glance_is_refused(tmp_path, tiny_model):
     save_policy(artifact, tmp_path / "policy")
     with pytest.raises(PolicyArtifactError, match="continues from the glance"):
         AdaptiveClassifier.from_dirs(tmp_path / "backbone", tmp_path / "policy")
+
+
+def test_the_milliseconds_of_a_second_look_are_its_extension_from_the_glance_on_top():
+    from policy.latency_table import LatencyTableError, ms_per_input
+
+    staged = np.arange(1, 9, dtype=float).reshape(2, 2, 2)  # the glance (0, 0, 0) takes 1 ms, the full config 8
+    table = {"staged_ms": staged.tolist(), "fresh_ms": (10 * staged).tolist(), "glance_ms": 1.0}
+    actions = np.array([(0, 0, 0), (1, 0, 1), (1, 0, 1)])
+    again = np.array([False, True, False])
+    assert ms_per_input(table, "staged", actions, again).tolist() == [1.0, 6.0 + 7.0, 6.0]
+    assert ms_per_input(table, "staged", actions).tolist() == [1.0, 6.0, 6.0]
+    with pytest.raises(LatencyTableError, match="continues from the glance"):
+        ms_per_input(table, "fresh", actions, again)
