@@ -149,12 +149,9 @@ class AdaptiveClassifier:
             return _prediction(logits, [config] * len(images), np.full(len(images), float(flops(self.backbone.config, *config))))
         choice = self._choose(images)
         logits, top = self._answer(choice)
-        again = self.looked_again(choice.configs, logits)
+        logits, again = self.look_again(choice.glance.state, choice.configs, logits)
         if not again.any():
             return _prediction(logits, choice.configs, choice.flops, top)
-        rows = np.flatnonzero(again)
-        logits = logits.clone()
-        logits[torch.from_numpy(rows).to(logits.device)] = self.extend(choice.glance.state, self.full_point, rows).float()
         configs = [self.full_point if a else config for config, a in zip(choice.configs, again, strict=True)]
         return _prediction(logits, configs, choice.flops + again * self.second_look_flops)
 
@@ -191,6 +188,18 @@ class AdaptiveClassifier:
         for extension in plan.passes:
             logits[torch.tensor(extension.rows, device=logits.device)] = self.runner.extend(glance.state, extension).float()
         return logits, None
+
+    def look_again(self, state: GlanceState | None, configs: list[GridPoint], logits: torch.Tensor
+                   ) -> tuple[torch.Tensor, np.ndarray]:
+        """The second look over a batch answered at ``configs`` with ``logits`` ``(B, C)``: the logits with the rows it
+        sends on replaced by the full configuration's, extended from the glance ``state`` of the same rows, and which
+        rows those are ``(B,)`` bool (none without a second look)."""
+        again = self.looked_again(configs, logits)
+        if again.any():
+            rows = np.flatnonzero(again)
+            logits = logits.clone()
+            logits[torch.from_numpy(rows).to(logits.device)] = self.extend(state, self.full_point, rows).float()
+        return logits, again
 
     def looked_again(self, configs: list[GridPoint], logits: torch.Tensor) -> np.ndarray:
         """Which inputs ``(B,)`` bool the second look sends on to the full configuration, from their configurations

@@ -178,10 +178,7 @@ class ExtensionStage:
         with torch.inference_mode():
             for extension in plan.passes:  # each pass returns its rows by exit depth
                 logits[torch.tensor(extension.rows)] = self.classifier.runner.extend(state, extension).float()
-            again = self.classifier.looked_again(configs, logits)  # the second look, as the classifier runs it
-            if again.any():
-                rows = np.flatnonzero(again)
-                logits[torch.from_numpy(rows)] = self.classifier.extend(state, self.classifier.full_point, rows).float()
+            logits, again = self.classifier.look_again(state, configs, logits)  # as predict runs it
         self.passes.observe(len(plan.passes) + int(again.any()), tags=self.tags)
         results = self._split(calls, logits, [len(s.read_kv[0]) for s in states], start, self.tags)
         if self.classifier.second_look is not None:
