@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import synthetic_table
+from test_inference import random_artifact
 
 from backbone import measure_flops
 from backbone.checkpoint import backbone_hash, save_checkpoint
@@ -63,8 +64,6 @@ def digits_images():
 
 
 def test_the_classifier_looks_again_as_the_table_does_and_charges_what_torch_counts(tmp_path, tiny_model, digits_images):
-    from test_inference import random_artifact
-
     save_checkpoint(tiny_model, tmp_path / "backbone", {"dataset": "digits", "split_seed": 0})
     features = compute_features(tiny_model, tiny_model.embed(digits_images), FeatureSpec()).numpy()
     artifact = random_artifact(tiny_model.config, backbone_hash(tmp_path / "backbone"),
@@ -90,8 +89,6 @@ def test_the_classifier_looks_again_as_the_table_does_and_charges_what_torch_cou
 
 
 def test_a_second_look_without_a_glance_is_refused(tmp_path, tiny_model):
-    from test_inference import random_artifact
-
     save_checkpoint(tiny_model, tmp_path / "backbone", {"dataset": "digits", "split_seed": 0})
     spec = FeatureSpec(pooled=True, glance=False)
     artifact = random_artifact(tiny_model.config, backbone_hash(tmp_path / "backbone"), spec=spec)
