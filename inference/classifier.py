@@ -18,7 +18,7 @@ from inference.paths import make_runner
 from inference.plan import ExtensionPass, plan_extensions
 from inference.runner import Glance, Runner
 from policy.artifact import PolicyArtifact, PolicyArtifactError, check_backbone_hash, load_policy
-from policy.second_look import looked_again
+from policy.second_look import looked_again, second_look_cost
 from policy.selection import certified_point, points_of
 
 
@@ -103,8 +103,13 @@ class AdaptiveClassifier:
         self.full_point = GridPoint(c.token_grans[-1], c.depth, c.ffn_widths[-1])
         self.second_look = artifact.second_look
         """Threshold under which an extension's answer goes on to the full configuration (None: no second look)."""
-        if self.second_look is not None and self.glance_point is None:
-            raise PolicyArtifactError("a second look continues from the glance; this policy has none")
+        self.second_look_flops = 0.0
+        """FLOPs of the second look's extension from the glance to the full configuration (0 without one)."""
+        if self.second_look is not None:
+            if self.glance_point is None:
+                raise PolicyArtifactError("a second look continues from the glance; this policy has none")
+            self._look_actions = tuple(p.action(c.token_grans, c.ffn_widths) for p in (self.glance_point, self.full_point))
+            self.second_look_flops = second_look_cost(self.staged_flops, self._look_actions[0])
 
     @classmethod
     def from_dirs(cls, backbone_dir: str | Path, policy_dir: str | Path, device: str = "cpu",
@@ -209,15 +214,7 @@ class AdaptiveClassifier:
         c = self.backbone.config
         actions = np.array([config.action(c.token_grans, c.ffn_widths) for config in configs])
         confidence = logits.float().softmax(-1).amax(-1).cpu().numpy()
-        glance, full = (p.action(c.token_grans, c.ffn_widths) for p in (self.glance_point, self.full_point))
-        return looked_again(confidence, actions, glance, full, self.second_look)
-
-    @property
-    def second_look_flops(self) -> float:
-        """FLOPs of the second look's extension from the glance to the full configuration."""
-        c = self.backbone.config
-        full, glance = (p.action(c.token_grans, c.ffn_widths) for p in (self.full_point, self.glance_point))
-        return float(self.staged_flops[full] - self.staged_flops[glance])
+        return looked_again(confidence, actions, *self._look_actions, self.second_look)
 
     def _paid(self, actions: np.ndarray) -> np.ndarray:
         """FLOPs per input ``(B,)`` as paid for actions ``(B, 3)``: its staged configuration and the policy."""
